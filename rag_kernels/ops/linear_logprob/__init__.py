@@ -1,0 +1,116 @@
+"""Fused LM head log-probability: ``log softmax(W h + b)[y]`` per row, without ``[N, V]`` logits.
+
+Math (DESIGN.md §2): ``z_r = W h_r (+ bias)``, optionally softcapped ``z = c tanh(z / c)``;
+``lse_r = logsumexp_v z_rv``; ``lp_r = z_r[y_r] - lse_r``; ``S_r = sum_v log p_rv``.
+Backward with upstream ``g_r`` (and ``g^S_r``, ``g^lse_r`` for the statistics):
+``dz_rv = g_r (1[v=y_r] - p_rv) + g^S_r (1 - V p_rv) + g^lse_r p_rv``;
+``dh_r = W^T dz_r``; ``dW += dz_r^T h_r``. Rows with zero upstream gradients contribute nothing.
+
+Implementations: ``reference.py`` (materialising PyTorch, float64-capable); the compiled C++
+and Triton kernels plug in through ``_IMPLS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ... import _validation as V
+from ..._backend import resolve_impl
+from .reference import linear_logprob_reference
+
+
+@dataclass(frozen=True)
+class LinearLogprobOptions:
+    """Non-tensor options of the fused LM-head op (travel as one frozen object)."""
+
+    ignore_index: int = -100
+    softcap: float | None = None
+
+
+class LogprobStats(NamedTuple):
+    """Per-row statistics, each shaped like ``target``, fp32 (fp64 for fp64 inputs)."""
+
+    logprob: torch.Tensor  # log p(y_r)
+    lse: torch.Tensor  # logsumexp_v z_rv
+    sum_logprob: torch.Tensor  # sum_v log p_rv (for label smoothing)
+
+
+def _reference(hidden, weight, target, bias, opts: LinearLogprobOptions):
+    return linear_logprob_reference(hidden, weight, target, bias, opts.ignore_index, opts.softcap)
+
+
+# impl name -> fn(hidden[N,H], weight[V,H], target[N], bias[V]|None, opts) -> (lp, lse, S)
+_IMPLS = {"reference": _reference}
+
+
+def validate_linear_logprob_inputs(hidden, weight, target, bias, ignore_index, softcap):
+    V.check_tensor("hidden", hidden)
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden must have shape [..., H], got {tuple(hidden.shape)}")
+    V.check_tensor("weight", weight, ndim=2)
+    V.check_index_tensor("target", target)
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(
+            f"weight must have shape [V, H] with H={H} (hidden's last dim), got {tuple(weight.shape)}"
+        )
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"target must have shape {tuple(hidden.shape[:-1])} (hidden without its last dim), "
+            f"got {tuple(target.shape)}"
+        )
+    V.check_same_device("weight", weight, hidden, "hidden")
+    V.check_same_device("target", target, hidden, "hidden")
+    V.check_same_dtype("weight", weight, hidden, "hidden")
+    if bias is not None:
+        V.check_tensor("bias", bias, ndim=1)
+        V.check_shape("bias", bias, (weight.shape[0],))
+        V.check_same_device("bias", bias, hidden, "hidden")
+        V.check_same_dtype("bias", bias, hidden, "hidden")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    V.check_targets("target", target, weight.shape[0], ignore_index)
+
+
+def linear_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    impl: str = "auto",
+    return_stats: bool = False,
+) -> torch.Tensor | LogprobStats:
+    """Log-probability of each row's target through the LM head, without the logits.
+
+    Args:
+        hidden: ``[..., H]`` hidden states (fp32 / bf16 / fp16 / fp64).
+        weight: ``[V, H]`` LM-head weight, same dtype as ``hidden``.
+        target: ``[...]`` int64/int32 ids in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]``.
+        ignore_index: rows with this target return 0 and get no gradient.
+        softcap: optional ``c``: logits become ``c * tanh(z / c)``.
+        impl: ``"auto" | "triton" | "cpu" | "reference"``.
+        return_stats: also return ``lse`` and ``sum_logprob`` (differentiable).
+
+    Returns: ``[...]`` fp32 log-probs (fp64 for fp64 inputs), or :class:`LogprobStats`.
+    """
+    validate_linear_logprob_inputs(hidden, weight, target, bias, ignore_index, softcap)
+    impl = resolve_impl(impl, hidden, has_triton="triton" in _IMPLS, has_cpu="cpu" in _IMPLS)
+    opts = LinearLogprobOptions(ignore_index=ignore_index, softcap=None if softcap is None else float(softcap))
+    shape = target.shape
+    H = hidden.shape[-1]
+    lp, lse, s = _IMPLS[impl](hidden.reshape(-1, H), weight, target.reshape(-1), bias, opts)
+    if not return_stats:
+        return lp.view(shape)
+    return LogprobStats(lp.view(shape), lse.view(shape), s.view(shape))
+
+
+__all__ = ["linear_logprob", "LinearLogprobOptions", "LogprobStats"]

@@ -1,0 +1,150 @@
+"""Marginalisation of the generator likelihood over K retrieved documents.
+
+Math (DESIGN.md §2), per query b, token mask ``m``, doc prior ``pi_bk = log_softmax_k s_bk``:
+
+* RAG-Sequence: ``l_bk = sum_t m_bt lp_bkt``; ``loss_b = -logsumexp_k (pi_bk + l_bk)``;
+  posterior ``w_bk = softmax_k (pi_bk + l_bk)``;
+  ``dloss_b/dlp_bkt = -w_bk m_bt``; ``dloss_b/ds_bk = exp(pi_bk) - w_bk``.
+* RAG-Token: ``loss_b = -sum_t m_bt logsumexp_k (pi_bk + lp_bkt)``;
+  ``w_bkt = softmax_k (pi_bk + lp_bkt)``; ``dloss_b/dlp_bkt = -m_bt w_bkt``;
+  ``dloss_b/ds_bk = sum_t m_bt (exp(pi_bk) - w_bkt)``.
+
+Implementations: ``reference.py`` (autograd through plain PyTorch), ``cpu.py`` (C++ kernel:
+one forward pass produces the loss and both gradients; backward only scales them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import _validation as V
+from ..._backend import resolve_impl
+from . import cpu as _cpu
+from .reference import (
+    posterior_reference,
+    rag_sequence_loss_reference,
+    rag_token_loss_reference,
+)
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+class _MarginalizeFromGrads(torch.autograd.Function):
+    """Autograd shell for kernels whose forward already returns the per-query gradients."""
+
+    @staticmethod
+    def forward(ctx, lp, scores, token_mask, doc_mask, token_mode, kernel):
+        loss, dlp, ds = kernel(lp, scores, token_mask, doc_mask, token_mode)
+        ctx.save_for_backward(dlp, ds)
+        ctx.mark_non_differentiable(dlp, ds)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dlp, ds = ctx.saved_tensors
+        g = grad_loss.to(dlp.dtype)
+        return dlp * g[:, None, None], ds * g[:, None], None, None, None, None
+
+
+def reduce_loss(per_query: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return per_query
+    if reduction == "sum":
+        return per_query.sum()
+    return per_query.mean()
+
+
+def validate_marginalize_inputs(
+    token_logprobs: torch.Tensor,
+    doc_scores: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    doc_mask: torch.Tensor | None,
+    reduction: str,
+) -> None:
+    V.check_tensor("token_logprobs", token_logprobs, ndim=3)
+    V.check_tensor("doc_scores", doc_scores, ndim=2)
+    B, K, T = token_logprobs.shape
+    if doc_scores.shape != (B, K):
+        raise ValueError(
+            f"doc_scores must have shape (B, K) = {(B, K)} to match token_logprobs "
+            f"{tuple(token_logprobs.shape)}, got {tuple(doc_scores.shape)}"
+        )
+    V.check_same_device("doc_scores", doc_scores, token_logprobs, "token_logprobs")
+    V.check_mask("token_mask", token_mask, (B, T), token_logprobs)
+    V.check_mask("doc_mask", doc_mask, (B, K), token_logprobs)
+    V.check_choice("reduction", reduction, REDUCTIONS)
+    V.check_doc_scores("doc_scores", doc_scores, doc_mask)
+
+
+def _marginalize(token_logprobs, doc_scores, token_mask, doc_mask, reduction, impl, token_mode):
+    validate_marginalize_inputs(token_logprobs, doc_scores, token_mask, doc_mask, reduction)
+    impl = resolve_impl(impl, token_logprobs, has_triton=False)
+    if impl == "reference":
+        fn = rag_token_loss_reference if token_mode else rag_sequence_loss_reference
+        per_query = fn(token_logprobs, doc_scores, token_mask, doc_mask)
+    else:
+        dt = torch.float64 if torch.float64 in (token_logprobs.dtype, doc_scores.dtype) else torch.float32
+        per_query = _MarginalizeFromGrads.apply(
+            token_logprobs.to(dt), doc_scores.to(dt), token_mask, doc_mask, token_mode,
+            _cpu.marginalize_fwd,
+        )
+    return reduce_loss(per_query, reduction)
+
+
+def rag_sequence_loss(
+    token_logprobs: torch.Tensor,
+    doc_scores: torch.Tensor,
+    *,
+    token_mask: torch.Tensor | None = None,
+    doc_mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """RAG-Sequence negative log marginal likelihood.
+
+    Args:
+        token_logprobs: ``[B, K, T]`` log-prob of answer token t given query b and doc k.
+        doc_scores: ``[B, K]`` retriever scores (logits of the document prior).
+        token_mask: ``[B, T]`` bool, True for answer tokens that count (shared by the K docs).
+        doc_mask: ``[B, K]`` bool, True for real (non-padding) documents.
+        reduction: ``"none"`` -> ``[B]``, ``"sum"``, or ``"mean"`` over queries.
+        impl: ``"auto" | "triton" | "cpu" | "reference"``.
+
+    Returns: loss in fp32 (fp64 for fp64 inputs).
+    """
+    return _marginalize(token_logprobs, doc_scores, token_mask, doc_mask, reduction, impl, False)
+
+
+def rag_token_loss(
+    token_logprobs: torch.Tensor,
+    doc_scores: torch.Tensor,
+    *,
+    token_mask: torch.Tensor | None = None,
+    doc_mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """RAG-Token negative log-likelihood (documents marginalised per token).
+
+    Same arguments and shapes as :func:`rag_sequence_loss`; the loss of query b is
+    ``-sum_t m_bt logsumexp_k (log_softmax_k(s_bk) + lp_bkt)``.
+    """
+    return _marginalize(token_logprobs, doc_scores, token_mask, doc_mask, reduction, impl, True)
+
+
+def document_posterior(
+    token_logprobs: torch.Tensor,
+    doc_scores: torch.Tensor,
+    *,
+    token_mask: torch.Tensor | None = None,
+    doc_mask: torch.Tensor | None = None,
+    mode: str = "sequence",
+) -> torch.Tensor:
+    """The document posterior (no gradient): ``[B,K]`` for sequence, ``[B,K,T]`` for token mode."""
+    validate_marginalize_inputs(token_logprobs, doc_scores, token_mask, doc_mask, "none")
+    V.check_choice("mode", mode, ("sequence", "token"))
+    with torch.no_grad():
+        return posterior_reference(token_logprobs, doc_scores, token_mask, doc_mask, mode)
+
+
+__all__ = ["rag_sequence_loss", "rag_token_loss", "document_posterior", "reduce_loss"]
