@@ -42,8 +42,64 @@ def _reference(hidden, weight, target, bias, opts: LinearLogprobOptions):
     return linear_logprob_reference(hidden, weight, target, bias, opts.ignore_index, opts.softcap)
 
 
+class _FusedLinearLogprob(torch.autograd.Function):
+    """Autograd shell shared by the fused kernels (``cpu.py``, ``triton.py``).
+
+    A kernel module provides
+    ``forward(hidden[N,H], weight[V,H], target[N], bias, opts) -> (lp, lse, sum_logprob)``
+    (each ``[N]``, fp32; fp64 allowed for fp64 inputs), storing nothing of size V, and
+    ``backward(hidden, weight, target, bias, lse, grad_lp, grad_lse, grad_sum, opts,
+    needs=(hidden, weight, bias)) -> (grad_hidden, grad_weight, grad_bias)`` which recomputes
+    the logits tile by tile; ``grad_lse`` / ``grad_sum`` are None when those outputs are unused,
+    and a gradient that is not needed may be returned as None.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, bias, opts, kernels):
+        lp, lse, sum_lp = kernels.forward(hidden, weight, target, bias, opts)
+        ctx.save_for_backward(hidden, weight, target, bias, lse)
+        ctx.opts, ctx.kernels = opts, kernels
+        ctx.set_materialize_grads(False)
+        return lp, lse, sum_lp
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_lse, grad_sum):
+        hidden, weight, target, bias, lse = ctx.saved_tensors
+        if grad_lp is None and grad_lse is None and grad_sum is None:
+            return None, None, None, None, None, None
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
+        dh, dw, db = ctx.kernels.backward(
+            hidden, weight, target, bias, lse, grad_lp, grad_lse, grad_sum, ctx.opts, needs
+        )
+        return dh, dw, None, db, None, None
+
+
+def _fused(kernels):
+    def run(hidden, weight, target, bias, opts):
+        return _FusedLinearLogprob.apply(
+            hidden.contiguous(), weight.contiguous(), target.contiguous(),
+            None if bias is None else bias.contiguous(), opts, kernels,
+        )
+
+    return run
+
+
 # impl name -> fn(hidden[N,H], weight[V,H], target[N], bias[V]|None, opts) -> (lp, lse, S)
 _IMPLS = {"reference": _reference}
+try:  # compiled C++ kernels (csrc/linear_logprob.cpp)
+    from . import cpu as _cpu_kernels
+
+    if _cpu_kernels.available():
+        _IMPLS["cpu"] = _fused(_cpu_kernels)
+except ImportError:
+    pass
+try:  # Triton kernels
+    from . import triton as _triton_kernels
+
+    if _triton_kernels.available():
+        _IMPLS["triton"] = _fused(_triton_kernels)
+except ImportError:
+    pass
 
 
 def validate_linear_logprob_inputs(hidden, weight, target, bias, ignore_index, softcap):
