@@ -36,7 +36,6 @@ class _MarginalizeFromGrads(torch.autograd.Function):
     def forward(ctx, lp, scores, token_mask, doc_mask, token_mode, kernel):
         loss, dlp, ds = kernel(lp, scores, token_mask, doc_mask, token_mode)
         ctx.save_for_backward(dlp, ds)
-        ctx.mark_non_differentiable(dlp, ds)
         return loss
 
     @staticmethod

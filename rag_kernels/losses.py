@@ -1,0 +1,112 @@
+"""End-to-end RAG losses from generator hidden states: LM head + marginalisation over docs.
+
+``rag_loss`` is the function a training loop calls: the generator ran once per (query, doc)
+pair and produced last-layer hidden states ``[B, K, T, H]``; the answer ``target [B, T]`` is
+shared by the K documents; ``doc_scores [B, K]`` are the retriever's scores. Gradients reach
+the hidden states, the LM-head weight (and bias) and the doc scores.
+
+Label smoothing with ε (``V`` = vocabulary size, ``m`` = token mask, ``pi = log_softmax s``,
+``S_bkt = Σ_v log p_bkt(v)``):
+
+* sequence: ``loss_b = -(1-ε) logsumexp_k(pi_bk + Σ_t m lp_bkt)
+  - (ε/V) logsumexp_k(pi_bk + Σ_t m S_bkt)`` — transformers' RAG-Sequence smoothing
+  without its position-1 prior quirk;
+* token: ``loss_b = Σ_t m [-(1-ε) log p_marg(y_t) - (ε/V) Σ_v log p_marg(v)]`` with
+  ``p_marg(v) = Σ_k exp(pi_bk) p_bkt(v)`` — standard label smoothing on the marginal.
+
+With K = 1 both reduce to standard label-smoothed cross-entropy summed over the answer
+tokens, ``(1-ε)·nll + ε·mean_v(-log p(v))`` per token (what ``F.cross_entropy(...,
+label_smoothing=ε)`` computes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validation as V
+from .ops.linear_logprob import linear_logprob
+from .ops.marginalize import REDUCTIONS, reduce_loss, rag_sequence_loss, rag_token_loss
+from .ops.token_smoothing import token_smoothing
+
+MODES = ("sequence", "token")
+
+
+def _sub_impl(impl: str) -> str:
+    # ``impl`` selects the LM-head kernel; the smaller ops follow it where they have that
+    # implementation and otherwise take their own best one.
+    return "reference" if impl == "reference" else "auto"
+
+
+def rag_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    doc_scores: torch.Tensor,
+    *,
+    mode: str = "sequence",
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    doc_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """RAG-Sequence or RAG-Token loss straight from hidden states, without ``[B,K,T,V]`` logits.
+
+    Args:
+        hidden: ``[B, K, T, H]`` generator hidden states; ``hidden[b,k,t]`` predicts
+            ``target[b,t]`` (shift the labels yourself, as for any causal LM).
+        weight: ``[V, H]`` LM-head weight (tied embeddings work as is).
+        target: ``[B, T]`` answer token ids, shared by the K documents; ``ignore_index``
+            marks positions that do not count (prompt, padding).
+        doc_scores: ``[B, K]`` retriever scores.
+        mode: ``"sequence"`` or ``"token"``.
+        bias: optional ``[V]`` LM-head bias.
+        label_smoothing: ε in [0, 1) (definition in the module docstring).
+        doc_mask: ``[B, K]`` bool, False for padding documents.
+        softcap: optional logit softcap ``c``: ``z -> c tanh(z / c)``.
+        reduction: ``"none"`` -> ``[B]``, ``"sum"``, ``"mean"`` over queries.
+        impl: ``"auto" | "triton" | "cpu" | "reference"``.
+    """
+    V.check_tensor("hidden", hidden, ndim=4)
+    V.check_tensor("doc_scores", doc_scores, ndim=2)
+    V.check_index_tensor("target", target, ndim=2)
+    B, K, T, _ = hidden.shape
+    if doc_scores.shape[0] != B or doc_scores.shape[1] != K:
+        raise ValueError(
+            f"doc_scores must have shape (B, K) = {(B, K)} to match hidden {tuple(hidden.shape)} "
+            f"(K documents per query), got {tuple(doc_scores.shape)}"
+        )
+    V.check_shape("target", target, (B, T))
+    V.check_choice("mode", mode, MODES)
+    V.check_choice("reduction", reduction, REDUCTIONS)
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
+
+    token_mask = target != ignore_index
+    stats = linear_logprob(
+        hidden,
+        weight,
+        target[:, None, :].expand(B, K, T),
+        bias=bias,
+        ignore_index=ignore_index,
+        softcap=softcap,
+        impl=impl,
+        return_stats=label_smoothing > 0 and mode == "sequence",
+    )
+    lp = stats.logprob if label_smoothing > 0 and mode == "sequence" else stats
+    kw = dict(token_mask=token_mask, doc_mask=doc_mask, reduction="none", impl=_sub_impl(impl))
+    marginal = rag_sequence_loss if mode == "sequence" else rag_token_loss
+    loss = marginal(lp, doc_scores, **kw)
+    if label_smoothing > 0:
+        eps, vocab = float(label_smoothing), weight.shape[0]
+        if mode == "sequence":
+            smooth = rag_sequence_loss(stats.sum_logprob, doc_scores, **kw)
+        else:
+            per_token = token_smoothing(
+                hidden, weight, doc_scores, bias=bias, softcap=softcap, doc_mask=doc_mask, impl=_sub_impl(impl)
+            )
+            smooth = -torch.where(token_mask, per_token, torch.zeros_like(per_token)).sum(dim=-1)
+        loss = (1.0 - eps) * loss + (eps / vocab) * smooth
+    return reduce_loss(loss, reduction)

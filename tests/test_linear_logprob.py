@@ -1,0 +1,136 @@
+"""linear_logprob reference vs PyTorch's own cross-entropy, statistics, gradcheck, bad input.
+(The fused kernels are held to this reference in test_linear_logprob_cpu/_triton.py.)"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rag_kernels as rk
+
+SHAPES = [(1, 1, 2), (37, 50, 1031), (8, 16, 33)]
+
+
+def make(N, H, V, dtype=torch.float64, n_ignore=3, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g, dtype=dtype)
+    w = torch.randn(V, H, generator=g, dtype=dtype) / H**0.5
+    y = torch.randint(0, V, (N,), generator=g)
+    y[torch.randperm(N, generator=g)[: min(n_ignore, N - 1)]] = -100
+    b = torch.randn(V, generator=g, dtype=dtype) if bias else None
+    return h, w, y, b
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}H{}V{}".format(*s))
+def test_reference_matches_cross_entropy(shape, bias):
+    h, w, y, b = make(*shape, bias=bias)
+    stats = rk.linear_logprob(h, w, y, bias=b, impl="reference", return_stats=True)
+    logits = F.linear(h, w, b)
+    keep = y != -100
+    want_lp = -F.cross_entropy(logits, y, reduction="none", ignore_index=-100)
+    torch.testing.assert_close(stats.logprob, want_lp, rtol=1e-12, atol=1e-12)
+    want_lse = torch.where(keep, torch.logsumexp(logits, -1), 0.0)
+    torch.testing.assert_close(stats.lse, want_lse, rtol=1e-12, atol=1e-12)
+    want_s = torch.where(keep, F.log_softmax(logits, -1).sum(-1), 0.0)
+    torch.testing.assert_close(stats.sum_logprob, want_s, rtol=1e-12, atol=1e-9)
+
+
+def test_softcap_matches_capped_logits():
+    h, w, y, _ = make(9, 7, 23)
+    c = 2.5
+    got = rk.linear_logprob(h * 4, w, y, softcap=c, impl="reference")
+    z = c * torch.tanh((h * 4) @ w.T / c)
+    torch.testing.assert_close(got, -F.cross_entropy(z, y, reduction="none"), rtol=1e-12, atol=1e-12)
+
+
+def test_ignored_rows_zero_and_no_gradient():
+    h, w, y, _ = make(11, 5, 17, n_ignore=4)
+    h[y == -100] = float("nan")  # must not leak anywhere
+    h.requires_grad_()
+    w.requires_grad_()
+    stats = rk.linear_logprob(h, w, y, impl="reference", return_stats=True)
+    ign = y == -100
+    assert (stats.logprob[ign] == 0).all() and (stats.lse[ign] == 0).all()
+    up = torch.rand(11, dtype=torch.float64)
+    (stats.logprob * up + stats.lse * up.flip(0) + stats.sum_logprob * 0.01).sum().backward()
+    assert torch.isfinite(w.grad).all()
+    assert (h.grad[ign] == 0).all() and torch.isfinite(h.grad[~ign]).all()
+
+
+def test_leading_dims_and_int32_target():
+    h, w, y, _ = make(12, 6, 19)
+    flat = rk.linear_logprob(h, w, y, impl="reference")
+    got = rk.linear_logprob(h.view(3, 4, 6), w, y.view(3, 4).int(), impl="reference")
+    assert got.shape == (3, 4)
+    torch.testing.assert_close(got.reshape(-1), flat)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "softcap"])
+def test_gradcheck(softcap):
+    h, w, y, b = make(5, 4, 7, bias=True, n_ignore=1)
+    h.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+
+    def fn(h, w, b):
+        s = rk.linear_logprob(h, w, y, bias=b, softcap=softcap, impl="reference", return_stats=True)
+        return s.logprob, s.lse, s.sum_logprob
+
+    assert torch.autograd.gradcheck(fn, (h, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_returns_fp32(dtype):
+    h, w, y, _ = make(6, 8, 21, dtype=dtype)
+    assert rk.linear_logprob(h, w, y, impl="reference").dtype == torch.float32
+
+
+def _args():
+    h, w, y, b = make(4, 3, 5, dtype=torch.float32, n_ignore=0, bias=True)
+    return dict(hidden=h, weight=w, target=y, bias=b)
+
+
+def _with(**kw):
+    d = _args()
+    d.update(kw)
+    return d
+
+
+BAD = {
+    "hidden_not_tensor": (_with(hidden=1.0), TypeError, "hidden"),
+    "hidden_int": (_with(hidden=torch.zeros(4, 3, dtype=torch.long)), TypeError, "hidden"),
+    "weight_rank": (_with(weight=torch.zeros(5, 3, 1)), ValueError, "weight"),
+    "weight_H": (_with(weight=torch.zeros(5, 4)), ValueError, "weight"),
+    "weight_dtype": (_with(weight=torch.zeros(5, 3, dtype=torch.float64)), TypeError, "weight"),
+    "weight_device": (_with(weight=torch.zeros(5, 3, device="meta")), ValueError, "weight"),
+    "target_float": (_with(target=torch.zeros(4)), TypeError, "target"),
+    "target_shape": (_with(target=torch.zeros(5, dtype=torch.long)), ValueError, "target"),
+    "target_too_big": (_with(target=torch.tensor([0, 1, 5, 2])), ValueError, "target"),
+    "target_negative": (_with(target=torch.tensor([0, -1, 2, 2])), ValueError, "target"),
+    "bias_shape": (_with(bias=torch.zeros(6)), ValueError, "bias"),
+    "bias_dtype": (_with(bias=torch.zeros(5, dtype=torch.float64)), TypeError, "bias"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input(case):
+    kw, exc, name = BAD[case]
+    kw = dict(kw)
+    with pytest.raises(exc, match=name):
+        rk.linear_logprob(kw.pop("hidden"), kw.pop("weight"), kw.pop("target"), **kw)
+
+
+@pytest.mark.parametrize("arg,value", [("softcap", -1.0), ("impl", "gpu"), ("softcap", "x")])
+def test_bad_options(arg, value):
+    d = _args()
+    with pytest.raises(ValueError, match=arg):
+        rk.linear_logprob(d["hidden"], d["weight"], d["target"], **{arg: value})
+
+
+def test_cpu_impl_rejects_cuda_style_request_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    d = _args()
+    from rag_kernels.ops.linear_logprob import _IMPLS
+
+    if "triton" not in _IMPLS:
+        pytest.skip("no triton implementation registered")
+    with pytest.raises(ValueError, match="triton"):
+        rk.linear_logprob(d["hidden"], d["weight"], d["target"], impl="triton")
