@@ -18,7 +18,7 @@ $(VENV)/.base:
 	touch $@
 
 install: $(VENV)/.base
-	$(PIP) install -q --no-build-isolation -e ".[bench]"
+	$(PIP) install -q --no-build-isolation -e ".[bench,demo]"
 	$(PY) -c "import rag_kernels as rk; assert rk.cpu_available(), 'C++ extension failed to load'; print('rag_kernels installed; C++ extension loaded')"
 
 install-test: install

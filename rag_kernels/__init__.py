@@ -15,7 +15,7 @@ Public API (DESIGN.md §3)::
 from ._backend import cpu_available
 from ._validation import set_value_checks
 from .ops.linear_logprob import LinearLogprobOptions, LogprobStats, linear_logprob
-from .losses import rag_loss
+from .losses import GeneratorFeedback, generator_feedback, rag_loss
 from .ops.marginalize import document_posterior, rag_sequence_loss, rag_token_loss
 
 __version__ = "0.1.0"
@@ -30,4 +30,6 @@ __all__ = [
     "rag_token_loss",
     "document_posterior",
     "rag_loss",
+    "generator_feedback",
+    "GeneratorFeedback",
 ]

@@ -21,14 +21,71 @@ label_smoothing=ε)`` computes).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import _validation as V
 from .ops.linear_logprob import linear_logprob
-from .ops.marginalize import REDUCTIONS, reduce_loss, rag_sequence_loss, rag_token_loss
+from .ops.marginalize import (
+    REDUCTIONS,
+    document_posterior,
+    rag_sequence_loss,
+    rag_token_loss,
+    reduce_loss,
+)
 from .ops.token_smoothing import token_smoothing
 
 MODES = ("sequence", "token")
+
+
+class _GradRowMask(torch.autograd.Function):
+    """Identity whose backward zeroes the gradient of rows outside ``keep`` (grad_skip_eps)."""
+
+    @staticmethod
+    def forward(ctx, x, keep):
+        ctx.save_for_backward(keep)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None
+
+
+class GeneratorFeedback(NamedTuple):
+    """Generator signals for the retriever objectives (no gradient)."""
+
+    token_logprobs: torch.Tensor  # [B, K, T] log p(y_t | x, z_k, y_<t); 0 at ignored positions
+    sum_logprob: torch.Tensor  # [B, K] log p_LM(y | x, z_k) (LSR, EMDR² answer level)
+    mean_logprob: torch.Tensor  # [B, K] mean per-token log-likelihood (Atlas PDist's ḡ)
+
+
+def generator_feedback(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    impl: str = "auto",
+) -> GeneratorFeedback:
+    """Per-document answer log-likelihoods from hidden states ``[B,K,T,H]`` and target ``[B,T]``,
+    computed under ``no_grad`` with the fused LM-head op (no logits): feed them to
+    ``rk.retriever.*`` (``emdr2_loss`` takes ``token_logprobs``; ``pdist_loss`` takes
+    ``mean_logprob``; ``lsr_loss`` takes ``sum_logprob``)."""
+    V.check_tensor("hidden", hidden, ndim=4)
+    V.check_index_tensor("target", target, ndim=2)
+    B, K, T, _ = hidden.shape
+    V.check_shape("target", target, (B, T))
+    with torch.no_grad():
+        g = linear_logprob(hidden, weight, target[:, None, :].expand(B, K, T), bias=bias,
+                           ignore_index=ignore_index, softcap=softcap, impl=impl)
+        m = (target != ignore_index)[:, None, :]
+        total = torch.where(m, g, torch.zeros_like(g)).sum(-1)
+        mean = total / m.sum(-1).clamp(min=1)
+    return GeneratorFeedback(g, total, mean)
 
 
 def _sub_impl(impl: str) -> str:
@@ -49,6 +106,7 @@ def rag_loss(
     label_smoothing: float = 0.0,
     doc_mask: torch.Tensor | None = None,
     softcap: float | None = None,
+    grad_skip_eps: float = 0.0,
     reduction: str = "mean",
     impl: str = "auto",
 ) -> torch.Tensor:
@@ -66,6 +124,12 @@ def rag_loss(
         label_smoothing: ε in [0, 1) (definition in the module docstring).
         doc_mask: ``[B, K]`` bool, False for padding documents.
         softcap: optional logit softcap ``c``: ``z -> c tanh(z / c)``.
+        grad_skip_eps: rows whose document posterior is below this (per document in sequence
+            mode, per (document, token) in token mode) get no gradient through the LM head,
+            so the fused backward skips them. The loss value is exact. Error bound: a skipped
+            row r of query b had ``dL/dz_r = -w_r g_b (onehot - p_r)`` (nll term), whose l1 norm
+            is ``<= 2 eps |g_b|``; the dropped contribution to ``dL/dh_r`` is ``W^T`` of that and
+            to ``dL/dW`` its outer product with ``h_r``. Default 0: exact gradients.
         reduction: ``"none"`` -> ``[B]``, ``"sum"``, ``"mean"`` over queries.
         impl: ``"auto" | "triton" | "cpu" | "reference"``.
     """
@@ -81,6 +145,8 @@ def rag_loss(
     V.check_shape("target", target, (B, T))
     V.check_choice("mode", mode, MODES)
     V.check_choice("reduction", reduction, REDUCTIONS)
+    if not isinstance(grad_skip_eps, (int, float)) or not 0.0 <= grad_skip_eps < 1.0:
+        raise ValueError(f"grad_skip_eps must be a float in [0, 1), got {grad_skip_eps!r}")
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
 
@@ -96,6 +162,11 @@ def rag_loss(
         return_stats=label_smoothing > 0 and mode == "sequence",
     )
     lp = stats.logprob if label_smoothing > 0 and mode == "sequence" else stats
+    if grad_skip_eps > 0:
+        post = document_posterior(lp.detach(), doc_scores.detach(), token_mask=token_mask,
+                                  doc_mask=doc_mask, mode=mode)
+        keep_rows = post >= grad_skip_eps
+        lp = _GradRowMask.apply(lp, keep_rows[..., None] if mode == "sequence" else keep_rows)
     kw = dict(token_mask=token_mask, doc_mask=doc_mask, reduction="none", impl=_sub_impl(impl))
     marginal = rag_sequence_loss if mode == "sequence" else rag_token_loss
     loss = marginal(lp, doc_scores, **kw)

@@ -132,3 +132,46 @@ def test_bad_input(case):
     kw = dict(kw)
     with pytest.raises(exc, match=name):
         rk.rag_loss(kw.pop("hidden"), kw.pop("weight"), kw.pop("target"), kw.pop("doc_scores"), **kw)
+
+
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+def test_grad_skip_eps_bound(mode):
+    hidden, weight, target, scores, _ = make(2, 4, 6, 5, 23)
+    scores = scores.clone()
+    scores[:, 1:] -= 12.0  # documents 1..3 get a negligible posterior
+    eps = 1e-3
+    res = {}
+    for e in (0.0, eps):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = rk.rag_loss(h, w, target, scores, mode=mode, grad_skip_eps=e, reduction="sum",
+                           impl="reference")
+        loss.backward()
+        res[e] = (loss.detach(), h.grad, w.grad)
+    assert res[eps][0] == res[0.0][0]  # the value is exact
+    m = target != -100
+    post = rk.document_posterior(
+        rk.linear_logprob(hidden, weight, target[:, None].expand(2, 4, 6)), scores, token_mask=m, mode=mode
+    )
+    skipped = (post < eps)[..., None].expand(2, 4, 6) if mode == "sequence" else post < eps
+    skipped = skipped & m[:, None, :]
+    assert skipped.any() and (~skipped & m[:, None, :]).any()
+    assert (res[eps][1][skipped] == 0).all()  # skipped rows get nothing through the LM head
+    diff = (res[eps][1] - res[0.0][1]).abs()
+    bound = 2 * eps * weight.abs().max()  # |g_b| = 1 with reduction="sum"
+    assert (diff <= bound).all() and diff.max() > 0
+    n_skipped = skipped.sum()
+    wbound = 2 * eps * hidden.abs().max() * n_skipped
+    assert ((res[eps][2] - res[0.0][2]).abs() <= wbound).all()
+
+
+def test_generator_feedback():
+    hidden, weight, target, _, _ = make(2, 3, 7, 5, 19)
+    fb = rk.generator_feedback(hidden.requires_grad_(), weight, target)
+    assert not fb.token_logprobs.requires_grad
+    m = target != -100
+    for b in range(2):
+        for k in range(3):
+            lp = -F.cross_entropy(hidden[b, k].detach() @ weight.T, target[b], reduction="none")
+            torch.testing.assert_close(fb.token_logprobs[b, k], lp)
+            torch.testing.assert_close(fb.sum_logprob[b, k], lp.sum())
+            torch.testing.assert_close(fb.mean_logprob[b, k], lp.sum() / m[b].sum())

@@ -9,8 +9,9 @@ Math (DESIGN.md §2), per query b, token mask ``m``, doc prior ``pi_bk = log_sof
   ``w_bkt = softmax_k (pi_bk + lp_bkt)``; ``dloss_b/dlp_bkt = -m_bt w_bkt``;
   ``dloss_b/ds_bk = sum_t m_bt (exp(pi_bk) - w_bkt)``.
 
-Implementations: ``reference.py`` (autograd through plain PyTorch), ``cpu.py`` (C++ kernel:
-one forward pass produces the loss and both gradients; backward only scales them).
+Implementations: ``reference.py`` (autograd through plain PyTorch); ``cpu.py`` (C++ kernel)
+and ``triton.py`` (GPU kernel): one forward pass produces the loss and both gradients, the
+backward only scales them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ... import _validation as V
-from ..._backend import resolve_impl
+from ..._backend import resolve_impl, triton_available
 from . import cpu as _cpu
 from .reference import (
     posterior_reference,
@@ -77,15 +78,18 @@ def validate_marginalize_inputs(
 
 def _marginalize(token_logprobs, doc_scores, token_mask, doc_mask, reduction, impl, token_mode):
     validate_marginalize_inputs(token_logprobs, doc_scores, token_mask, doc_mask, reduction)
-    impl = resolve_impl(impl, token_logprobs, has_triton=False)
+    impl = resolve_impl(impl, token_logprobs, has_triton=triton_available())
     if impl == "reference":
         fn = rag_token_loss_reference if token_mode else rag_sequence_loss_reference
         per_query = fn(token_logprobs, doc_scores, token_mask, doc_mask)
     else:
+        if impl == "triton":
+            from .triton import marginalize_fwd as kernel
+        else:
+            kernel = _cpu.marginalize_fwd
         dt = torch.float64 if torch.float64 in (token_logprobs.dtype, doc_scores.dtype) else torch.float32
         per_query = _MarginalizeFromGrads.apply(
-            token_logprobs.to(dt), doc_scores.to(dt), token_mask, doc_mask, token_mode,
-            _cpu.marginalize_fwd,
+            token_logprobs.to(dt), doc_scores.to(dt), token_mask, doc_mask, token_mode, kernel
         )
     return reduce_loss(per_query, reduction)
 
