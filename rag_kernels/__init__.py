@@ -12,9 +12,11 @@ Public API (DESIGN.md §3)::
     rk.CoTrainingLoss(...)
 """
 
+from . import retriever
 from ._backend import cpu_available
 from ._validation import set_value_checks
 from .ops.linear_logprob import LinearLogprobOptions, LogprobStats, linear_logprob
+from .cotraining import CoTrainingLoss, CoTrainingOutput
 from .losses import GeneratorFeedback, generator_feedback, rag_loss
 from .ops.marginalize import document_posterior, rag_sequence_loss, rag_token_loss
 
@@ -32,4 +34,7 @@ __all__ = [
     "rag_loss",
     "generator_feedback",
     "GeneratorFeedback",
+    "retriever",
+    "CoTrainingLoss",
+    "CoTrainingOutput",
 ]
