@@ -15,6 +15,7 @@ Public API (DESIGN.md §3)::
 from . import retriever
 from ._backend import cpu_available
 from ._validation import set_value_checks
+from .ops.contrastive import contrastive_loss
 from .ops.linear_logprob import LinearLogprobOptions, LogprobStats, linear_logprob
 from .cotraining import CoTrainingLoss, CoTrainingOutput
 from .losses import GeneratorFeedback, generator_feedback, rag_loss
@@ -35,6 +36,7 @@ __all__ = [
     "generator_feedback",
     "GeneratorFeedback",
     "retriever",
+    "contrastive_loss",
     "CoTrainingLoss",
     "CoTrainingOutput",
 ]

