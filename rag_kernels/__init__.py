@@ -12,7 +12,7 @@ Public API (DESIGN.md §3)::
     rk.CoTrainingLoss(...)
 """
 
-from . import retriever
+from . import hf, retriever
 from ._backend import cpu_available
 from ._validation import set_value_checks
 from .ops.contrastive import contrastive_loss
@@ -35,6 +35,7 @@ __all__ = [
     "rag_loss",
     "generator_feedback",
     "GeneratorFeedback",
+    "hf",
     "retriever",
     "contrastive_loss",
     "CoTrainingLoss",
