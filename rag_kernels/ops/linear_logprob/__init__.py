@@ -28,6 +28,9 @@ class LinearLogprobOptions:
 
     ignore_index: int = -100
     softcap: float | None = None
+    # Backward only (Triton): skip vocab tiles whose softmax is below this everywhere
+    # (error bound in triton.py). None = exact.
+    filter_eps: float | None = None
 
 
 class LogprobStats(NamedTuple):
@@ -143,6 +146,7 @@ def linear_logprob(
     softcap: float | None = None,
     impl: str = "auto",
     return_stats: bool = False,
+    filter_eps: float | None = None,
 ) -> torch.Tensor | LogprobStats:
     """Log-probability of each row's target through the LM head, without the logits.
 
@@ -155,12 +159,21 @@ def linear_logprob(
         softcap: optional ``c``: logits become ``c * tanh(z / c)``.
         impl: ``"auto" | "triton" | "cpu" | "reference"``.
         return_stats: also return ``lse`` and ``sum_logprob`` (differentiable).
+        filter_eps: Triton backward only: skip vocabulary tiles where every softmax entry is
+            below this (each skipped logit-gradient entry is < (|g| + |g_lse|) * eps; never
+            skips with label smoothing). None (default) = exact; other impls ignore it.
 
     Returns: ``[...]`` fp32 log-probs (fp64 for fp64 inputs), or :class:`LogprobStats`.
     """
     validate_linear_logprob_inputs(hidden, weight, target, bias, ignore_index, softcap)
     impl = resolve_impl(impl, hidden, has_triton="triton" in _IMPLS, has_cpu="cpu" in _IMPLS)
-    opts = LinearLogprobOptions(ignore_index=ignore_index, softcap=None if softcap is None else float(softcap))
+    if filter_eps is not None and not (isinstance(filter_eps, (int, float)) and 0 <= filter_eps < 1):
+        raise ValueError(f"filter_eps must be a float in [0, 1) or None, got {filter_eps!r}")
+    opts = LinearLogprobOptions(
+        ignore_index=ignore_index,
+        softcap=None if softcap is None else float(softcap),
+        filter_eps=None if filter_eps is None else float(filter_eps),
+    )
     shape = target.shape
     H = hidden.shape[-1]
     lp, lse, s = _IMPLS[impl](hidden.reshape(-1, H), weight, target.reshape(-1), bias, opts)
