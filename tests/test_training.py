@@ -70,7 +70,7 @@ def test_fit_writes_metrics_log_plot_checkpoint(tmp_path):
     assert saved == json.loads(json.dumps(metrics))
     log = read_log(cfg)
     assert [r["step"] for r in log] == [1, 2, 3]
-    for key in ("loss", "generator", "retriever", "grad_norm_generator", "grad_norm_retriever", "retrieval_hit"):
+    for key in ("loss", "generator", "retriever", "grad_norm_generator", "grad_norm_retriever", "retrieval_hit", "retrieval_top1"):
         assert key in log[0], key
     for name in ("curves.png", "checkpoint.pt", "config.json"):
         assert os.path.exists(os.path.join(cfg.output_dir, name)), name
