@@ -1,0 +1,195 @@
+"""Fused LM-head log-prob vs the alternatives: ``python -m benchmarks.linear_logprob [--device cuda]``.
+
+Every provider computes the per-row target log-prob (or its negation, the per-row loss) of
+``hidden [N, H] @ weight[V, H]^T`` for targets ``[N]``:
+
+* ``naive``: ``logits = h @ W.T``; ``-F.cross_entropy(logits, y, reduction="none")``.
+* ``torch_lce``: ``F.linear_cross_entropy(h, W, y, reduction="none",
+  options=torch.nn.LinearCrossEntropyOptions())`` (torch >= 2.13's chunked path, default options).
+* ``cce``: Cut Cross-Entropy ``linear_cross_entropy(h, W, y, reduction="none")`` with
+  ``impl="torch_compile"`` on CPU and ``impl="cce"`` (its Triton kernels, default gradient
+  filtering) on CUDA. Install with ``pip install --no-deps cut-cross-entropy``.
+* ``liger``: Liger-Kernel's fused linear cross-entropy, CUDA only, ``reduction="none"``
+  (Liger applies the upstream gradient as a scalar: its weighted backward is timed, not checked).
+* ``rk_fused``: ``rk.linear_logprob(impl="cpu")`` on CPU, ``impl="triton"`` on CUDA.
+* ``rk_reference``: ``rk.linear_logprob(impl="reference")`` (materialises the logits).
+
+Modes: ``fwd`` (forward only, inputs require grad as in training, so tensors saved for
+backward count in peak memory) and ``fwd+bwd`` (``torch.autograd.grad`` of the output with a
+fixed non-uniform upstream gradient ``torch.rand(N)`` w.r.t. hidden and weight).
+Shapes: CPU N=2048, H=576, V=49152 fp32 (SmolLM2-135M head); CUDA N in {4096, 16384} x
+H in {2048, 4096} x V in {32000, 128256} bf16. ``tflops`` counts 2NHV (fwd) / 8NHV (fwd+bwd).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import sys
+
+from benchmarks.harness import Benchmark, Case, Provider, Unavailable
+
+MODES = ("fwd", "fwd+bwd")
+
+
+def _inputs(case: Case):
+    import torch
+
+    N, H, V = case.shape["N"], case.shape["H"], case.shape["V"]
+    dev, dt = case.device, case.torch_dtype
+    hidden = torch.randn(N, H, device=dev, dtype=dt).requires_grad_(True)
+    # std 1/sqrt(H): logits of order 1, as in a trained head.
+    weight = (torch.randn(V, H, device=dev, dtype=dt) * H**-0.5).requires_grad_(True)
+    target = torch.randint(0, V, (N,), device=dev)
+    grad = torch.rand(N, device=dev, dtype=torch.float32)
+    return hidden, weight, target, grad
+
+
+def _timed(case: Case, forward):
+    """Wrap ``forward(hidden, weight, target) -> [N]`` into the timed call for ``case.mode``."""
+    import torch
+
+    hidden, weight, target, grad = _inputs(case)
+    if case.mode == "fwd":
+        return lambda: forward(hidden, weight, target)
+
+    def fwd_bwd():
+        out = forward(hidden, weight, target)
+        g = grad if grad.dtype == out.dtype else grad.to(out.dtype)
+        return torch.autograd.grad(out, (hidden, weight), g)
+
+    return fwd_bwd
+
+
+# ----------------------------------------------------------------------------- providers
+
+
+def _setup_naive(case: Case):
+    import torch.nn.functional as F
+
+    return _timed(case, lambda h, w, y: -F.cross_entropy(h @ w.T, y, reduction="none"))
+
+
+def _torch_lce_available(case: Case) -> str | None:
+    import torch
+    import torch.nn.functional as F
+
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no F.linear_cross_entropy with options"
+    return None
+
+
+def _setup_torch_lce(case: Case):
+    import torch
+    import torch.nn.functional as F
+
+    opts = torch.nn.LinearCrossEntropyOptions()
+    return _timed(
+        case, lambda h, w, y: F.linear_cross_entropy(h, w, y, reduction="none", options=opts)
+    )
+
+
+def _cce_available(case: Case) -> str | None:
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        return "cut_cross_entropy not installed (pip install --no-deps cut-cross-entropy)"
+    return None
+
+
+def _setup_cce(case: Case):
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception as exc:
+        raise Unavailable(f"cut_cross_entropy import failed: {exc}") from exc
+    impl = "cce" if case.device.startswith("cuda") else "torch_compile"
+    return _timed(case, lambda h, w, y: linear_cross_entropy(h, w, y, reduction="none", impl=impl))
+
+
+def _liger_available(case: Case) -> str | None:
+    if not case.device.startswith("cuda"):
+        return "Liger-Kernel runs on CUDA only"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger_kernel not installed"
+    return None
+
+
+def _setup_liger(case: Case):
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except Exception as exc:
+        raise Unavailable(f"liger_kernel import failed: {exc}") from exc
+
+    def forward(h, w, y):
+        out = liger_fused_linear_cross_entropy(h, w, y, reduction="none")
+        return out[0] if isinstance(out, tuple) else out
+
+    return _timed(case, forward)
+
+
+def _rk_impl(case: Case) -> str:
+    return "triton" if case.device.startswith("cuda") else "cpu"
+
+
+def _rk_fused_available(case: Case) -> str | None:
+    from rag_kernels.ops.linear_logprob import _IMPLS
+
+    impl = _rk_impl(case)
+    if impl not in _IMPLS:
+        return f"rag_kernels.linear_logprob has no impl={impl!r} yet (have {sorted(_IMPLS)})"
+    return None
+
+
+def _setup_rk(impl: str | None):
+    def setup(case: Case):
+        import rag_kernels as rk
+
+        use = impl or _rk_impl(case)
+        return _timed(case, lambda h, w, y: rk.linear_logprob(h, w, y, impl=use))
+
+    return setup
+
+
+PROVIDERS = [
+    Provider("naive", _setup_naive),
+    Provider("torch_lce", _setup_torch_lce, _torch_lce_available),
+    Provider("cce", _setup_cce, _cce_available),
+    Provider("liger", _setup_liger, _liger_available),
+    Provider("rk_fused", _setup_rk(None), _rk_fused_available),
+    Provider("rk_reference", _setup_rk("reference")),
+]
+
+
+def cases(args) -> list[Case]:
+    if args.device == "cuda":
+        shapes = (
+            [(256, 128, 1000)]
+            if args.quick
+            else list(itertools.product((4096, 16384), (2048, 4096), (32000, 128256)))
+        )
+        dtype = "bfloat16"
+    else:
+        shapes = [(67, 33, 517)] if args.quick else [(2048, 576, 49152)]
+        dtype = "float32"
+    return [
+        Case({"N": n, "H": h, "V": v}, mode, args.device, dtype)
+        for n, h, v in shapes
+        for mode in MODES
+    ]
+
+
+def flops(case: Case) -> float:
+    n, h, v = case.shape["N"], case.shape["H"], case.shape["V"]
+    return (2.0 if case.mode == "fwd" else 8.0) * n * h * v
+
+
+BENCH = Benchmark(
+    op="linear_logprob",
+    module="benchmarks.linear_logprob",
+    providers=PROVIDERS,
+    cases=cases,
+    flops=flops,
+    baseline="naive",
+    description=__doc__.split("\n")[0],
+)
+
+if __name__ == "__main__":
+    sys.exit(BENCH.main())
