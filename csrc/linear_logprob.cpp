@@ -1,0 +1,538 @@
+// Fused LM-head log-probability on CPU: log softmax(W h + b)[y] per row without [N, V] logits.
+//
+// The vocabulary is walked in tiles of `vocab_tile` columns, the (compacted) active rows in
+// blocks of `row_tile`. Per (vocab tile, row block) one ATen GEMM writes the logit tile into a
+// preallocated buffer and a fused epilogue consumes it:
+//   forward:  online log-sum-exp per row, the target logit, and sum_v z (for sum_logprob);
+//   backward: recomputes the tile, turns it in place into
+//             dz = g_lp (1[v=y] - p) + g_S (1 - V p) + g_lse p  (times 1 - (z/c)^2 with softcap)
+//             and accumulates dh += dz W_tile, dW_tile += dz^T h, db_tile += sum_rows dz.
+// Rows with target == ignore_index (and, in the backward, rows whose upstream gradients are
+// all zero) are compacted away first, so they cost no FLOPs and their hidden states are never
+// read. Extra memory is O(threads * (row_tile * vocab_tile + N * H)). bf16/fp16 inputs run in
+// fp32 (the W tile is converted once per vocab tile); fp64 inputs in fp64.
+// Parallel over vocabulary tiles (one worker per intra-op thread, single-threaded GEMMs):
+// one parallel region per pass, so the cost of synchronisation does not grow with the tile
+// count (this beat GEMM-level threading + a row-parallel epilogue on 2 busy cores).
+// Math: rag_kernels/ops/linear_logprob/__init__.py and DESIGN.md section 2.
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "check.h"
+
+namespace {
+
+constexpr int64_t kDefaultRowTile = 256;  // keep in sync with cpu.py DEFAULT_TILES
+constexpr int64_t kDefaultVocabTile = 2048;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// The extension is compiled for the baseline ISA; the vocabulary epilogue is the only
+// hand-written hot loop, so it gets AVX-512 / AVX2 clones picked at load time.
+#define RK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define RK_INLINE __attribute__((always_inline)) inline
+#else
+#define RK_CLONES
+#define RK_INLINE inline
+#endif
+
+// exp for float: Cody-Waite range reduction + degree-6 polynomial (about 2 ulp); written
+// branch-free so the row loops vectorise. Inputs are clamped to the normal range, which
+// only matters for exp(z - lse) far below 1e-37, where it adds less than 1e-37.
+RK_INLINE float rk_exp(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float t = x * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t tb;
+  std::memcpy(&tb, &t, sizeof(tb));
+  const int32_t eb = (tb - 0x4B400000 + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &eb, sizeof(scale));
+  return p * scale;
+}
+RK_INLINE double rk_exp(double x) { return std::exp(x); }
+
+// tanh for float: odd Taylor polynomial for |x| < 0.3 (error < 1e-9 relative), otherwise
+// (1 - e^{-2|x|}) / (1 + e^{-2|x|}) where the cancellation costs at most ~3 ulp.
+RK_INLINE float rk_tanh(float x) {
+  const float a = x < 0.0f ? -x : x;
+  const float e = rk_exp(-2.0f * a);
+  const float big = (1.0f - e) / (1.0f + e);
+  const float x2 = a * a;
+  float q = -1382.0f / 155925.0f;
+  q = q * x2 + 62.0f / 2835.0f;
+  q = q * x2 - 17.0f / 315.0f;
+  q = q * x2 + 2.0f / 15.0f;
+  q = q * x2 - 1.0f / 3.0f;
+  const float small = a + a * x2 * q;
+  const float r = a < 0.3f ? small : big;
+  return x < 0.0f ? -r : r;
+}
+RK_INLINE double rk_tanh(double x) { return std::tanh(x); }
+
+// Forward, one row of a tile: z <- softcap(z + b) in place; returns max_v z and sum_v z.
+template <typename T, bool kBias, bool kCap>
+RK_INLINE void fwd_prep(T* z, const T* b, int64_t n, T cap, T& out_max, T& out_sum) {
+  T mx = -std::numeric_limits<T>::infinity();
+  T sm = 0;
+  const T inv_cap = kCap ? T(1) / cap : T(0);
+#pragma omp simd reduction(max : mx) reduction(+ : sm)
+  for (int64_t v = 0; v < n; ++v) {
+    T x = z[v];
+    if (kBias) x += b[v];
+    if (kCap) x = cap * rk_tanh(x * inv_cap);
+    if (kBias || kCap) z[v] = x;
+    mx = x > mx ? x : mx;
+    sm += x;
+  }
+  out_max = mx;
+  out_sum = sm;
+}
+
+template <typename T>
+RK_INLINE T sum_exp(const T* z, int64_t n, T m) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t v = 0; v < n; ++v) s += rk_exp(z[v] - m);
+  return s;
+}
+
+// Backward, one row of a tile: z (raw logits without bias) <- dz for the terms that do not
+// depend on the target: (c p + g_S) * cap'(z), p = exp(softcap(z + b) - lse),
+// c = -g_lp - V g_S + g_lse. The target column is fixed up by the caller.
+template <typename T, bool kBias, bool kCap>
+RK_INLINE void bwd_row(T* z, const T* b, int64_t n, T cap, T lse, T c, T gs) {
+  const T inv_cap = kCap ? T(1) / cap : T(0);
+#pragma omp simd
+  for (int64_t v = 0; v < n; ++v) {
+    T x = z[v];
+    if (kBias) x += b[v];
+    T d = 1;
+    if (kCap) {
+      const T t = rk_tanh(x * inv_cap);
+      x = cap * t;
+      d = T(1) - t * t;
+    }
+    const T p = rk_exp(x - lse);
+    z[v] = kCap ? (c * p + gs) * d : c * p + gs;
+  }
+}
+
+// Non-template entry points (float ones cloned per ISA); variant = bias + 2 * softcap.
+#define RK_ROW_FNS(T, SUFFIX)                                                                  \
+  RK_CLONES void fwd_prep_##SUFFIX(int variant, T* z, const T* b, int64_t n, T cap, T* mx,     \
+                                   T* sm) {                                                    \
+    switch (variant) {                                                                         \
+      case 0: fwd_prep<T, false, false>(z, b, n, cap, *mx, *sm); break;                        \
+      case 1: fwd_prep<T, true, false>(z, b, n, cap, *mx, *sm); break;                         \
+      case 2: fwd_prep<T, false, true>(z, b, n, cap, *mx, *sm); break;                         \
+      default: fwd_prep<T, true, true>(z, b, n, cap, *mx, *sm); break;                         \
+    }                                                                                          \
+  }                                                                                            \
+  RK_CLONES T sum_exp_##SUFFIX(const T* z, int64_t n, T m) { return sum_exp<T>(z, n, m); }     \
+  RK_CLONES void bwd_row_##SUFFIX(int variant, T* z, const T* b, int64_t n, T cap, T lse, T c, \
+                                  T gs) {                                                      \
+    switch (variant) {                                                                         \
+      case 0: bwd_row<T, false, false>(z, b, n, cap, lse, c, gs); break;                       \
+      case 1: bwd_row<T, true, false>(z, b, n, cap, lse, c, gs); break;                        \
+      case 2: bwd_row<T, false, true>(z, b, n, cap, lse, c, gs); break;                        \
+      default: bwd_row<T, true, true>(z, b, n, cap, lse, c, gs); break;                        \
+    }                                                                                          \
+  }
+
+RK_ROW_FNS(float, f)
+RK_ROW_FNS(double, d)
+#undef RK_ROW_FNS
+
+inline void fwd_prep_row(int variant, float* z, const float* b, int64_t n, float cap, float* mx,
+                         float* sm) {
+  fwd_prep_f(variant, z, b, n, cap, mx, sm);
+}
+inline void fwd_prep_row(int variant, double* z, const double* b, int64_t n, double cap,
+                         double* mx, double* sm) {
+  fwd_prep_d(variant, z, b, n, cap, mx, sm);
+}
+inline float sum_exp_row(const float* z, int64_t n, float m) { return sum_exp_f(z, n, m); }
+inline double sum_exp_row(const double* z, int64_t n, double m) { return sum_exp_d(z, n, m); }
+inline void bwd_row_dispatch(int variant, float* z, const float* b, int64_t n, float cap,
+                             float lse, float c, float gs) {
+  bwd_row_f(variant, z, b, n, cap, lse, c, gs);
+}
+inline void bwd_row_dispatch(int variant, double* z, const double* b, int64_t n, double cap,
+                             double lse, double c, double gs) {
+  bwd_row_d(variant, z, b, n, cap, lse, c, gs);
+}
+
+// Scalar softcapped logit of one entry (the target column).
+template <typename T>
+T capped(T x, bool has_cap, T cap) {
+  return has_cap ? cap * std::tanh(x / cap) : x;
+}
+
+struct Tiles {
+  int64_t rows, vocab;
+};
+
+Tiles pick_tiles(int64_t row_tile, int64_t vocab_tile) {
+  return {row_tile > 0 ? row_tile : kDefaultRowTile, vocab_tile > 0 ? vocab_tile : kDefaultVocabTile};
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+                  const std::optional<at::Tensor>& bias) {
+  RK_CHECK_INPUT(hidden);
+  RK_CHECK_INPUT(weight);
+  RK_CHECK_INPUT(target);
+  RK_CHECK_DIM(hidden, 2);
+  RK_CHECK_DIM(weight, 2);
+  RK_CHECK_DIM(target, 1);
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "hidden must be float32, float64, bfloat16 or float16, got ", dt);
+  RK_CHECK_DTYPE(weight, dt);
+  TORCH_CHECK(weight.size(1) == hidden.size(1), "weight must have shape (V, ", hidden.size(1),
+              "), got ", weight.sizes());
+  TORCH_CHECK(target.size(0) == hidden.size(0), "target must have shape (", hidden.size(0),
+              "), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+              "target must be int64 or int32, got ", target.scalar_type());
+  if (bias.has_value()) {
+    RK_CHECK_INPUT(*bias);
+    RK_CHECK_SHAPE(*bias, weight.size(0));
+    RK_CHECK_DTYPE(*bias, dt);
+  }
+}
+
+// Rows that take part (as int64 indices), their targets, checked against [0, V).
+std::pair<at::Tensor, at::Tensor> active_rows(const at::Tensor& target_long, const at::Tensor& keep,
+                                              int64_t V) {
+  auto idx = keep.nonzero().squeeze(1);
+  auto y = target_long.index_select(0, idx);
+  if (y.numel() > 0) {
+    const int64_t* yp = y.data_ptr<int64_t>();
+    for (int64_t i = 0; i < y.numel(); ++i)
+      TORCH_CHECK(yp[i] >= 0 && yp[i] < V, "target ids must lie in [0, ", V,
+                  ") or equal ignore_index, got ", yp[i]);
+  }
+  return {idx, y};
+}
+
+// Active hidden rows in the compute dtype (no copy when nothing changes).
+at::Tensor gather_rows(const at::Tensor& hidden, const at::Tensor& idx, at::ScalarType acc) {
+  at::Tensor h = idx.numel() == hidden.size(0) ? hidden : hidden.index_select(0, idx);
+  return h.scalar_type() == acc ? h.contiguous() : h.to(acc).contiguous();
+}
+
+// The weight rows [v0, v0 + vt) in the compute dtype: a view for fp32/fp64, else converted
+// into `wbuf` (one tile, never the whole weight).
+at::Tensor weight_tile(const at::Tensor& weight, at::Tensor& wbuf, int64_t v0, int64_t vt,
+                       at::ScalarType acc) {
+  auto w = weight.narrow(0, v0, vt);
+  if (weight.scalar_type() == acc) return w;
+  auto dst = wbuf.narrow(0, 0, vt * weight.size(1)).view({vt, weight.size(1)});
+  dst.copy_(w);
+  return dst;
+}
+
+int variant_of(bool has_bias, bool has_cap) { return (has_bias ? 1 : 0) + (has_cap ? 2 : 0); }
+
+// Runs fn(worker, v0, vt) over all vocabulary tiles: worker w takes tiles w, w + W, ...
+// Its GEMMs run single-threaded inside the parallel region, and there is one region per pass,
+// so synchronisation does not grow with the tile count. The static assignment keeps results
+// bitwise reproducible for a given thread count (partial sums always combine the same way).
+template <typename Fn>
+void for_each_vocab_tile(int64_t V, int64_t VT, int64_t workers, const Fn& fn) {
+  const int64_t ntiles = (V + VT - 1) / VT;
+  // Worker threads start with default thread-local state (grad mode, dispatch-key
+  // exclusions); give them the caller's so the ATen calls inside behave as on this thread.
+  const at::ThreadLocalState tls;
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    at::ThreadLocalStateGuard guard(tls);
+    for (int64_t wk = w0; wk < w1; ++wk)
+      for (int64_t t = wk; t < ntiles; t += workers) fn(wk, t * VT, std::min(VT, V - t * VT));
+  });
+}
+
+int64_t num_workers(int64_t V, int64_t VT) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (V + VT - 1) / VT));
+}
+
+template <typename T>
+void forward_kernel(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& y,
+                    const T* bias, std::optional<double> softcap, Tiles tiles, double* lse_out,
+                    double* zy_out, double* zsum_out) {
+  const int64_t Na = h.size(0), H = h.size(1), V = weight.size(0);
+  const auto acc = h.scalar_type();
+  const bool has_cap = softcap.has_value();
+  const T cap = has_cap ? static_cast<T>(*softcap) : T(0);
+  const int variant = variant_of(bias != nullptr, has_cap);
+  const int64_t RT = std::min(tiles.rows, Na), VT = std::min(tiles.vocab, V);
+  const int64_t workers = num_workers(V, VT);
+  // Per worker: a logit tile, a converted weight tile (bf16/fp16), partial row statistics.
+  auto zbuf = at::empty({workers, RT * VT}, h.options());
+  at::Tensor wbuf;
+  if (weight.scalar_type() != acc) wbuf = at::empty({workers, VT * H}, h.options());
+  std::vector<double> run_max(workers * Na, -std::numeric_limits<double>::infinity());
+  std::vector<double> run_sum(workers * Na, 0.0), run_zsum(workers * Na, 0.0);
+  const int64_t* yp = y.data_ptr<int64_t>();
+
+  for_each_vocab_tile(V, VT, workers, [&](int64_t wk, int64_t v0, int64_t vt) {
+    at::Tensor wb = wbuf.defined() ? wbuf[wk] : wbuf;
+    auto w = weight_tile(weight, wb, v0, vt, acc);
+    auto zw = zbuf[wk];
+    T* zp = zw.data_ptr<T>();
+    double* mxs = run_max.data() + wk * Na;
+    double* sms = run_sum.data() + wk * Na;
+    double* zss = run_zsum.data() + wk * Na;
+    for (int64_t r0 = 0; r0 < Na; r0 += RT) {
+      const int64_t rt = std::min(RT, Na - r0);
+      auto z = zw.narrow(0, 0, rt * vt).view({rt, vt});
+      at::mm_out(z, h.narrow(0, r0, rt), w.t());
+      for (int64_t i = 0; i < rt; ++i) {
+        const int64_t r = r0 + i;
+        T* zr = zp + i * vt;
+        T mx, sm;
+        fwd_prep_row(variant, zr, bias ? bias + v0 : nullptr, vt, cap, &mx, &sm);
+        zss[r] += static_cast<double>(sm);
+        const int64_t yr = yp[r] - v0;
+        if (yr >= 0 && yr < vt) zy_out[r] = static_cast<double>(zr[yr]);
+        const double m_new = std::max(mxs[r], static_cast<double>(mx));
+        const double s_tile = static_cast<double>(sum_exp_row(zr, vt, static_cast<T>(m_new)));
+        sms[r] = sms[r] * std::exp(mxs[r] - m_new) + s_tile;
+        mxs[r] = m_new;
+      }
+    }
+  });
+  // Merge the workers' partial log-sum-exps (a worker without tiles holds -inf / 0).
+  for (int64_t r = 0; r < Na; ++r) {
+    double m = -std::numeric_limits<double>::infinity(), s = 0.0, zs = 0.0;
+    for (int64_t wk = 0; wk < workers; ++wk) m = std::max(m, run_max[wk * Na + r]);
+    for (int64_t wk = 0; wk < workers; ++wk) {
+      if (run_sum[wk * Na + r] > 0.0) s += run_sum[wk * Na + r] * std::exp(run_max[wk * Na + r] - m);
+      zs += run_zsum[wk * Na + r];
+    }
+    lse_out[r] = m + std::log(s);
+    zsum_out[r] = zs;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, std::optional<double> softcap,
+    int64_t row_tile, int64_t vocab_tile) {
+  check_inputs(hidden, weight, target, bias);
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  const auto acc = acc_type(hidden.scalar_type());
+  auto out_opts = hidden.options().dtype(acc);
+  auto lp = at::zeros({N}, out_opts), lse = at::zeros({N}, out_opts), sum_lp = at::zeros({N}, out_opts);
+  auto tgt = target.to(at::kLong);
+  at::Tensor idx, y;
+  std::tie(idx, y) = active_rows(tgt, tgt.ne(ignore_index), V);
+  const int64_t Na = idx.numel();
+  if (Na == 0 || V == 0) return {lp, lse, sum_lp};
+  auto h = gather_rows(hidden, idx, acc);
+  at::Tensor b;
+  if (bias.has_value()) b = bias->to(acc).contiguous();
+  auto dopts = hidden.options().dtype(at::kDouble);
+  auto lse_a = at::empty({Na}, dopts), zy_a = at::empty({Na}, dopts), zs_a = at::empty({Na}, dopts);
+  AT_DISPATCH_FLOATING_TYPES(acc, "linear_logprob_fwd", [&] {
+    forward_kernel<scalar_t>(h, weight, y, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                             softcap, pick_tiles(row_tile, vocab_tile), lse_a.data_ptr<double>(),
+                             zy_a.data_ptr<double>(), zs_a.data_ptr<double>());
+  });
+  auto lp_a = zy_a - lse_a;
+  auto s_a = zs_a - static_cast<double>(V) * lse_a;
+  if (Na == N) return {lp_a.to(acc), lse_a.to(acc), s_a.to(acc)};
+  lp.index_copy_(0, idx, lp_a.to(acc));
+  lse.index_copy_(0, idx, lse_a.to(acc));
+  sum_lp.index_copy_(0, idx, s_a.to(acc));
+  return {lp, lse, sum_lp};
+}
+
+template <typename T>
+void backward_kernel(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& y,
+                     const T* bias, std::optional<double> softcap, Tiles tiles,
+                     const double* lse, const double* coef_y, const double* coef_p,
+                     const double* coef_c, at::Tensor* dh, at::Tensor* grad_weight,
+                     double* db) {
+  const int64_t Na = h.size(0), H = h.size(1), V = weight.size(0);
+  const auto acc = h.scalar_type();
+  const bool has_cap = softcap.has_value();
+  const T cap = has_cap ? static_cast<T>(*softcap) : T(0);
+  const int variant = variant_of(bias != nullptr, has_cap);
+  const int64_t RT = std::min(tiles.rows, Na), VT = std::min(tiles.vocab, V);
+  const int64_t workers = num_workers(V, VT);
+  // Per worker: a logit tile, weight / dW tiles in the compute dtype (bf16/fp16 only) and a
+  // partial dh (summed at the end). dW and db tiles belong to one worker: no races.
+  auto zbuf = at::empty({workers, RT * VT}, h.options());
+  at::Tensor wbuf, dwbuf, dh_parts;
+  if (weight.scalar_type() != acc) {
+    wbuf = at::empty({workers, VT * H}, h.options());
+    if (grad_weight) dwbuf = at::empty({workers, VT * H}, h.options());
+  }
+  if (dh) dh_parts = workers == 1 ? dh->unsqueeze(0) : at::zeros({workers, Na, H}, h.options());
+  const int64_t* yp = y.data_ptr<int64_t>();
+
+  for_each_vocab_tile(V, VT, workers, [&](int64_t wk, int64_t v0, int64_t vt) {
+    at::Tensor wb = wbuf.defined() ? wbuf[wk] : wbuf;
+    auto w = weight_tile(weight, wb, v0, vt, acc);
+    at::Tensor dw;
+    if (grad_weight) {
+      dw = dwbuf.defined() ? dwbuf[wk].narrow(0, 0, vt * H).view({vt, H})
+                           : grad_weight->narrow(0, v0, vt);
+    }
+    auto zw = zbuf[wk];
+    T* zp = zw.data_ptr<T>();
+    for (int64_t r0 = 0; r0 < Na; r0 += RT) {
+      const int64_t rt = std::min(RT, Na - r0);
+      auto z = zw.narrow(0, 0, rt * vt).view({rt, vt});
+      auto hb = h.narrow(0, r0, rt);
+      at::mm_out(z, hb, w.t());
+      for (int64_t i = 0; i < rt; ++i) {
+        const int64_t r = r0 + i;
+        T* zr = zp + i * vt;
+        const int64_t yr = yp[r] - v0;
+        const bool has_y = yr >= 0 && yr < vt;
+        T dcap_y = 1;
+        if (has_y && has_cap) {
+          const T x = zr[yr] + (bias ? bias[v0 + yr] : T(0));
+          const T t = std::tanh(x / cap);
+          dcap_y = T(1) - t * t;
+        }
+        bwd_row_dispatch(variant, zr, bias ? bias + v0 : nullptr, vt, cap, static_cast<T>(lse[r]),
+                         static_cast<T>(coef_p[r]), static_cast<T>(coef_c[r]));
+        if (has_y) zr[yr] += static_cast<T>(coef_y[r]) * dcap_y;
+      }
+      if (dh) dh_parts[wk].narrow(0, r0, rt).addmm_(z, w);
+      if (grad_weight) {
+        if (r0 == 0)
+          at::mm_out(dw, z.t(), hb);
+        else
+          dw.addmm_(z.t(), hb);
+      }
+      if (db) {
+        auto col = z.sum(0, false, at::kDouble);
+        const double* cp = col.data_ptr<double>();
+        for (int64_t v = 0; v < vt; ++v) db[v0 + v] += cp[v];
+      }
+    }
+    if (grad_weight && dwbuf.defined()) grad_weight->narrow(0, v0, vt).copy_(dw);
+  });
+  if (dh && workers > 1) at::sum_out(*dh, dh_parts, {0});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_bwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse,
+    const std::optional<at::Tensor>& grad_lp, const std::optional<at::Tensor>& grad_lse,
+    const std::optional<at::Tensor>& grad_sum, int64_t ignore_index,
+    std::optional<double> softcap, bool needs_hidden, bool needs_weight, bool needs_bias,
+    int64_t row_tile, int64_t vocab_tile) {
+  check_inputs(hidden, weight, target, bias);
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const auto dt = hidden.scalar_type();
+  const auto acc = acc_type(dt);
+  RK_CHECK_CPU(lse);
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N, "lse must have shape (", N, "), got ", lse.sizes());
+  for (const auto* g : {&grad_lp, &grad_lse, &grad_sum}) {
+    if (g->has_value()) {
+      RK_CHECK_CPU(**g);
+      TORCH_CHECK((*g)->dim() == 1 && (*g)->size(0) == N, "upstream gradients must have shape (",
+                  N, "), got ", (*g)->sizes());
+    }
+  }
+  needs_bias = needs_bias && bias.has_value();
+  // A gradient that is not needed comes back as an empty [0] tensor.
+  auto empty = at::empty({0}, hidden.options());
+  auto zero_grads = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+    return {needs_hidden ? at::zeros({N, H}, hidden.options()) : empty,
+            needs_weight ? at::zeros({V, H}, hidden.options()) : empty,
+            needs_bias ? at::zeros({V}, hidden.options()) : empty};
+  };
+  if (!(needs_hidden || needs_weight || needs_bias) || V == 0 || N == 0) return zero_grads();
+
+  // Active rows: a kept target and at least one non-zero upstream gradient.
+  auto tgt = target.to(at::kLong);
+  auto dopts = hidden.options().dtype(at::kDouble);
+  auto zeros_n = at::zeros({N}, dopts);
+  auto g_lp = grad_lp.has_value() ? grad_lp->to(at::kDouble) : zeros_n;
+  auto g_lse = grad_lse.has_value() ? grad_lse->to(at::kDouble) : zeros_n;
+  auto g_s = grad_sum.has_value() ? grad_sum->to(at::kDouble) : zeros_n;
+  auto keep = tgt.ne(ignore_index).logical_and_(g_lp.ne(0).logical_or_(g_lse.ne(0)).logical_or_(g_s.ne(0)));
+  at::Tensor idx, y;
+  std::tie(idx, y) = active_rows(tgt, keep, V);
+  const int64_t Na = idx.numel();
+  if (Na == 0) return zero_grads();
+
+  // dz_v = g_lp 1[v=y] + (c p_v + g_S) with c = -g_lp - V g_S + g_lse (before the softcap factor).
+  auto glp_a = g_lp.index_select(0, idx).contiguous();
+  auto gs_a = g_s.index_select(0, idx).contiguous();
+  auto c_a = (g_lse.index_select(0, idx) - glp_a - static_cast<double>(V) * gs_a).contiguous();
+  auto lse_a = lse.to(at::kDouble).index_select(0, idx).contiguous();
+  auto h = gather_rows(hidden, idx, acc);
+  at::Tensor b;
+  if (bias.has_value()) b = bias->to(acc).contiguous();
+  at::Tensor dh = needs_hidden ? at::zeros({Na, H}, h.options()) : at::Tensor();
+  at::Tensor db = needs_bias ? at::zeros({V}, dopts) : at::Tensor();
+  // Every vocabulary tile's first row block overwrites its rows of grad_weight.
+  at::Tensor grad_weight = needs_weight ? at::empty({V, H}, hidden.options()) : empty;
+  AT_DISPATCH_FLOATING_TYPES(acc, "linear_logprob_bwd", [&] {
+    backward_kernel<scalar_t>(h, weight, y, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                              softcap, pick_tiles(row_tile, vocab_tile), lse_a.data_ptr<double>(),
+                              glp_a.data_ptr<double>(), c_a.data_ptr<double>(),
+                              gs_a.data_ptr<double>(), needs_hidden ? &dh : nullptr,
+                              needs_weight ? &grad_weight : nullptr,
+                              needs_bias ? db.data_ptr<double>() : nullptr);
+  });
+  at::Tensor grad_hidden = empty, grad_bias = empty;
+  if (needs_hidden) {
+    if (Na == N) {
+      grad_hidden = dh.to(dt);
+    } else {
+      grad_hidden = at::zeros({N, H}, hidden.options());
+      grad_hidden.index_copy_(0, idx, dh.to(dt));
+    }
+  }
+  if (needs_bias) grad_bias = db.to(dt);
+  return {grad_hidden, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rag_kernels, m) {
+  m.def(
+      "linear_logprob_fwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, "
+      "int ignore_index, float? softcap, int row_tile=0, int vocab_tile=0) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_logprob_bwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor lse, "
+      "Tensor? grad_lp, Tensor? grad_lse, Tensor? grad_sum, int ignore_index, float? softcap, "
+      "bool needs_hidden, bool needs_weight, bool needs_bias, int row_tile=0, int vocab_tile=0) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(rag_kernels, CPU, m) {
+  m.impl("linear_logprob_fwd", &linear_logprob_fwd);
+  m.impl("linear_logprob_bwd", &linear_logprob_bwd);
+}

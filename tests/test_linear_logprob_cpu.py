@@ -1,0 +1,247 @@
+"""Compiled C++ fused LM head (``rk.linear_logprob(impl="cpu")``) against the float64 reference.
+
+Small tile sizes are forced (``cpu.TILE_ROWS`` / ``cpu.TILE_VOCAB``) so that small shapes still
+span several row blocks and vocabulary tiles, including ragged last tiles.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rag_kernels as rk
+from rag_kernels.ops.linear_logprob import cpu as llp_cpu
+
+pytestmark = pytest.mark.skipif(not llp_cpu.available(), reason="C++ extension not built")
+
+IGNORE = -100
+
+
+@pytest.fixture(params=[llp_cpu.DEFAULT_TILES, (16, 64)], ids=["default-tiles", "tiles16x64"])
+def tiles(request, monkeypatch):
+    rows, vocab = request.param
+    monkeypatch.setattr(llp_cpu, "TILE_ROWS", rows)
+    monkeypatch.setattr(llp_cpu, "TILE_VOCAB", vocab)
+    return request.param
+
+
+def make_inputs(N, H, V, dtype=torch.float32, *, bias=False, n_ignored=0, poison=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=gen, dtype=torch.float64)
+    W = torch.randn(V, H, generator=gen, dtype=torch.float64) * (1.5 / H**0.5)
+    b = torch.randn(V, generator=gen, dtype=torch.float64) * 0.5 if bias else None
+    y = torch.randint(0, V, (N,), generator=gen)
+    if n_ignored:
+        rows = torch.randperm(N, generator=gen)[:n_ignored]
+        y[rows] = IGNORE
+        if poison:  # whatever ignored rows hold must not reach any output or gradient
+            h[rows] = float("nan")
+    cast = lambda t: None if t is None else t.to(dtype)
+    return cast(h), cast(W), y, cast(b)
+
+
+def upstream(N, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        torch.rand(N, generator=gen, dtype=torch.float64) + 0.1,
+        torch.randn(N, generator=gen, dtype=torch.float64),
+        torch.rand(N, generator=gen, dtype=torch.float64) * 1e-3,
+    )
+
+
+def run(impl, h, W, y, b, *, softcap=None, stats=True, grads=None, compute_dtype=None):
+    """Outputs and gradients of ``sum(g_lp lp + g_lse lse + g_S S)`` w.r.t. hidden, weight, bias."""
+    if compute_dtype is not None:
+        h, W = h.to(compute_dtype), W.to(compute_dtype)
+        b = None if b is None else b.to(compute_dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in (h, W) + ((b,) if b is not None else ())]
+    hb = leaves[2] if b is not None else None
+    out = rk.linear_logprob(
+        leaves[0], leaves[1], y, bias=hb, softcap=softcap, impl=impl, return_stats=True
+    )
+    g_lp, g_lse, g_s = grads if grads is not None else upstream(y.shape[0])
+    outs, gs = [out.logprob], [g_lp]
+    if stats:
+        outs += [out.lse, out.sum_logprob]
+        gs += [g_lse, g_s]
+    gs = [g.to(o.dtype) for g, o in zip(gs, outs, strict=True)]
+    got = torch.autograd.grad(outs, leaves, gs)
+    return [o.detach() for o in out], list(got)
+
+
+def assert_close_scaled(actual, expected, rtol, name):
+    """|a - e| <= rtol * (|e| + 0.1 max|e|): relative, with a floor for near-zero entries."""
+    assert not torch.isnan(actual).any(), f"{name}: NaN in output"
+    a, e = actual.double(), expected.double()
+    tol = rtol * (e.abs() + e.abs().max() * 0.1 + 1e-12)
+    err = (a - e).abs()
+    assert bool((err <= tol).all()), (
+        f"{name}: max err {err.max():.3e}, worst ratio {(err / tol).max():.2f}"
+    )
+
+
+SHAPES = [(37, 50, 1031), (70, 24, 333)]
+SHAPE_IDS = ["N37-H50-V1031", "N70-H24-V333"]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("softcap", [None, 4.5], ids=["nocap", "cap4.5"])
+@pytest.mark.parametrize("stats", [False, True], ids=["lp-only", "stats"])
+def test_fp32_matches_float64_reference(tiles, shape, bias, softcap, stats):
+    N, H, V = shape
+    h, W, y, b = make_inputs(N, H, V, bias=bias, n_ignored=5)
+    outs, grads = run("cpu", h, W, y, b, softcap=softcap, stats=stats)
+    ref_outs, ref_grads = run(
+        "reference", h, W, y, b, softcap=softcap, stats=stats, compute_dtype=torch.float64
+    )
+    for name, a, e in zip(["lp", "lse", "sum_logprob"], outs, ref_outs, strict=False):
+        assert a.dtype == torch.float32
+        assert_close_scaled(a, e, 1e-5, name)
+    for name, a, e in zip(
+        ["grad_hidden", "grad_weight", "grad_bias"], grads, ref_grads, strict=False
+    ):
+        assert a.dtype == torch.float32
+        assert_close_scaled(a, e, 1e-5, name)
+    ignored = y == IGNORE
+    assert (outs[0][ignored] == 0).all() and (grads[0][ignored] == 0).all()
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "cap3"])
+def test_fp64_matches_reference_tightly(tiles, bias, softcap):
+    h, W, y, b = make_inputs(41, 19, 517, torch.float64, bias=bias, n_ignored=4)
+    outs, grads = run("cpu", h, W, y, b, softcap=softcap)
+    ref_outs, ref_grads = run("reference", h, W, y, b, softcap=softcap)
+    for a, e in zip(outs + grads, ref_outs + ref_grads, strict=True):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * float(e.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("softcap", [None, 6.0], ids=["nocap", "cap6"])
+def test_low_precision_error_within_2x_of_pytorch(tiles, dtype, bias, softcap):
+    h, W, y, b = make_inputs(45, 64, 700, dtype, bias=bias, n_ignored=3)
+    outs, grads = run("cpu", h, W, y, b, softcap=softcap)
+    base_outs, base_grads = run("reference", h, W, y, b, softcap=softcap)
+    true_outs, true_grads = run(
+        "reference", h, W, y, b, softcap=softcap, compute_dtype=torch.float64
+    )
+    assert all(o.dtype == torch.float32 for o in outs)
+    assert [g.dtype for g in grads] == [dtype] * len(grads)
+    names = ["lp", "lse", "sum_logprob", "grad_hidden", "grad_weight", "grad_bias"]
+    for name, a, base, truth in zip(
+        names, outs + grads, base_outs + base_grads, true_outs + true_grads, strict=False
+    ):
+        assert not torch.isnan(a).any(), name
+        err = (a.double() - truth).abs().max().item()
+        base_err = (base.double() - truth).abs().max().item()
+        atol = 1e-3 * truth.abs().max().item() + 1e-6
+        assert err <= 2 * base_err + atol, f"{name}: err {err:.3e} vs PyTorch {base_err:.3e}"
+
+
+def test_zero_upstream_rows_contribute_exactly_nothing(tiles):
+    N, H, V = 53, 33, 401
+    h, W, y, b = make_inputs(N, H, V, bias=True, n_ignored=4)
+    g_lp, g_lse, g_s = upstream(N)
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[[0, 7, 8, 30, 52]] = True
+    dead &= y != IGNORE
+    for g in (g_lp, g_lse, g_s):
+        g[dead] = 0
+    h = h.clone()
+    h[dead] = 1e4  # finite but extreme: any leak into dW / db would be obvious
+    _, grads = run("cpu", h, W, y, b, grads=(g_lp, g_lse, g_s))
+    assert (grads[0][dead] == 0).all()
+    live = ~dead
+    _, grads_live = run("cpu", h[live], W, y[live], b, grads=(g_lp[live], g_lse[live], g_s[live]))
+    # The dead rows are compacted away before any FLOP: the live-only run is bitwise equal.
+    assert torch.equal(grads[1], grads_live[1])
+    assert torch.equal(grads[2], grads_live[2])
+    assert torch.equal(grads[0][live], grads_live[0])
+
+
+def test_only_lse_or_sum_upstream(tiles):
+    """Upstream on lse / sum_logprob alone (lp unused) goes through the same kernel."""
+    N, H, V = 29, 20, 300
+    h, W, y, b = make_inputs(N, H, V, torch.float64, bias=True, n_ignored=2)
+    for which in (1, 2):
+        per = []
+        for impl in ("cpu", "reference"):
+            leaves = [t.clone().requires_grad_() for t in (h, W, b)]
+            out = rk.linear_logprob(*leaves[:2], y, bias=leaves[2], impl=impl, return_stats=True)
+            g = torch.linspace(-1, 2, N, dtype=torch.float64)
+            per.append(torch.autograd.grad(out[which], leaves, g))
+        for a, e in zip(*per, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-9)
+
+
+def test_int32_targets_match_int64(tiles):
+    h, W, y, b = make_inputs(37, 50, 1031, bias=True, n_ignored=3)
+    outs64, grads64 = run("cpu", h, W, y, b)
+    outs32, grads32 = run("cpu", h, W, y.to(torch.int32), b)
+    for a, e in zip(outs32 + grads32, outs64 + grads64, strict=True):
+        assert torch.equal(a, e)
+
+
+def test_all_rows_ignored_gives_zeros():
+    h, W, y, b = make_inputs(6, 8, 50, bias=True)
+    y[:] = IGNORE
+    outs, grads = run("cpu", h, W, y, b)
+    for t in outs + grads:
+        assert not torch.isnan(t).any() and (t == 0).all()
+
+
+def test_leading_dims_and_noncontiguous_inputs():
+    h, W, y, b = make_inputs(24, 30, 211, bias=True, n_ignored=2, poison=False)
+    h3 = h.view(4, 6, 30).transpose(0, 1)  # non-contiguous [6, 4, 30]
+    y3 = y.view(4, 6).t()
+    Wt = W.t().contiguous().t()  # same values, column-major
+    got = rk.linear_logprob(h3, Wt, y3, bias=b, impl="cpu")
+    ref = rk.linear_logprob(h3.double(), Wt.double(), y3, bias=b.double(), impl="reference")
+    assert got.shape == (6, 4)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["nocap", "cap2"])
+def test_gradcheck_float64(monkeypatch, bias, softcap):
+    monkeypatch.setattr(llp_cpu, "TILE_ROWS", 2)
+    monkeypatch.setattr(llp_cpu, "TILE_VOCAB", 3)
+    h, W, y, b = make_inputs(5, 4, 7, torch.float64, bias=bias)
+    y[1] = IGNORE
+    leaves = [h.requires_grad_(), W.requires_grad_()] + ([b.requires_grad_()] if bias else [])
+
+    def f(*args):
+        out = rk.linear_logprob(
+            args[0],
+            args[1],
+            y,
+            bias=args[2] if bias else None,
+            softcap=softcap,
+            impl="cpu",
+            return_stats=True,
+        )
+        return tuple(out)
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)
+
+
+def test_torch_compile_matches_eager():
+    torch._dynamo.reset()
+    h, W, y, b = make_inputs(33, 40, 257, bias=True, n_ignored=3)
+    g = upstream(33)[0].float()
+
+    def f(hh, ww, bb):
+        return (rk.linear_logprob(hh, ww, y, bias=bb, softcap=8.0, impl="cpu") * g).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (f, compiled):
+        leaves = [t.clone().requires_grad_() for t in (h, W, b)]
+        loss = fn(*leaves)
+        results.append([loss.detach()] + list(torch.autograd.grad(loss, leaves)))
+    for a, e in zip(*results, strict=True):
+        assert not torch.isnan(a).any()
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
