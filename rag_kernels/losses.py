@@ -34,7 +34,7 @@ from .ops.marginalize import (
     rag_token_loss,
     reduce_loss,
 )
-from .ops.token_smoothing import token_smoothing
+from .ops.token_smoothing import token_smoothing_with_logprob
 
 MODES = ("sequence", "token")
 
@@ -151,6 +151,18 @@ def rag_loss(
         raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
 
     token_mask = target != ignore_index
+    kw = dict(token_mask=token_mask, doc_mask=doc_mask, reduction="none", impl=_sub_impl(impl))
+    if mode == "token" and label_smoothing > 0:
+        # One vocabulary pass gives both the smoothing statistic and the target log-probs.
+        eps, vocab = float(label_smoothing), weight.shape[0]
+        per_token, lp = token_smoothing_with_logprob(
+            hidden, weight, doc_scores, target, bias=bias, softcap=softcap, doc_mask=doc_mask,
+            ignore_index=ignore_index, impl=impl,
+        )
+        lp = _skip_small_posterior(lp, doc_scores, token_mask, doc_mask, mode, grad_skip_eps)
+        smooth = -torch.where(token_mask, per_token, torch.zeros_like(per_token)).sum(dim=-1)
+        loss = (1.0 - eps) * rag_token_loss(lp, doc_scores, **kw) + (eps / vocab) * smooth
+        return reduce_loss(loss, reduction)
     stats = linear_logprob(
         hidden,
         weight,
@@ -159,25 +171,23 @@ def rag_loss(
         ignore_index=ignore_index,
         softcap=softcap,
         impl=impl,
-        return_stats=label_smoothing > 0 and mode == "sequence",
+        return_stats=label_smoothing > 0,
     )
-    lp = stats.logprob if label_smoothing > 0 and mode == "sequence" else stats
-    if grad_skip_eps > 0:
-        post = document_posterior(lp.detach(), doc_scores.detach(), token_mask=token_mask,
-                                  doc_mask=doc_mask, mode=mode)
-        keep_rows = post >= grad_skip_eps
-        lp = _GradRowMask.apply(lp, keep_rows[..., None] if mode == "sequence" else keep_rows)
-    kw = dict(token_mask=token_mask, doc_mask=doc_mask, reduction="none", impl=_sub_impl(impl))
+    lp = stats.logprob if label_smoothing > 0 else stats
+    lp = _skip_small_posterior(lp, doc_scores, token_mask, doc_mask, mode, grad_skip_eps)
     marginal = rag_sequence_loss if mode == "sequence" else rag_token_loss
     loss = marginal(lp, doc_scores, **kw)
-    if label_smoothing > 0:
+    if label_smoothing > 0:  # sequence mode: the per-row sum of log-probs suffices
         eps, vocab = float(label_smoothing), weight.shape[0]
-        if mode == "sequence":
-            smooth = rag_sequence_loss(stats.sum_logprob, doc_scores, **kw)
-        else:
-            per_token = token_smoothing(
-                hidden, weight, doc_scores, bias=bias, softcap=softcap, doc_mask=doc_mask, impl=_sub_impl(impl)
-            )
-            smooth = -torch.where(token_mask, per_token, torch.zeros_like(per_token)).sum(dim=-1)
+        smooth = rag_sequence_loss(stats.sum_logprob, doc_scores, **kw)
         loss = (1.0 - eps) * loss + (eps / vocab) * smooth
     return reduce_loss(loss, reduction)
+
+
+def _skip_small_posterior(lp, doc_scores, token_mask, doc_mask, mode, grad_skip_eps):
+    if grad_skip_eps <= 0:
+        return lp
+    post = document_posterior(lp.detach(), doc_scores.detach(), token_mask=token_mask,
+                              doc_mask=doc_mask, mode=mode)
+    keep_rows = post >= grad_skip_eps
+    return _GradRowMask.apply(lp, keep_rows[..., None] if mode == "sequence" else keep_rows)

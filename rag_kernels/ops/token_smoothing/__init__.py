@@ -127,4 +127,45 @@ def token_smoothing(
     return _IMPLS[impl](hidden, weight, doc_scores, bias, doc_mask, opts)
 
 
-__all__ = ["token_smoothing", "TokenSmoothingOptions"]
+# impl name -> fn(hidden, weight, doc_scores, target[B,T] (negative = none), bias, doc_mask, opts)
+#   -> (out[B,T], lp[B,K,T]): the statistic and the target log-probs from one vocabulary pass
+_LP_IMPLS = {}
+for _name, _mod in (("cpu", "_cpu_kernels"), ("triton", "_triton_kernels")):
+    if _name in _IMPLS:
+        _LP_IMPLS[_name] = getattr(globals()[_mod], f"token_smoothing_with_logprob_{_name}")
+
+
+def token_smoothing_with_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    doc_scores: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    doc_mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token_smoothing(...) [B,T], lp [B,K,T])`` where ``lp`` is each document's target
+    log-prob (0 at ``ignore_index``): all the LM-head work of a label-smoothed RAG-Token loss
+    in one pass over the vocabulary (fused impls); the reference computes the two separately."""
+    validate_token_smoothing_inputs(hidden, weight, doc_scores, bias, softcap, doc_mask)
+    B, K, T, _ = hidden.shape
+    V.check_index_tensor("target", target, ndim=2)
+    V.check_shape("target", target, (B, T))
+    V.check_targets("target", target, weight.shape[0], ignore_index)
+    impl = resolve_impl(impl, hidden, has_triton="triton" in _LP_IMPLS, has_cpu="cpu" in _LP_IMPLS)
+    opts = TokenSmoothingOptions(softcap=None if softcap is None else float(softcap))
+    if impl == "reference":
+        from ..linear_logprob import linear_logprob
+
+        out = _IMPLS["reference"](hidden, weight, doc_scores, bias, doc_mask, opts)
+        lp = linear_logprob(hidden, weight, target[:, None, :].expand(B, K, T), bias=bias,
+                            ignore_index=ignore_index, softcap=softcap, impl="reference")
+        return out, lp
+    tgt = torch.where(target == ignore_index, torch.full_like(target, -1), target)
+    return _LP_IMPLS[impl](hidden, weight, doc_scores, tgt, bias, doc_mask, opts)
+
+
+__all__ = ["token_smoothing", "token_smoothing_with_logprob", "TokenSmoothingOptions"]
