@@ -13,6 +13,7 @@
 #   5. benchmarks: `python -m benchmarks.linear_logprob --device cuda --inprocess` if that
 #      module exists, else (or if it fails) a minimal in-script timing of triton / naive /
 #      Cut Cross-Entropy (when importable) -> $OUT/linear_logprob*.csv
+#   5b. if time is left: benchmarks.rag_loss and benchmarks.contrastive on CUDA
 #   6. summary: TFLOP/s counting 8NHV for fwd+bwd (2NHV fwd) as % of the measured peak
 #   7. if time is left: build the C++ extension against this torch (compile check only)
 # Everything printed goes to $OUT/device_check.log as well. Exit status: 0 when the GPU tests
@@ -176,6 +177,12 @@ for N, H, V in shapes:
             torch.cuda.empty_cache()
 EOF
 fi
+
+# RAG loss (issue 4 shape) and contrastive (issue 5) on the GPU, when time is left.
+step bench_rag_loss 60 $PY -m benchmarks.rag_loss --device cuda --inprocess --csv "$OUT/rag_loss.csv" \
+    --repeats 3 --warmup 1
+step bench_contrastive 45 $PY -m benchmarks.contrastive --device cuda --inprocess --csv "$OUT/contrastive.csv" \
+    --repeats 3 --warmup 1
 
 step summary 20 $PY - "$OUT" <<'EOF'
 import csv, glob, os, sys

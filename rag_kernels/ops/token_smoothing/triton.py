@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..linear_logprob.triton import _dot
+from ..linear_logprob.triton import _logit_tile as _llp_logit_tile
 from .cpu import fused
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -55,20 +57,6 @@ def available() -> bool:
 
 
 # ----------------------------------------------------------------------------- device code
-
-
-@triton.jit
-def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-
-
-@triton.jit
-def _tanh(x):
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
 
 
 @triton.jit
@@ -106,25 +94,8 @@ def _logit_tile(
     BLOCK_H: tl.constexpr,
 ):
     """``[R, BLOCK_V]`` fp32 logits (bias, softcap applied); rows not ``ok`` read as 0."""
-    acc = tl.zeros((R, BLOCK_V), dtype=tl.float32)
-    offs_h = tl.arange(0, BLOCK_H)
-    hrow = flat * H
-    wrow = offs_v.to(tl.int64) * H
-    for h0 in range(0, H, BLOCK_H):
-        hh = h0 + offs_h
-        h_ok = hh < H
-        h = tl.load(
-            h_ptr + hrow[:, None] + hh[None, :], mask=ok[:, None] & h_ok[None, :], other=0.0
-        )
-        wt = tl.load(
-            w_ptr + wrow[None, :] + hh[:, None], mask=v_ok[None, :] & h_ok[:, None], other=0.0
-        )
-        acc = _dot(h, wt, acc, INPUT_PRECISION, UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_v, mask=v_ok, other=0.0).to(tl.float32)[None, :]
-    if SOFTCAP:
-        acc = softcap * _tanh(acc / softcap)
-    return acc
+    return _llp_logit_tile(h_ptr, w_ptr, b_ptr, flat * H, ok, offs_v, v_ok, H, softcap, HAS_BIAS,
+                           SOFTCAP, INPUT_PRECISION, UPCAST, R, BLOCK_V, BLOCK_H)
 
 
 @triton.jit
