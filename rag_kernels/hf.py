@@ -10,9 +10,9 @@ tile by tile inside the fused log-prob kernel:
 * :func:`rag_sequence_get_nll` replaces ``RagSequenceForGeneration.get_nll(seq_logits,
   doc_scores, target, reduce_loss, epsilon, exclude_bos_score, n_docs)``;
 * :func:`rag_token_get_nll` replaces ``RagTokenForGeneration.get_nll(seq_logits, doc_scores,
-  target, reduce_loss, epsilon, n_docs)``. With ``epsilon != 0`` its smoothing term still
-  goes through :func:`rag_kernels.ops.token_smoothing.token_smoothing`, which materialises
-  the logits until its fused kernel lands.
+  target, reduce_loss, epsilon, n_docs)``. With ``epsilon != 0`` its smoothing term and the
+  target log-probs come from one fused pass over the vocabulary
+  (:func:`rag_kernels.ops.token_smoothing.token_smoothing_with_logprob`).
 
 Every quirk of the originals is kept (DESIGN.md §2, "HF compatibility"): ``target`` is shifted
 left by one and ``pad_token_id`` appended; positions whose shifted target equals
@@ -59,7 +59,7 @@ from . import _validation as V
 from .ops.linear_logprob import linear_logprob
 from .ops.marginalize import rag_token_loss
 from .ops.token_smoothing import _IMPLS as _SMOOTHING_IMPLS
-from .ops.token_smoothing import token_smoothing
+from .ops.token_smoothing import token_smoothing_with_logprob
 
 _MARGINALIZE_IMPLS = ("reference", "cpu")
 
@@ -240,7 +240,7 @@ def rag_token_get_nll(
     - eps/V sum_t m_bt sum_v log sum_k exp(pi_bk + log p_bkt(v))``, with ``m`` the non-pad
     mask of the left-shifted target. Arguments and shapes as :func:`rag_sequence_get_nll`
     (there is no BOS handling in the token model). The ``epsilon`` term is computed only when
-    ``epsilon != 0``; it currently materialises the ``[B, K, T, V]`` log-probs.
+    ``epsilon != 0``, fused with the target log-probs in one pass over the vocabulary.
 
     Returns: ``[B]`` (or a scalar with ``reduce_loss``), fp32 (fp64 for fp64 inputs).
     """
@@ -248,23 +248,23 @@ def rag_token_get_nll(
     _check_bool("reduce_loss", reduce_loss)
     tgt = _shift_left(target, pad_token_id)
     keep = tgt != pad_token_id  # [B, T]
-    lp, _ = _token_logprobs(hidden, weight, tgt, bias, pad_token_id, softcap, impl, False, B, K, T)
+    marg = None
+    if epsilon != 0:
+        # One pass over the vocabulary gives the smoothing statistic and the target log-probs.
+        # Padded rows are zeroed first so whatever they hold (NaN included) stays out of dW.
+        h = hidden.reshape(B, K, T, -1)
+        h = torch.where(keep[:, None, :, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+        marg, lp = token_smoothing_with_logprob(
+            h, weight, doc_scores, tgt, bias=bias, softcap=softcap, ignore_index=pad_token_id,
+            impl=_sub_impl(impl, _SMOOTHING_IMPLS),
+        )
+    else:
+        lp, _ = _token_logprobs(hidden, weight, tgt, bias, pad_token_id, softcap, impl, False, B, K, T)
     loss = rag_token_loss(
         lp, doc_scores, token_mask=keep, reduction="none", impl=_sub_impl(impl, _MARGINALIZE_IMPLS)
     )
-    if epsilon != 0:
+    if marg is not None:
         vocab = weight.shape[0]
-        # Zero padded rows first so whatever they hold (NaN included) stays out of dW.
-        h = hidden.reshape(B, K, T, -1)
-        h = torch.where(keep[:, None, :, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
-        marg = token_smoothing(
-            h,
-            weight,
-            doc_scores,
-            bias=bias,
-            softcap=softcap,
-            impl=_sub_impl(impl, _SMOOTHING_IMPLS),
-        )
         smooth = -torch.where(
             keep, marg, torch.zeros((), dtype=marg.dtype, device=marg.device)
         ).sum(dim=-1)
