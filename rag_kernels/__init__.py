@@ -15,10 +15,10 @@ Public API (DESIGN.md §3)::
 from . import hf, retriever
 from ._backend import cpu_available
 from ._validation import set_value_checks
-from .ops.contrastive import contrastive_loss
-from .ops.linear_logprob import LinearLogprobOptions, LogprobStats, linear_logprob
 from .cotraining import CoTrainingLoss, CoTrainingOutput
 from .losses import GeneratorFeedback, generator_feedback, rag_loss
+from .ops.contrastive import contrastive_loss
+from .ops.linear_logprob import LinearLogprobOptions, LogprobStats, linear_logprob
 from .ops.marginalize import document_posterior, rag_sequence_loss, rag_token_loss
 
 __version__ = "0.1.0"

@@ -12,7 +12,6 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 import rag_kernels as rk
 from rag_kernels import retriever as R

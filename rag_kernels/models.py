@@ -120,7 +120,7 @@ def build_generator_batch(
     if any(len(d) != K for d in documents):
         raise ValueError("documents must hold the same number K of documents for every question")
     rows, answer_ids = [], []
-    for q, docs, a in zip(questions, documents, answers):
+    for q, docs, a in zip(questions, documents, answers, strict=False):
         a_ids = tokenizer(a, add_special_tokens=False)["input_ids"]
         eos = tokenizer.eos_token_id
         a_ids = a_ids + ([eos] if eos is not None else [])

@@ -35,7 +35,7 @@ def naive_loss(lp, s, tm, dm, mode):
     for b in range(lp.shape[0]):
         ks = [k for k in range(lp.shape[1]) if dm[b, k]]
         zs = [math.exp(s[b, k].item()) for k in ks]
-        prior = {k: z / sum(zs) for k, z in zip(ks, zs)}
+        prior = {k: z / sum(zs) for k, z in zip(ks, zs, strict=False)}
         ts = [t for t in range(lp.shape[2]) if tm[b, t]]
         if mode == "sequence":
             tot = sum(prior[k] * math.exp(sum(lp[b, k, t].item() for t in ts)) for k in ks)
@@ -72,7 +72,7 @@ def test_fast_impls_match_reference_with_weighted_backward(impl, mode, masks, dt
         assert a.grad.dtype == dtype and b.grad.dtype == dtype
         res[name] = (loss, a.grad, b.grad)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
-    for x, y in zip(res[impl], res["reference"]):
+    for x, y in zip(res[impl], res["reference"], strict=False):
         torch.testing.assert_close(x, y, rtol=tol, atol=tol)
 
 
@@ -124,7 +124,7 @@ def test_masked_entries_cannot_leak(mode, impl):
         loss = MODES[mode](a, b, token_mask=tm, doc_mask=dm, reduction="none", impl=impl)
         loss.backward(torch.linspace(0.5, 2.0, 3, dtype=torch.float64))
         outs.append((loss, a.grad, b.grad))
-    for x, y in zip(*outs):
+    for x, y in zip(*outs, strict=False):
         assert torch.isfinite(y).all()
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 

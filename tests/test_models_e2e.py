@@ -48,7 +48,7 @@ def compare(model, batch, scores, mode, impl, rtol, atol, params=None):
         loss = fn(s)
         grads = torch.autograd.grad(loss, [s, *params])
         res.append((loss.detach(), *grads))
-    for a, b in zip(*res):
+    for a, b in zip(*res, strict=False):
         torch.testing.assert_close(b, a, rtol=rtol, atol=atol)
     assert res[1][1].abs().sum() > 0  # the retriever gets a signal
 

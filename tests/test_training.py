@@ -18,9 +18,9 @@ def tiny_dataset() -> Dataset:
     names = ["Varn", "Hesk", "Dorrow", "Quellen", "Sotha", "Ilva", "Brell", "Maribet"]
     makers = ["Oskar", "Teodor", "Lina", "Mirza", "Pell", "Ruun", "Aska", "Bo"]
     corpus = [Passage(f"p{i}", n, f"The tower of {n} was built by {m} in spring.")
-              for i, (n, m) in enumerate(zip(names, makers))]
+              for i, (n, m) in enumerate(zip(names, makers, strict=False))]
     qa = [QAExample(f"q{i}", f"Who built the tower of {n}?", [m], [f"p{i}"])
-          for i, (n, m) in enumerate(zip(names, makers))]
+          for i, (n, m) in enumerate(zip(names, makers, strict=False))]
     return Dataset(corpus=corpus, train=qa[:6], dev=[], test=qa[4:])
 
 
@@ -85,8 +85,8 @@ def test_each_retriever_objective_trains_the_query_encoder(tmp_path, objective):
     frozen_doc = [p.detach().clone() for p in tr.retriever.doc_model.parameters()]
     logs = tr.train_step()
     assert torch.isfinite(torch.tensor(logs["loss"]))
-    assert any(not torch.equal(a, b) for a, b in zip(before, tr.ret_params))
-    assert all(torch.equal(a, b) for a, b in zip(frozen_doc, tr.retriever.doc_model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.ret_params, strict=False))
+    assert all(torch.equal(a, b) for a, b in zip(frozen_doc, tr.retriever.doc_model.parameters(), strict=False))
 
 
 def test_freeze_retriever_is_the_generator_only_baseline(tmp_path):
@@ -96,8 +96,8 @@ def test_freeze_retriever_is_the_generator_only_baseline(tmp_path):
     before = [p.detach().clone() for p in tr.retriever.query_model.parameters()]
     gen_before = [p.detach().clone() for p in tr.gen_params]
     tr.train_step()
-    assert all(torch.equal(a, b) for a, b in zip(before, tr.retriever.query_model.parameters()))
-    assert any(not torch.equal(a, b) for a, b in zip(gen_before, tr.gen_params))
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.retriever.query_model.parameters(), strict=False))
+    assert any(not torch.equal(a, b) for a, b in zip(gen_before, tr.gen_params, strict=False))
 
 
 def test_resume_gives_the_same_next_step_loss(tmp_path):
@@ -110,7 +110,7 @@ def test_resume_gives_the_same_next_step_loss(tmp_path):
     CoTrainer(resumed, dataset=tiny_dataset()).fit()
     got = read_log(resumed)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
-    for a, b in zip(want, got):
+    for a, b in zip(want, got, strict=False):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
 
 
@@ -168,7 +168,7 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
     tr.train_step()
     want = [p.detach() for p in tr.gen_params + tr.ret_params]
     assert len(got) == len(want)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-5)  # fp32 reduction order differs
 
 

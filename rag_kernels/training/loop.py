@@ -214,8 +214,8 @@ class CoTrainer:
         gold = [set(self.pid_to_row.get(p, -1) for p in ex.positive_ids) for ex in examples]
         if any(gold):  # on this batch: gold passage ranked first / anywhere in the top K
             r = rows.tolist()
-            logs["retrieval_top1"] = float(np.mean([x[0] in g for g, x in zip(gold, r)]))
-            logs["retrieval_hit"] = float(np.mean([bool(g & set(x)) for g, x in zip(gold, r)]))
+            logs["retrieval_top1"] = float(np.mean([x[0] in g for g, x in zip(gold, r, strict=False)]))
+            logs["retrieval_hit"] = float(np.mean([bool(g & set(x)) for g, x in zip(gold, r, strict=False)]))
         return logs
 
     def _retriever_objective(self, hidden, weight, target, scores, q, examples):
@@ -312,7 +312,7 @@ class CoTrainer:
 
     def generate(self, questions: list[str], documents: list[str]) -> list[str]:
         tok = self.tokenizer
-        prompts = [prompt_ids(tok, q, d, max_doc_tokens=self.cfg.max_doc_tokens) for q, d in zip(questions, documents)]
+        prompts = [prompt_ids(tok, q, d, max_doc_tokens=self.cfg.max_doc_tokens) for q, d in zip(questions, documents, strict=False)]
         L = max(len(p) for p in prompts)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         ids = torch.full((len(prompts), L), pad, dtype=torch.long)
