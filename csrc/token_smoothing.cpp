@@ -35,53 +35,15 @@
 #include <vector>
 
 #include "check.h"
+#include "vec_math.h"
 
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-// The build targets the baseline ISA; the epilogue loops are the only hand-written hot code,
-// so they get AVX-512 / AVX2 clones chosen at load time.
-#define TS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define TS_INLINE __attribute__((always_inline)) inline
-#else
-#define TS_CLONES
-#define TS_INLINE inline
-#endif
-
-// exp(x) for float, branch-free so the loops vectorise: x = n ln2 + r with |r| <= ln2 / 2
-// (ln2 split in a short high part and a correction), exp(r) by its Taylor series to r^7
-// (truncation < 6e-9 relative), 2^n through the exponent bits. The clamp to [-87, 88] keeps
-// 2^n normal; below -87 the result is 1.6e-38 instead of a smaller number, harmless where it
-// is used (probabilities added to or compared with O(1) quantities). NaN stays NaN.
-TS_INLINE float ts_exp(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float round = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const float t = x * 1.44269504088896341f + round;
-  const float n = t - round;
-  float r = x - n * 0.693145751953125f;
-  r = r - n * 1.42860682030941723e-6f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &t, sizeof(bits));
-  const int32_t e = (bits - 0x4B400000 + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return p * scale;
-}
-TS_INLINE double ts_exp(double x) { return std::exp(x); }
 
 // log(x) for a positive normal float (here x = sum_k exp(a_k - max) in [1, K]): x = 2^e m with
 // m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(u), u = (m - 1) / (m + 1), |u| < 0.172, by its
 // series to u^11 (truncation < 1e-10).
-TS_INLINE float ts_log(float x) {
+RK_INLINE float ts_log(float x) {
   int32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
   // Subtracting the bits of sqrt(1/2) puts the mantissa in [sqrt(1/2), sqrt(2)).
@@ -100,40 +62,25 @@ TS_INLINE float ts_log(float x) {
   q = q * u2 + 1.0f;
   return static_cast<float>(e) * 0.693147180559945309f + 2.0f * u * q;
 }
-TS_INLINE double ts_log(double x) { return std::log(x); }
+RK_INLINE double ts_log(double x) { return std::log(x); }
 
-TS_INLINE float ts_tanh(float x) {
-  const float a = x < 0.0f ? -x : x;
-  // tanh a = (1 - e^{-2a}) / (1 + e^{-2a}); for small a the odd series avoids cancellation.
-  const float e = ts_exp(-2.0f * a);
-  const float big = (1.0f - e) / (1.0f + e);
-  const float a2 = a * a;
-  float q = 62.0f / 2835.0f;
-  q = q * a2 - 17.0f / 315.0f;
-  q = q * a2 + 2.0f / 15.0f;
-  q = q * a2 - 1.0f / 3.0f;
-  const float small = a + a * a2 * q;  // error < a^11 * 0.009 < 2e-8 a for a < 0.25
-  const float r = a < 0.25f ? small : big;
-  return x < 0.0f ? -r : r;
-}
-TS_INLINE double ts_tanh(double x) { return std::tanh(x); }
 
 // z <- softcap(z + b) in place over one row of a tile.
 template <typename T, bool kBias, bool kCap>
-TS_INLINE void prep_row(T* z, const T* b, int64_t n, T cap) {
+RK_INLINE void prep_row(T* z, const T* b, int64_t n, T cap) {
   if (!kBias && !kCap) return;
   const T inv_cap = kCap ? T(1) / cap : T(0);
 #pragma omp simd
   for (int64_t v = 0; v < n; ++v) {
     T x = z[v];
     if (kBias) x += b[v];
-    if (kCap) x = cap * ts_tanh(x * inv_cap);
+    if (kCap) x = cap * rk_tanh(x * inv_cap);
     z[v] = x;
   }
 }
 
 template <typename T>
-TS_INLINE T row_max(const T* z, int64_t n) {
+RK_INLINE T row_max(const T* z, int64_t n) {
   T mx = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : mx)
   for (int64_t v = 0; v < n; ++v) mx = z[v] > mx ? z[v] : mx;
@@ -141,16 +88,16 @@ TS_INLINE T row_max(const T* z, int64_t n) {
 }
 
 template <typename T>
-TS_INLINE T row_sum_exp(const T* z, int64_t n, T m) {
+RK_INLINE T row_sum_exp(const T* z, int64_t n, T m) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t v = 0; v < n; ++v) s += ts_exp(z[v] - m);
+  for (int64_t v = 0; v < n; ++v) s += rk_exp(z[v] - m);
   return s;
 }
 
 // m(v) = max_k (c_k + z_k(v)) over the ka rows z, z + n, ...
 template <typename T>
-TS_INLINE void max_over_docs(const T* z, int64_t ka, int64_t n, const T* c, T* mx) {
+RK_INLINE void max_over_docs(const T* z, int64_t ka, int64_t n, const T* c, T* mx) {
   const T c0 = c[0];
 #pragma omp simd
   for (int64_t v = 0; v < n; ++v) mx[v] = z[v] + c0;
@@ -167,7 +114,7 @@ TS_INLINE void max_over_docs(const T* z, int64_t ka, int64_t n, const T* c, T* m
 
 // Pass 1, one row: prep, then (max, sum_v exp(z - max)).
 template <typename T, bool kBias, bool kCap>
-TS_INLINE void lse_row(T* z, const T* b, int64_t n, T cap, T* mx, T* se) {
+RK_INLINE void lse_row(T* z, const T* b, int64_t n, T cap, T* mx, T* se) {
   prep_row<T, kBias, kCap>(z, b, n, cap);
   *mx = row_max(z, n);
   *se = row_sum_exp(z, n, *mx);
@@ -179,7 +126,7 @@ TS_INLINE void lse_row(T* z, const T* b, int64_t n, T cap, T* mx, T* se) {
 // When 0 <= y < n, zy[k] = z_k(y) (the target logit). Overwrites z with exp(a - m).
 // Scratch: mx, s (n each), c (ka).
 template <typename T, bool kBias, bool kCap>
-TS_INLINE double fwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const double* pi,
+RK_INLINE double fwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const double* pi,
                            const double* lse_in, double* lse_out, double* wsum, int64_t y,
                            double* zy, T* mx, T* s, T* c) {
   for (int64_t k = 0; k < ka; ++k) prep_row<T, kBias, kCap>(z + k * n, b, n, cap);
@@ -204,7 +151,7 @@ TS_INLINE double fwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const
     const T ck = c[k];
 #pragma omp simd
     for (int64_t v = 0; v < n; ++v) {
-      const T e = ts_exp(zk[v] + ck - mx[v]);
+      const T e = rk_exp(zk[v] + ck - mx[v]);
       zk[v] = e;
       s[v] += e;
     }
@@ -229,7 +176,7 @@ TS_INLINE double fwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const
 // logits. gw[k] = g * wsum_k + glp_k, lse[k] per row, c_k = pi_k - lse_k; when 0 <= y < n the
 // target column gets + glp_k (the log-prob term g_lp (1[v=y] - p)).
 template <typename T, bool kBias, bool kCap>
-TS_INLINE void bwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const T* c,
+RK_INLINE void bwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const T* c,
                          const T* lse, const T* gw, T g, const T* glp, int64_t y, T* mx, T* s) {
   for (int64_t k = 0; k < ka; ++k) prep_row<T, kBias, kCap>(z + k * n, b, n, cap);
   max_over_docs(z, ka, n, c, mx);
@@ -239,7 +186,7 @@ TS_INLINE void bwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const T
     const T* zk = z + k * n;
     const T ck = c[k];
 #pragma omp simd
-    for (int64_t v = 0; v < n; ++v) s[v] += ts_exp(zk[v] + ck - mx[v]);
+    for (int64_t v = 0; v < n; ++v) s[v] += rk_exp(zk[v] + ck - mx[v]);
   }
 #pragma omp simd
   for (int64_t v = 0; v < n; ++v) s[v] = g / s[v];
@@ -256,7 +203,7 @@ TS_INLINE void bwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const T
 #pragma omp simd
     for (int64_t v = 0; v < n; ++v) {
       const T x = zk[v];
-      T d = ts_exp(x + ck - mx[v]) * s[v] - gwk * ts_exp(x - lk);
+      T d = rk_exp(x + ck - mx[v]) * s[v] - gwk * rk_exp(x - lk);
       if (kCap) {
         const T t = x * inv_cap;
         d *= T(1) - t * t;
@@ -277,19 +224,19 @@ TS_INLINE void bwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const T
   }
 
 #define TS_ENTRY_POINTS(TYPE)                                                                  \
-  TS_CLONES void lse_row_v(int variant, TYPE* z, const TYPE* b, int64_t n, TYPE cap, TYPE* mx, \
+  RK_CLONES void lse_row_v(int variant, TYPE* z, const TYPE* b, int64_t n, TYPE cap, TYPE* mx, \
                            TYPE* se) {                                                          \
     using T = TYPE;                                                                            \
     TS_DISPATCH(lse_row, z, b, n, cap, mx, se)                                                 \
   }                                                                                            \
-  TS_CLONES double fwd_token_v(int variant, TYPE* z, int64_t ka, int64_t n, const TYPE* b,     \
+  RK_CLONES double fwd_token_v(int variant, TYPE* z, int64_t ka, int64_t n, const TYPE* b,     \
                                TYPE cap, const double* pi, const double* lse_in,               \
                                double* lse_out, double* wsum, int64_t y, double* zy, TYPE* mx, \
                                TYPE* s, TYPE* c) {                                             \
     using T = TYPE;                                                                            \
     TS_DISPATCH(fwd_token, z, ka, n, b, cap, pi, lse_in, lse_out, wsum, y, zy, mx, s, c)       \
   }                                                                                            \
-  TS_CLONES void bwd_token_v(int variant, TYPE* z, int64_t ka, int64_t n, const TYPE* b,       \
+  RK_CLONES void bwd_token_v(int variant, TYPE* z, int64_t ka, int64_t n, const TYPE* b,       \
                              TYPE cap, const TYPE* c, const TYPE* lse, const TYPE* gw, TYPE g,  \
                              const TYPE* glp, int64_t y, TYPE* mx, TYPE* s) {                   \
     using T = TYPE;                                                                            \

@@ -120,18 +120,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rag_loss mode={mode:8s} eps={eps:.1f}: {fast.item():9.4f}  (float64 reference "
                   f"{ref.item():9.4f}, |diff| {abs(fast.item() - ref.item()):.1e})")
 
-    with torch.no_grad():
-        g = rk.linear_logprob(hidden, W, target[:, None].expand(B, K, T), impl=impl)  # [B,K,T]
-    m = target != -100
-    gbar = R.mean_token_logprob(g, m)
+    fb = rk.generator_feedback(hidden, W, target, impl=impl)  # no grad, no logits
+    g, m, gbar = fb.token_logprobs, target != -100, fb.mean_logprob
     print("\n-- retriever objectives (generator feedback is detached) --")
     objectives = {
         "emdr2 (token)": R.emdr2_loss(scores, g, token_mask=m, level="token"),
         "emdr2 (answer)": R.emdr2_loss(scores, g, token_mask=m, level="answer"),
         "pdist": R.pdist_loss(scores, gbar, retriever_temperature=1.0, generator_temperature=1.0),
         "loop": R.loop_loss(scores, -gbar, retriever_temperature=1.0, generator_temperature=1.0),
-        "lsr (retriever||lm)": R.lsr_loss(scores, (g * m[:, None]).sum(-1), direction="retriever||lm"),
-        "lsr (lm||retriever)": R.lsr_loss(scores, (g * m[:, None]).sum(-1), direction="lm||retriever"),
+        "lsr (retriever||lm)": R.lsr_loss(scores, fb.sum_logprob, direction="retriever||lm"),
+        "lsr (lm||retriever)": R.lsr_loss(scores, fb.sum_logprob, direction="lm||retriever"),
         "contrastive (cos, x20)": rk.contrastive_loss(q, d, gold, scale=20.0, similarity="cos"),
     }
     for name, value in objectives.items():
@@ -146,10 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(args.steps):
         hidden, target, scores, top, *_ = batch(generator, retriever, args.docs)
         gen = rk.rag_loss(hidden, W, target, scores, mode="sequence", impl=impl)
-        with torch.no_grad():
-            g = rk.linear_logprob(hidden, W, target[:, None].expand_as(hidden[..., 0]), impl=impl)
-        ret = R.pdist_loss(scores, R.mean_token_logprob(g, target != -100),
-                           retriever_temperature=1.0, generator_temperature=0.1)
+        fb = rk.generator_feedback(hidden, W, target, impl=impl)
+        ret = R.pdist_loss(scores, fb.mean_logprob, retriever_temperature=1.0,
+                           generator_temperature=0.1)
         out = combine(gen, ret, step=step)
         opt.zero_grad()
         out.loss.backward()

@@ -35,6 +35,7 @@ from .ops.marginalize import (
     reduce_loss,
 )
 from .ops.token_smoothing import token_smoothing_with_logprob
+from .retriever import mean_token_logprob
 
 MODES = ("sequence", "token")
 
@@ -82,9 +83,9 @@ def generator_feedback(
     with torch.no_grad():
         g = linear_logprob(hidden, weight, target[:, None, :].expand(B, K, T), bias=bias,
                            ignore_index=ignore_index, softcap=softcap, impl=impl)
-        m = (target != ignore_index)[:, None, :]
-        total = torch.where(m, g, torch.zeros_like(g)).sum(-1)
-        mean = total / m.sum(-1).clamp(min=1)
+        m = target != ignore_index
+        total = torch.where(m[:, None, :], g, torch.zeros_like(g)).sum(-1)
+        mean = mean_token_logprob(g, m)
     return GeneratorFeedback(g, total, mean)
 
 

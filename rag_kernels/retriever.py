@@ -63,7 +63,11 @@ from numbers import Real
 import torch
 
 from . import _validation as V
-from .ops.marginalize.reference import rag_sequence_loss_reference, rag_token_loss_reference
+from .ops.marginalize.reference import (
+    _compute_dtype,
+    rag_sequence_loss_reference,
+    rag_token_loss_reference,
+)
 
 KL_REDUCTIONS = ("batchmean", "mean", "sum", "none")
 EMDR2_REDUCTIONS = ("mean", "sum", "none")
@@ -82,10 +86,6 @@ def _check_temperature(name: str, value: object) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite float, got {value!r}")
     return float(value)
-
-
-def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def _check_scores_pair(

@@ -22,6 +22,7 @@ from ... import _validation as V
 from ..._backend import resolve_impl, triton_available
 from . import cpu as _cpu
 from .reference import (
+    _compute_dtype,
     posterior_reference,
     rag_sequence_loss_reference,
     rag_token_loss_reference,
@@ -87,7 +88,7 @@ def _marginalize(token_logprobs, doc_scores, token_mask, doc_mask, reduction, im
             from .triton import marginalize_fwd as kernel
         else:
             kernel = _cpu.marginalize_fwd
-        dt = torch.float64 if torch.float64 in (token_logprobs.dtype, doc_scores.dtype) else torch.float32
+        dt = _compute_dtype(token_logprobs, doc_scores)
         per_query = _MarginalizeFromGrads.apply(
             token_logprobs.to(dt), doc_scores.to(dt), token_mask, doc_mask, token_mode, kernel
         )
