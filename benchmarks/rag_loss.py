@@ -17,6 +17,12 @@ Providers:
   ``impl="reference"``.
 * ``rk_fused``: the same with ``impl="auto"`` (C++ on CPU, Triton on CUDA; whatever pieces
   have fast kernels use them).
+* ``gemm_floor``: not a loss, a yardstick. The four ``[rows, H] x [H, V]``-sized matmuls
+  any exact method that never keeps the ``[rows, V]`` logits performs (forward logits for
+  the log-sum-exp; backward: the logits again, ``dh``, ``dW``), over the rows that take part
+  (shifted target not padding), in vocab tiles of 2048 with torch's own threading and no
+  epilogue. ``rk_fused / gemm_floor`` is the fused path's overhead; ``gemm_floor /
+  hf_get_nll`` is the best ratio an exact logits-free path can reach on the machine.
 * ``cce_marginalize`` (CUDA, epsilon = 0 only: CCE has no per-row sum of log-probs):
   Cut Cross-Entropy ``reduction="none"`` per-row log-probs, then the RAG marginalisation in
   plain torch (the doc prior is added whenever shifted position 1 is not padding, as HF does).
@@ -177,11 +183,38 @@ def _setup_cce_marg(case: Case):
     return _timed(case, loss_fn)
 
 
+def _setup_gemm_floor(case: Case):
+    """The matmuls alone: the floor of any exact method that does not keep the logits."""
+    import torch
+
+    hidden, weight, _, target, _ = _inputs(case)
+    B, K, T, H, V = (case.shape[d] for d in "BKTHV")
+    tgt = torch.cat([target[:, 1:], torch.full_like(target[:, :1], PAD)], dim=1)
+    rows = (tgt != PAD)[:, None, :].expand(B, K, T).reshape(-1).nonzero().squeeze(1)
+    h2, w2 = hidden.detach().reshape(-1, H), weight.detach()
+    tile = 2048
+
+    def fwd_bwd():
+        h = h2.index_select(0, rows)
+        dh = torch.zeros_like(h)
+        dw = torch.empty_like(w2)
+        for v0 in range(0, V, tile):
+            w = w2[v0 : v0 + tile]
+            z = h @ w.T  # forward: the log-sum-exp pass
+            z = h @ w.T  # backward: the logits again, then both gradients
+            dh.addmm_(z, w)
+            torch.mm(z.T, h, out=dw[v0 : v0 + tile])
+        return dh, dw
+
+    return fwd_bwd
+
+
 PROVIDERS = [
     Provider("hf_get_nll", _setup_hf, _hf_available),
     Provider("rk_reference", _setup_rk("reference"), _rk_hf_available),
     Provider("rk_fused", _setup_rk("auto"), _rk_hf_available),
     Provider("cce_marginalize", _setup_cce_marg, _cce_marg_available),
+    Provider("gemm_floor", _setup_gemm_floor),
 ]
 
 

@@ -153,15 +153,19 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
   RK_CHECK_INPUT(target);
   RK_CHECK_DIM(hidden, 2);
   RK_CHECK_DIM(weight, 2);
-  RK_CHECK_DIM(target, 1);
   const auto dt = hidden.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
               "hidden must be float32, float64, bfloat16 or float16, got ", dt);
   RK_CHECK_DTYPE(weight, dt);
   TORCH_CHECK(weight.size(1) == hidden.size(1), "weight must have shape (V, ", hidden.size(1),
               "), got ", weight.sizes());
-  TORCH_CHECK(target.size(0) == hidden.size(0), "target must have shape (", hidden.size(0),
-              "), got ", target.sizes());
+  // target: one id per row [N], or [B, T] shared by the K = N / (B T) consecutive groups of T
+  // rows of each b (row (b K + k) T + t reads target[b, t]; the RAG layout, no K-fold copy).
+  const int64_t N = hidden.size(0);
+  TORCH_CHECK((target.dim() == 1 && target.size(0) == N) ||
+                  (target.dim() == 2 && (N == 0 || (target.numel() > 0 && N % target.numel() == 0))),
+              "target must have shape (", N, ") or (B, T) with B * T dividing ", N, ", got ",
+              target.sizes());
   TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
               "target must be int64 or int32, got ", target.scalar_type());
   if (bias.has_value()) {
@@ -171,19 +175,35 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
   }
 }
 
-// Rows that take part (as int64 indices), their targets, checked against [0, V).
-std::pair<at::Tensor, at::Tensor> active_rows(const at::Tensor& target_long, const at::Tensor& keep,
-                                              int64_t V) {
-  auto idx = keep.nonzero().squeeze(1);
-  auto y = target_long.index_select(0, idx);
-  if (y.numel() > 0) {
-    const int64_t* yp = y.data_ptr<int64_t>();
-    for (int64_t i = 0; i < y.numel(); ++i)
-      TORCH_CHECK(yp[i] >= 0 && yp[i] < V, "target ids must lie in [0, ", V,
-                  ") or equal ignore_index, got ", yp[i]);
+// Row -> target id, reading a [N] target directly or a [B, T] one shared by K groups of rows.
+struct RowTargets {
+  at::Tensor ids;  // int64, contiguous, [N] or [B * T]
+  int64_t inner, group;  // T and K * T ([N] target: both N)
+  const int64_t* p;
+
+  RowTargets(const at::Tensor& target, int64_t N)
+      : ids(target.to(at::kLong).contiguous().view(-1)),
+        inner(target.dim() == 2 ? target.size(1) : N),
+        group(target.dim() == 2 ? N / target.size(0) : N),
+        p(ids.data_ptr<int64_t>()) {}
+  int64_t operator()(int64_t row) const { return p[(row / group) * inner + row % inner]; }
+  // [N] bool: the row's target is not ignore_index (the only per-row expansion: a mask).
+  at::Tensor kept_rows(int64_t N, int64_t ignore_index) const {
+    auto keep = ids.ne(ignore_index);
+    if ((inner == N && group == N) || N == 0) return keep.narrow(0, 0, std::min(N, keep.numel()));
+    const int64_t B = ids.numel() / inner;
+    return keep.view({B, 1, inner}).expand({B, group / inner, inner}).reshape({N});
   }
-  return {idx, y};
-}
+  // Every kept id lies in [0, V) (checked once per distinct id, not once per document).
+  void check_range(int64_t V, int64_t ignore_index) const {
+    for (int64_t i = 0; i < ids.numel(); ++i)
+      TORCH_CHECK(p[i] == ignore_index || (p[i] >= 0 && p[i] < V), "target ids must lie in [0, ",
+                  V, ") or equal ignore_index, got ", p[i]);
+  }
+};
+
+// Rows that take part, as int64 indices into the rows of hidden.
+at::Tensor active_rows(const at::Tensor& keep) { return keep.nonzero().squeeze(1); }
 
 // Active hidden rows in the compute dtype (no copy when nothing changes).
 at::Tensor gather_rows(const at::Tensor& hidden, const at::Tensor& idx, at::ScalarType acc) {
@@ -226,7 +246,8 @@ int64_t num_workers(int64_t V, int64_t VT) {
 }
 
 template <typename T>
-void forward_kernel(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& y,
+void forward_kernel(const at::Tensor& h, const at::Tensor& weight, const RowTargets& targets,
+                    const int64_t* idx,
                     const T* bias, std::optional<double> softcap, Tiles tiles, double* lse_out,
                     double* zy_out, double* zsum_out) {
   const int64_t Na = h.size(0), H = h.size(1), V = weight.size(0);
@@ -242,7 +263,6 @@ void forward_kernel(const at::Tensor& h, const at::Tensor& weight, const at::Ten
   if (weight.scalar_type() != acc) wbuf = at::empty({workers, VT * H}, h.options());
   std::vector<double> run_max(workers * Na, -std::numeric_limits<double>::infinity());
   std::vector<double> run_sum(workers * Na, 0.0), run_zsum(workers * Na, 0.0);
-  const int64_t* yp = y.data_ptr<int64_t>();
 
   for_each_vocab_tile(V, VT, workers, [&](int64_t wk, int64_t v0, int64_t vt) {
     at::Tensor wb = wbuf.defined() ? wbuf[wk] : wbuf;
@@ -262,7 +282,7 @@ void forward_kernel(const at::Tensor& h, const at::Tensor& weight, const at::Ten
         T mx, sm;
         fwd_prep_row(variant, zr, bias ? bias + v0 : nullptr, vt, cap, &mx, &sm);
         zss[r] += static_cast<double>(sm);
-        const int64_t yr = yp[r] - v0;
+        const int64_t yr = targets(idx[r]) - v0;
         if (yr >= 0 && yr < vt) zy_out[r] = static_cast<double>(zr[yr]);
         const double m_new = std::max(mxs[r], static_cast<double>(mx));
         const double s_tile = static_cast<double>(sum_exp_row(zr, vt, static_cast<T>(m_new)));
@@ -293,9 +313,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_fwd(
   const auto acc = acc_type(hidden.scalar_type());
   auto out_opts = hidden.options().dtype(acc);
   auto lp = at::zeros({N}, out_opts), lse = at::zeros({N}, out_opts), sum_lp = at::zeros({N}, out_opts);
-  auto tgt = target.to(at::kLong);
-  at::Tensor idx, y;
-  std::tie(idx, y) = active_rows(tgt, tgt.ne(ignore_index), V);
+  const RowTargets targets(target, N);
+  targets.check_range(V, ignore_index);
+  auto idx = active_rows(targets.kept_rows(N, ignore_index));
   const int64_t Na = idx.numel();
   if (Na == 0 || V == 0) return {lp, lse, sum_lp};
   auto h = gather_rows(hidden, idx, acc);
@@ -304,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_fwd(
   auto dopts = hidden.options().dtype(at::kDouble);
   auto lse_a = at::empty({Na}, dopts), zy_a = at::empty({Na}, dopts), zs_a = at::empty({Na}, dopts);
   AT_DISPATCH_FLOATING_TYPES(acc, "linear_logprob_fwd", [&] {
-    forward_kernel<scalar_t>(h, weight, y, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+    forward_kernel<scalar_t>(h, weight, targets, idx.data_ptr<int64_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
                              softcap, pick_tiles(row_tile, vocab_tile), lse_a.data_ptr<double>(),
                              zy_a.data_ptr<double>(), zs_a.data_ptr<double>());
   });
@@ -318,7 +338,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_fwd(
 }
 
 template <typename T>
-void backward_kernel(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& y,
+void backward_kernel(const at::Tensor& h, const at::Tensor& weight, const RowTargets& targets,
+                     const int64_t* idx,
                      const T* bias, std::optional<double> softcap, Tiles tiles,
                      const double* lse, const double* coef_y, const double* coef_p,
                      const double* coef_c, at::Tensor* dh, at::Tensor* grad_weight,
@@ -339,7 +360,6 @@ void backward_kernel(const at::Tensor& h, const at::Tensor& weight, const at::Te
     if (grad_weight) dwbuf = at::empty({workers, VT * H}, h.options());
   }
   if (dh) dh_parts = workers == 1 ? dh->unsqueeze(0) : at::zeros({workers, Na, H}, h.options());
-  const int64_t* yp = y.data_ptr<int64_t>();
 
   for_each_vocab_tile(V, VT, workers, [&](int64_t wk, int64_t v0, int64_t vt) {
     at::Tensor wb = wbuf.defined() ? wbuf[wk] : wbuf;
@@ -359,7 +379,7 @@ void backward_kernel(const at::Tensor& h, const at::Tensor& weight, const at::Te
       for (int64_t i = 0; i < rt; ++i) {
         const int64_t r = r0 + i;
         T* zr = zp + i * vt;
-        const int64_t yr = yp[r] - v0;
+        const int64_t yr = targets(idx[r]) - v0;
         const bool has_y = yr >= 0 && yr < vt;
         T dcap_y = 1;
         if (has_y && has_cap) {
@@ -420,15 +440,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_bwd(
   if (!(needs_hidden || needs_weight || needs_bias) || V == 0 || N == 0) return zero_grads();
 
   // Active rows: a kept target and at least one non-zero upstream gradient.
-  auto tgt = target.to(at::kLong);
+  const RowTargets targets(target, N);
+  targets.check_range(V, ignore_index);
   auto dopts = hidden.options().dtype(at::kDouble);
   auto zeros_n = at::zeros({N}, dopts);
   auto g_lp = grad_lp.has_value() ? grad_lp->to(at::kDouble) : zeros_n;
   auto g_lse = grad_lse.has_value() ? grad_lse->to(at::kDouble) : zeros_n;
   auto g_s = grad_sum.has_value() ? grad_sum->to(at::kDouble) : zeros_n;
-  auto keep = tgt.ne(ignore_index).logical_and_(g_lp.ne(0).logical_or_(g_lse.ne(0)).logical_or_(g_s.ne(0)));
-  at::Tensor idx, y;
-  std::tie(idx, y) = active_rows(tgt, keep, V);
+  auto keep = targets.kept_rows(N, ignore_index).logical_and_(g_lp.ne(0).logical_or_(g_lse.ne(0)).logical_or_(g_s.ne(0)));
+  auto idx = active_rows(keep);
   const int64_t Na = idx.numel();
   if (Na == 0) return zero_grads();
 
@@ -445,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_bwd(
   // Every vocabulary tile's first row block overwrites its rows of grad_weight.
   at::Tensor grad_weight = needs_weight ? at::empty({V, H}, hidden.options()) : empty;
   AT_DISPATCH_FLOATING_TYPES(acc, "linear_logprob_bwd", [&] {
-    backward_kernel<scalar_t>(h, weight, y, b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+    backward_kernel<scalar_t>(h, weight, targets, idx.data_ptr<int64_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
                               softcap, pick_tiles(row_tile, vocab_tile), lse_a.data_ptr<double>(),
                               glp_a.data_ptr<double>(), c_a.data_ptr<double>(),
                               gs_a.data_ptr<double>(), needs_hidden ? &dh : nullptr,

@@ -132,11 +132,11 @@ def _shift_left(target: torch.Tensor, pad_token_id: int) -> torch.Tensor:
 
 def _token_logprobs(hidden, weight, tgt, bias, pad_token_id, softcap, impl, want_stats, B, K, T):
     """Per-row ``lp`` (and ``S``) ``[B, K, T]``; 0 where the shifted target is padding."""
-    rows = tgt[:, None, :].expand(B, K, T).reshape(B * K, T)
+    # [B, 1, T] against hidden [B, K, T, H]: the K documents share the ids (no K-fold copy)
     out = linear_logprob(
-        hidden,
+        hidden.reshape(B, K, T, hidden.shape[-1]),
         weight,
-        rows,
+        tgt[:, None, :],
         bias=bias,
         ignore_index=pad_token_id,
         softcap=softcap,

@@ -81,7 +81,7 @@ def generator_feedback(
     B, K, T, _ = hidden.shape
     V.check_shape("target", target, (B, T))
     with torch.no_grad():
-        g = linear_logprob(hidden, weight, target[:, None, :].expand(B, K, T), bias=bias,
+        g = linear_logprob(hidden, weight, target[:, None, :], bias=bias,
                            ignore_index=ignore_index, softcap=softcap, impl=impl)
         m = target != ignore_index
         total = torch.where(m[:, None, :], g, torch.zeros_like(g)).sum(-1)
@@ -167,7 +167,7 @@ def rag_loss(
     stats = linear_logprob(
         hidden,
         weight,
-        target[:, None, :].expand(B, K, T),
+        target[:, None, :],  # shared by the K documents: no K-fold copy
         bias=bias,
         ignore_index=ignore_index,
         softcap=softcap,

@@ -134,3 +134,79 @@ def test_cpu_impl_rejects_cuda_style_request_on_cpu_without_interpreter(monkeypa
         pytest.skip("no triton implementation registered")
     with pytest.raises(ValueError, match="triton"):
         rk.linear_logprob(d["hidden"], d["weight"], d["target"], impl="triton")
+
+
+# ------------------------------------------------------- target shared across documents
+
+FUSED = ["reference"] + [i for i in ("cpu", "triton") if i in rk.ops.linear_logprob._IMPLS]
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("impl", FUSED)
+def test_shared_target_matches_expanded(impl, bias):
+    """target [B, 1, T] against hidden [B, K, T, H] (what rag_loss passes: the K documents
+    share the ids, no K-fold copy) == the materialised [B, K, T] target, values and grads."""
+    B, K, T, H, V = 3, 4, 5, 6, 41
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    h, w, _, b = make(B * K * T, H, V, dtype=dtype, bias=bias)
+    y = torch.randint(0, V, (B, 1, T), generator=torch.Generator().manual_seed(1))
+    y[0, 0, :2] = -100
+    y[2, 0, -1] = -100
+    h = h.view(B, K, T, H)
+    h[0, :, :2] = float("nan")  # ignored rows are never read
+    up = torch.rand(3, B, K, T, dtype=dtype)
+    res = []
+    for tgt in (y, y.expand(B, K, T).contiguous()):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        bb = None if b is None else b.clone().requires_grad_()
+        s = rk.linear_logprob(hh, ww, tgt, bias=bb, impl=impl, return_stats=True)
+        assert s.logprob.shape == (B, K, T)
+        (s.logprob * up[0] + s.lse * up[1] + s.sum_logprob * up[2]).sum().backward()
+        res.append([s.logprob, s.lse, s.sum_logprob, hh.grad.nan_to_num(), ww.grad]
+                   + ([] if bb is None else [bb.grad]))
+    for got, want in zip(*res, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # same rows, same order
+    assert (res[0][0][0, :, :2] == 0).all()
+
+
+@pytest.mark.parametrize("impl", [i for i in FUSED if i != "reference"] or ["none"])
+def test_shared_target_reaches_kernels_unexpanded(impl, monkeypatch):
+    """The fused kernels receive the [B, T] ids themselves (B*T ints), not B*K*T."""
+    if impl == "none":
+        pytest.skip("no fused linear_logprob impl registered")
+    from rag_kernels.ops.linear_logprob import _FusedLinearLogprob
+
+    seen = []
+    orig = _FusedLinearLogprob.forward
+
+    def spy(ctx, hidden, weight, target, *rest):
+        seen.append(tuple(target.shape))
+        return orig(ctx, hidden, weight, target, *rest)
+
+    monkeypatch.setattr(_FusedLinearLogprob, "forward", staticmethod(spy))
+    B, K, T, H, V = 2, 3, 4, 5, 13
+    h, w, _, _ = make(B * K * T, H, V, dtype=torch.float32)
+    y = torch.randint(0, V, (B, T))
+    rk.rag_loss(h.view(B, K, T, H), w, y, torch.zeros(B, K), impl=impl)
+    assert seen == [(B, T)]
+
+
+@pytest.mark.parametrize(
+    "tshape", [(1, 3, 1), (2, 4, 5), (2, 3), (2, 3, 5, 1)], ids=lambda s: "x".join(map(str, s))
+)
+def test_shared_target_bad_layouts(tshape):
+    """Only one run of leading dims may be broadcast; anything else names target."""
+    h = torch.zeros(2, 3, 5, 4)
+    with pytest.raises(ValueError, match="target"):
+        rk.linear_logprob(h, torch.zeros(7, 4), torch.zeros(tshape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_shared_target_over_two_dims(impl):
+    """[B, 1, 1] against [B, K, T, H]: every row of query b reads the same id."""
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    h, w, _, _ = make(2 * 3 * 4, 5, 11, dtype=dtype)
+    y = torch.tensor([[[3]], [[7]]])
+    got = rk.linear_logprob(h.view(2, 3, 4, 5), w, y, impl=impl)
+    want = rk.linear_logprob(h, w, y.reshape(2, 1).expand(2, 12).reshape(-1), impl="reference")
+    torch.testing.assert_close(got.reshape(-1), want)

@@ -244,10 +244,11 @@ if not os.path.exists(os.path.join(tools, "ptxas")):
 common = dict(h_ptr="*{dt}", w_ptr="*{dt}", b_ptr="*{dt}", y_ptr="*i64", rows_ptr="*i64",
               nact_ptr="*i64")
 FWD = dict(common, m_ptr="*fp32", s_ptr="*fp32", zt_ptr="*fp32", zs_ptr="*fp32", N="i32",
-           V="i32", D="i32", split_len="i32", softcap="fp32", N_KEY="i32")
+           V="i32", D="i32", Y_INNER="i32", Y_GROUP="i32", split_len="i32", softcap="fp32",
+           N_KEY="i32")
 BWD = dict(common, lse_ptr="*fp32", glp_ptr="*fp32", glse_ptr="*fp32", gs_ptr="*fp32",
            dh_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32", N="i32", V="i32", D="i32",
-           softcap="fp32", filter_eps="fp32", N_KEY="i32")
+           Y_INNER="i32", Y_GROUP="i32", softcap="fp32", filter_eps="fp32", N_KEY="i32")
 for dt, bits in (("bf16", 16), ("fp32", 32)):
     prec = "ieee" if bits == 32 else "tf32"
     for name, kern, sig, cfg, consts in (

@@ -12,6 +12,7 @@ and Triton kernels plug in through ``_IMPLS``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -49,7 +50,9 @@ class _FusedLinearLogprob(torch.autograd.Function):
     """Autograd shell shared by the fused kernels (``cpu.py``, ``triton.py``).
 
     A kernel module provides
-    ``forward(hidden[N,H], weight[V,H], target[N], bias, opts) -> (lp, lse, sum_logprob)``
+    ``forward(hidden[N,H], weight[V,H], target, bias, opts) -> (lp, lse, sum_logprob)``
+    (``target`` is ``[N]`` or ``[B, T]`` shared by ``K = N / (B T)`` groups of rows, see
+    :func:`_target_layout`)
     (each ``[N]``, fp32; fp64 allowed for fp64 inputs), storing nothing of size V, and
     ``backward(hidden, weight, target, bias, lse, grad_lp, grad_lse, grad_sum, opts,
     needs=(hidden, weight, bias)) -> (grad_hidden, grad_weight, grad_bias)`` which recomputes
@@ -87,7 +90,7 @@ def _fused(kernels):
     return run
 
 
-# impl name -> fn(hidden[N,H], weight[V,H], target[N], bias[V]|None, opts) -> (lp, lse, S)
+# impl name -> fn(hidden[N,H], weight[V,H], target[N] | [B,T], bias[V]|None, opts) -> (lp, lse, S)
 _IMPLS = {"reference": _reference}
 try:  # compiled C++ kernels (csrc/linear_logprob.cpp)
     from . import cpu as _cpu_kernels
@@ -105,6 +108,27 @@ except ImportError:
     pass
 
 
+def _target_layout(target: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """The target as the kernels take it: ``[N]`` (one id per row of ``hidden`` flattened), or
+    ``[outer, inner]`` when ``target`` is broadcast over one run of ``hidden``'s leading dims
+    (size 1 there), e.g. ``target [B, 1, T]`` for ``hidden [B, K, T, H]``: the K documents
+    then share each answer id without a K-fold copy (row ``(b K + k) T + t`` reads
+    ``target[b, t]``)."""
+    shape, lead = tuple(target.shape), tuple(lead)
+    bcast = [i for i, (t, h) in enumerate(zip(shape, lead)) if t == 1 and h != 1]
+    fits = len(shape) == len(lead) and all(t in (h, 1) for t, h in zip(shape, lead))
+    if not fits or (bcast and bcast != list(range(bcast[0], bcast[-1] + 1))):
+        raise ValueError(
+            f"target must have shape {lead} (hidden without its last dim), or that shape with "
+            f"size 1 over one run of dims to share ids across them (e.g. [B, 1, T] for hidden "
+            f"[B, K, T, H]), got {shape}"
+        )
+    if not bcast:
+        return target.reshape(-1)
+    outer = math.prod(lead[: bcast[0]])
+    return target.reshape(outer, target.numel() // outer if outer else 0)
+
+
 def validate_linear_logprob_inputs(hidden, weight, target, bias, ignore_index, softcap):
     V.check_tensor("hidden", hidden)
     if hidden.dim() < 1:
@@ -116,11 +140,7 @@ def validate_linear_logprob_inputs(hidden, weight, target, bias, ignore_index, s
         raise ValueError(
             f"weight must have shape [V, H] with H={H} (hidden's last dim), got {tuple(weight.shape)}"
         )
-    if tuple(target.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"target must have shape {tuple(hidden.shape[:-1])} (hidden without its last dim), "
-            f"got {tuple(target.shape)}"
-        )
+    _target_layout(target, hidden.shape[:-1])  # raises on a shape that does not fit
     V.check_same_device("weight", weight, hidden, "hidden")
     V.check_same_device("target", target, hidden, "hidden")
     V.check_same_dtype("weight", weight, hidden, "hidden")
@@ -153,7 +173,9 @@ def linear_logprob(
     Args:
         hidden: ``[..., H]`` hidden states (fp32 / bf16 / fp16 / fp64).
         weight: ``[V, H]`` LM-head weight, same dtype as ``hidden``.
-        target: ``[...]`` int64/int32 ids in ``[0, V)`` or ``ignore_index``.
+        target: ``[...]`` int64/int32 ids in ``[0, V)`` or ``ignore_index``, one per row of
+            ``hidden``; or shared over one run of leading dims by giving them size 1 (e.g.
+            ``[B, 1, T]`` for ``hidden [B, K, T, H]``: no K-fold copy is made).
         bias: optional ``[V]``.
         ignore_index: rows with this target return 0 and get no gradient.
         softcap: optional ``c``: logits become ``c * tanh(z / c)``.
@@ -163,7 +185,7 @@ def linear_logprob(
             below this (each skipped logit-gradient entry is < (|g| + |g_lse|) * eps; never
             skips with label smoothing). None (default) = exact; other impls ignore it.
 
-    Returns: ``[...]`` fp32 log-probs (fp64 for fp64 inputs), or :class:`LogprobStats`.
+    Returns: ``hidden.shape[:-1]`` fp32 log-probs (fp64 for fp64 inputs), or :class:`LogprobStats`.
     """
     validate_linear_logprob_inputs(hidden, weight, target, bias, ignore_index, softcap)
     impl = resolve_impl(impl, hidden, has_triton="triton" in _IMPLS, has_cpu="cpu" in _IMPLS)
@@ -174,9 +196,13 @@ def linear_logprob(
         softcap=None if softcap is None else float(softcap),
         filter_eps=None if filter_eps is None else float(filter_eps),
     )
-    shape = target.shape
+    shape = hidden.shape[:-1]
     H = hidden.shape[-1]
-    lp, lse, s = _IMPLS[impl](hidden.reshape(-1, H), weight, target.reshape(-1), bias, opts)
+    if impl == "reference":  # the materialising oracle takes one id per row
+        rows_target = target.expand(shape).reshape(-1)
+    else:
+        rows_target = _target_layout(target, shape)
+    lp, lse, s = _IMPLS[impl](hidden.reshape(-1, H), weight, rows_target, bias, opts)
     if not return_stats:
         return lp.view(shape)
     return LogprobStats(lp.view(shape), lse.view(shape), s.view(shape))

@@ -195,6 +195,8 @@ def _fwd_kernel(
     N,
     V,
     D,
+    Y_INNER,
+    Y_GROUP,
     split_len,
     softcap,
     N_KEY,
@@ -212,7 +214,7 @@ def _fwd_kernel(
     pos = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = pos < n_act
     rows = tl.load(rows_ptr + pos, mask=pos < N, other=0)
-    y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+    y = tl.load(y_ptr + (rows // Y_GROUP) * Y_INNER + rows % Y_INNER, mask=row_ok, other=-1)
     hrow = rows * D
     v_start = pid_s * split_len
     v_stop = tl.minimum(v_start + split_len, V)
@@ -275,6 +277,8 @@ def _bwd_kernel(
     N,
     V,
     D,
+    Y_INNER,
+    Y_GROUP,
     softcap,
     filter_eps,
     N_KEY,
@@ -310,7 +314,7 @@ def _bwd_kernel(
         row_ok = pos < n_act
         rows = tl.load(rows_ptr + pos, mask=pos < N, other=0)
         hrow = rows * D
-        y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+        y = tl.load(y_ptr + (rows // Y_GROUP) * Y_INNER + rows % Y_INNER, mask=row_ok, other=-1)
         # Inactive rows get lse = +inf, so p = 0 and (their upstream gradients being 0) dz = 0.
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
         # dz = g (1[v=y] - p) + gl p + gs (1 - V p) = a + b p (+ g at v = y)
@@ -463,6 +467,24 @@ def _n_key(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _y_layout(target: torch.Tensor, n: int) -> tuple[int, int]:
+    """``(inner, group)``: row r reads ``target[(r // group) * inner + r % inner]`` — ``[N]``
+    targets: the row itself; ``[B, T]`` targets shared by K row groups: ``(T, K T)``."""
+    if target.dim() == 1:
+        return max(n, 1), max(n, 1)
+    return max(target.shape[1], 1), max(n // max(target.shape[0], 1), 1)
+
+
+def _kept_rows(target: torch.Tensor, n: int, ignore_index: int) -> torch.Tensor:
+    """``[N]`` bool, True where the row's target is not ``ignore_index`` (the one per-row
+    expansion of a shared ``[B, T]`` target: a mask, not the ids)."""
+    keep = target != ignore_index
+    if target.dim() == 1 or n == 0:
+        return keep.reshape(-1)[:n]
+    B, T = target.shape
+    return keep[:, None, :].expand(B, n // (B * T), T).reshape(n)
+
+
 def _active_order(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row permutation with active rows first (stable) and the active count, without sync."""
     n = active.shape[0]
@@ -485,7 +507,8 @@ def _num_splits(n: int, v: int, device: torch.device) -> int:
 
 
 def forward(hidden, weight, target, bias, opts, *, num_splits: int | None = None):
-    """``hidden [N,H]``, ``weight [V,H]``, ``target [N]``, ``bias [V]|None`` (contiguous) ->
+    """``hidden [N,H]``, ``weight [V,H]``, ``target [N]`` or ``[B,T]`` shared by ``N/(B T)``
+    row groups, ``bias [V]|None`` (contiguous) ->
     ``(lp, lse, sum_logprob)``, each ``[N]`` fp32, zero on ignored rows.
 
     ``num_splits`` (tests / tuning) overrides how many vocab splits share one row block.
@@ -494,7 +517,7 @@ def forward(hidden, weight, target, bias, opts, *, num_splits: int | None = None
     N, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    keep = target != opts.ignore_index
+    keep = _kept_rows(target, N, opts.ignore_index)
     if N == 0:
         z = torch.zeros(0, dtype=torch.float32, device=dev)
         return z, z.clone(), z.clone()
@@ -523,6 +546,7 @@ def forward(hidden, weight, target, bias, opts, *, num_splits: int | None = None
         N,
         V,
         D,
+        *_y_layout(target, N),
         split_len,
         1.0 if softcap is None else float(softcap),
         _n_key(N),
@@ -551,7 +575,7 @@ def backward(hidden, weight, target, bias, lse, grad_lp, grad_lse, grad_sum, opt
     N, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    keep = target != opts.ignore_index
+    keep = _kept_rows(target, N, opts.ignore_index)
     zero = torch.zeros((), dtype=torch.float32, device=dev)
 
     def masked(g):
@@ -596,6 +620,7 @@ def backward(hidden, weight, target, bias, lse, grad_lp, grad_lse, grad_sum, opt
             N,
             V,
             D,
+            *_y_layout(target, N),
             1.0 if softcap is None else float(softcap),
             0.0 if filter_eps is None else float(filter_eps),
             _n_key(N),

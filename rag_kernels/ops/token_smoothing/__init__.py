@@ -161,7 +161,7 @@ def token_smoothing_with_logprob(
         from ..linear_logprob import linear_logprob
 
         out = _IMPLS["reference"](hidden, weight, doc_scores, bias, doc_mask, opts)
-        lp = linear_logprob(hidden, weight, target[:, None, :].expand(B, K, T), bias=bias,
+        lp = linear_logprob(hidden, weight, target[:, None, :], bias=bias,
                             ignore_index=ignore_index, softcap=softcap, impl="reference")
         return out, lp
     tgt = torch.where(target == ignore_index, torch.full_like(target, -1), target)
