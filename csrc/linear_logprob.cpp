@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "check.h"
+#include "tiling.h"
 #include "vec_math.h"
 
 namespace {
@@ -144,7 +145,6 @@ Tiles pick_tiles(int64_t row_tile, int64_t vocab_tile) {
   return {row_tile > 0 ? row_tile : kDefaultRowTile, vocab_tile > 0 ? vocab_tile : kDefaultVocabTile};
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
                   const std::optional<at::Tensor>& bias) {
@@ -209,40 +209,6 @@ at::Tensor active_rows(const at::Tensor& keep) { return keep.nonzero().squeeze(1
 at::Tensor gather_rows(const at::Tensor& hidden, const at::Tensor& idx, at::ScalarType acc) {
   at::Tensor h = idx.numel() == hidden.size(0) ? hidden : hidden.index_select(0, idx);
   return h.scalar_type() == acc ? h.contiguous() : h.to(acc).contiguous();
-}
-
-// The weight rows [v0, v0 + vt) in the compute dtype: a view for fp32/fp64, else converted
-// into `wbuf` (one tile, never the whole weight).
-at::Tensor weight_tile(const at::Tensor& weight, at::Tensor& wbuf, int64_t v0, int64_t vt,
-                       at::ScalarType acc) {
-  auto w = weight.narrow(0, v0, vt);
-  if (weight.scalar_type() == acc) return w;
-  auto dst = wbuf.narrow(0, 0, vt * weight.size(1)).view({vt, weight.size(1)});
-  dst.copy_(w);
-  return dst;
-}
-
-int variant_of(bool has_bias, bool has_cap) { return (has_bias ? 1 : 0) + (has_cap ? 2 : 0); }
-
-// Runs fn(worker, v0, vt) over all vocabulary tiles: worker w takes tiles w, w + W, ...
-// Its GEMMs run single-threaded inside the parallel region, and there is one region per pass,
-// so synchronisation does not grow with the tile count. The static assignment keeps results
-// bitwise reproducible for a given thread count (partial sums always combine the same way).
-template <typename Fn>
-void for_each_vocab_tile(int64_t V, int64_t VT, int64_t workers, const Fn& fn) {
-  const int64_t ntiles = (V + VT - 1) / VT;
-  // Worker threads start with default thread-local state (grad mode, dispatch-key
-  // exclusions); give them the caller's so the ATen calls inside behave as on this thread.
-  const at::ThreadLocalState tls;
-  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
-    at::ThreadLocalStateGuard guard(tls);
-    for (int64_t wk = w0; wk < w1; ++wk)
-      for (int64_t t = wk; t < ntiles; t += workers) fn(wk, t * VT, std::min(VT, V - t * VT));
-  });
-}
-
-int64_t num_workers(int64_t V, int64_t VT) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (V + VT - 1) / VT));
 }
 
 template <typename T>

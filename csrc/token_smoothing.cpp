@@ -19,8 +19,9 @@
 //   dz_k(v) = g (w_k(v) - p_k(v) wsum_k) + g_lp,k (1[v=y] - p_k(v))   (times 1 - (z/c)^2
 // under softcap), p_k = exp(z_k - lse_k); then dh += dz W_tile, dW_tile += dz^T h,
 // db += sum_rows dz (6NHV). d out / d pi_bk = sum_t g wsum_bkt is formed by the Python shell.
-// bf16 / fp16 inputs run in fp32 (the W tile is converted once per tile), fp64 in fp64. GEMMs
-// use ATen's threads; the per-token epilogue is parallel over the tokens of a group.
+// bf16 / fp16 inputs run in fp32 (the W tile is converted once per tile), fp64 in fp64.
+// Forward GEMMs use ATen's threads and the per-token epilogue is parallel over the tokens of a
+// group; the backward runs one worker per thread over vocabulary tiles (csrc/tiling.h).
 // Math: rag_kernels/ops/token_smoothing/__init__.py and DESIGN.md section 2.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -35,6 +36,7 @@
 #include <vector>
 
 #include "check.h"
+#include "tiling.h"
 #include "vec_math.h"
 
 namespace {
@@ -174,26 +176,33 @@ RK_INLINE double fwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const
 
 // Backward, one token with upstream g: z (raw GEMM output, ka rows of n) <- dz wrt the raw
 // logits. gw[k] = g * wsum_k + glp_k, lse[k] per row, c_k = pi_k - lse_k; when 0 <= y < n the
-// target column gets + glp_k (the log-prob term g_lp (1[v=y] - p)).
+// target column gets + glp_k (the log-prob term g_lp (1[v=y] - p)). Scratch: mx, s (n each)
+// and e (ka * n: exp(a_k - m), computed once for both the normaliser and dz).
 template <typename T, bool kBias, bool kCap>
 RK_INLINE void bwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const T* c,
-                         const T* lse, const T* gw, T g, const T* glp, int64_t y, T* mx, T* s) {
+                         const T* lse, const T* gw, T g, const T* glp, int64_t y, T* mx, T* s,
+                         T* e) {
   for (int64_t k = 0; k < ka; ++k) prep_row<T, kBias, kCap>(z + k * n, b, n, cap);
   max_over_docs(z, ka, n, c, mx);
 #pragma omp simd
   for (int64_t v = 0; v < n; ++v) s[v] = 0;
-  for (int64_t k = 0; k < ka; ++k) {
+  for (int64_t k = 0; k < ka; ++k) {  // e_k(v) = exp(a_k(v) - m(v)), kept for the next loop
     const T* zk = z + k * n;
+    T* ek = e + k * n;
     const T ck = c[k];
 #pragma omp simd
-    for (int64_t v = 0; v < n; ++v) s[v] += rk_exp(zk[v] + ck - mx[v]);
+    for (int64_t v = 0; v < n; ++v) {
+      ek[v] = rk_exp(zk[v] + ck - mx[v]);
+      s[v] += ek[v];
+    }
   }
 #pragma omp simd
   for (int64_t v = 0; v < n; ++v) s[v] = g / s[v];
   const T inv_cap = kCap ? T(1) / cap : T(0);
   for (int64_t k = 0; k < ka; ++k) {
     T* zk = z + k * n;
-    const T ck = c[k], lk = lse[k], gwk = gw[k];
+    const T* ek = e + k * n;
+    const T lk = lse[k], gwk = gw[k];
     const bool has_y = glp && y >= 0 && y < n;
     T dcap_y = 1;
     if (kCap && has_y) {
@@ -203,7 +212,7 @@ RK_INLINE void bwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const T
 #pragma omp simd
     for (int64_t v = 0; v < n; ++v) {
       const T x = zk[v];
-      T d = rk_exp(x + ck - mx[v]) * s[v] - gwk * rk_exp(x - lk);
+      T d = ek[v] * s[v] - gwk * rk_exp(x - lk);
       if (kCap) {
         const T t = x * inv_cap;
         d *= T(1) - t * t;
@@ -238,29 +247,15 @@ RK_INLINE void bwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const T
   }                                                                                            \
   RK_CLONES void bwd_token_v(int variant, TYPE* z, int64_t ka, int64_t n, const TYPE* b,       \
                              TYPE cap, const TYPE* c, const TYPE* lse, const TYPE* gw, TYPE g,  \
-                             const TYPE* glp, int64_t y, TYPE* mx, TYPE* s) {                   \
+                             const TYPE* glp, int64_t y, TYPE* mx, TYPE* s, TYPE* e) {          \
     using T = TYPE;                                                                            \
-    TS_DISPATCH(bwd_token, z, ka, n, b, cap, c, lse, gw, g, glp, y, mx, s)                     \
+    TS_DISPATCH(bwd_token, z, ka, n, b, cap, c, lse, gw, g, glp, y, mx, s, e)                  \
   }
 
 TS_ENTRY_POINTS(float)
 TS_ENTRY_POINTS(double)
 #undef TS_ENTRY_POINTS
 #undef TS_DISPATCH
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-int variant_of(bool has_bias, bool has_cap) { return (has_bias ? 1 : 0) + (has_cap ? 2 : 0); }
-
-// The weight rows [v0, v0 + vt) in the compute dtype: a view for fp32 / fp64, otherwise
-// converted into `wbuf` (one tile, never the whole weight).
-at::Tensor weight_tile(const at::Tensor& weight, at::Tensor& wbuf, int64_t v0, int64_t vt,
-                       at::ScalarType acc) {
-  auto w = weight.narrow(0, v0, vt);
-  if (weight.scalar_type() == acc) return w;
-  auto dst = wbuf.narrow(0, 0, vt * weight.size(1)).view({vt, weight.size(1)});
-  dst.copy_(w);
-  return dst;
-}
 
 // Token-major groups of gathered rows: group g covers tokens tok[tok0, tok0 + nt) of query b,
 // each with the ka rows (one per kept document, in doc order) at row0 + j * ka.
@@ -514,13 +509,18 @@ void backward_kernel(const at::Tensor& h, const at::Tensor& weight, const Layout
   const T cap = has_cap ? static_cast<T>(*softcap) : T(0);
   const int variant = variant_of(bias != nullptr, has_cap);
   const int64_t VT = std::min(vocab_tile, V);
-  auto zbuf = at::empty({L.max_rows * VT}, h.options());
-  at::Tensor wbuf, dwbuf;
+  const int64_t workers = num_workers(V, VT);
+  // Per worker: a logit tile, weight / dW tiles in the compute dtype (bf16/fp16 only) and a
+  // partial dh (summed at the end); dW and db tiles belong to one worker, so nothing races.
+  auto zbuf = at::empty({workers, L.max_rows * VT}, h.options());
+  at::Tensor wbuf, dwbuf, dh_parts;
   if (weight.scalar_type() != acc) {
-    wbuf = at::empty({VT * H}, h.options());
-    if (grad_weight) dwbuf = at::empty({VT * H}, h.options());
+    wbuf = at::empty({workers, VT * H}, h.options());
+    if (grad_weight) dwbuf = at::empty({workers, VT * H}, h.options());
   }
-  T* zp = zbuf.data_ptr<T>();
+  if (dh) dh_parts = workers == 1 ? dh->unsqueeze(0) : at::zeros({workers, Na, H}, h.options());
+  int64_t max_ka = 1;
+  for (const auto& g : L.groups) max_ka = std::max(max_ka, g.ka);
   // Per gathered row: c = pi - lse, lse, g * wsum + g_lp, g_lp; per gathered token: g, target.
   std::vector<T> c_row(Na), lse_row(Na), gw_row(Na), glp_row(Na), g_tok(L.tokens.size());
   std::vector<int64_t> y_tok(L.tokens.size());
@@ -541,31 +541,33 @@ void backward_kernel(const at::Tensor& h, const at::Tensor& weight, const Layout
     }
   }
 
-  for (int64_t v0 = 0; v0 < V; v0 += VT) {
-    const int64_t vt = std::min(VT, V - v0);
-    auto w = weight_tile(weight, wbuf, v0, vt, acc);
+  // One worker per thread walks its vocabulary tiles with single-threaded GEMMs (as in
+  // linear_logprob.cpp): cheaper than threading each GEMM and each epilogue separately.
+  for_each_vocab_tile(V, VT, workers, [&](int64_t wk, int64_t v0, int64_t vt) {
+    at::Tensor wb = wbuf.defined() ? wbuf[wk] : wbuf;
+    auto w = weight_tile(weight, wb, v0, vt, acc);
     at::Tensor dw;
     if (grad_weight)
-      dw = dwbuf.defined() ? dwbuf.narrow(0, 0, vt * H).view({vt, H})
+      dw = dwbuf.defined() ? dwbuf[wk].narrow(0, 0, vt * H).view({vt, H})
                            : grad_weight->narrow(0, v0, vt);
+    auto zw = zbuf[wk];
+    T* zp = zw.data_ptr<T>();
+    std::vector<T> mx(vt), s(vt), e(max_ka * vt);
     bool first = true;
     for (const auto& g : L.groups) {
       const int64_t rows = g.nt * g.ka;
-      auto z = zbuf.narrow(0, 0, rows * vt).view({rows, vt});
+      auto z = zw.narrow(0, 0, rows * vt).view({rows, vt});
       auto hg = h.narrow(0, g.row0, rows);
       at::mm_out(z, hg, w.t());
-      at::parallel_for(0, g.nt, 1, [&](int64_t j0, int64_t j1) {
-        std::vector<T> mx(vt), s(vt);
-        for (int64_t j = j0; j < j1; ++j) {
-          const int64_t r = g.row0 + j * g.ka;
-          const int64_t yt = y_tok[g.tok0 + j];
-          bwd_token_v(variant, zp + j * g.ka * vt, g.ka, vt, bias ? bias + v0 : nullptr, cap,
-                      c_row.data() + r, lse_row.data() + r, gw_row.data() + r, g_tok[g.tok0 + j],
-                      grad_lp ? glp_row.data() + r : nullptr, yt >= 0 ? yt - v0 : -1, mx.data(),
-                      s.data());
-        }
-      });
-      if (dh) dh->narrow(0, g.row0, rows).addmm_(z, w);
+      for (int64_t j = 0; j < g.nt; ++j) {
+        const int64_t r = g.row0 + j * g.ka;
+        const int64_t yt = y_tok[g.tok0 + j];
+        bwd_token_v(variant, zp + j * g.ka * vt, g.ka, vt, bias ? bias + v0 : nullptr, cap,
+                    c_row.data() + r, lse_row.data() + r, gw_row.data() + r, g_tok[g.tok0 + j],
+                    grad_lp ? glp_row.data() + r : nullptr, yt >= 0 ? yt - v0 : -1, mx.data(),
+                    s.data(), e.data());
+      }
+      if (dh) dh_parts[wk].narrow(0, g.row0, rows).addmm_(z, w);
       if (grad_weight) {
         if (first)
           at::mm_out(dw, z.t(), hg);
@@ -580,7 +582,8 @@ void backward_kernel(const at::Tensor& h, const at::Tensor& weight, const Layout
       first = false;
     }
     if (grad_weight && dwbuf.defined()) grad_weight->narrow(0, v0, vt).copy_(dw);
-  }
+  });
+  if (dh && workers > 1) at::sum_out(*dh, dh_parts, {0});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_smoothing_bwd(
