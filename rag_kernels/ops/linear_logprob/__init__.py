@@ -115,8 +115,10 @@ def _target_layout(target: torch.Tensor, lead: torch.Size) -> torch.Tensor:
     then share each answer id without a K-fold copy (row ``(b K + k) T + t`` reads
     ``target[b, t]``)."""
     shape, lead = tuple(target.shape), tuple(lead)
-    bcast = [i for i, (t, h) in enumerate(zip(shape, lead)) if t == 1 and h != 1]
-    fits = len(shape) == len(lead) and all(t in (h, 1) for t, h in zip(shape, lead))
+    fits = len(shape) == len(lead)
+    pairs = list(zip(shape, lead, strict=True)) if fits else []
+    bcast = [i for i, (t, h) in enumerate(pairs) if t == 1 and h != 1]
+    fits = fits and all(t in (h, 1) for t, h in pairs)
     if not fits or (bcast and bcast != list(range(bcast[0], bcast[-1] + 1))):
         raise ValueError(
             f"target must have shape {lead} (hidden without its last dim), or that shape with "
