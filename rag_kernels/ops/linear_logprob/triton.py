@@ -133,6 +133,79 @@ def _round_to(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _accumulate_grads(
+    dz,
+    h_ptr,
+    w_ptr,
+    dh_ptr,
+    dw_ptr,
+    hrow,
+    row_ok,
+    offs_v,
+    v_ok,
+    D,
+    k_stop,
+    NEED_DH: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Backward of a logit tile ``z = h W^T``: from ``dz [BLOCK_R, BLOCK_V]`` add
+    ``dz^T h`` into ``dW`` and ``dz W`` into ``dh`` (fp32 buffers, relaxed atomics), walking
+    the hidden dim in ``BLOCK_K`` chunks up to ``k_stop`` (``D``, or 0 to skip the tile).
+    ``hrow`` / ``row_ok``: the rows' element offsets into ``h`` / ``dh`` and validity. ``dz`` is
+    rounded to the input dtype first, as plain PyTorch's bf16 / fp16 path rounds it.
+    Shared by the linear_logprob and token-smoothing backward kernels."""
+    dz_c = _round_to(dz, h_ptr.dtype.element_ty, UPCAST)
+    offs_k = tl.arange(0, BLOCK_K)
+    wrow = offs_v.to(tl.int64) * D
+    for k0 in range(0, k_stop, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < D
+        if NEED_DW:
+            h = tl.load(
+                h_ptr + hrow[:, None] + kk[None, :],
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            dw = _dot(
+                tl.trans(dz_c),
+                h,
+                tl.zeros((BLOCK_V, BLOCK_K), dtype=tl.float32),
+                INPUT_PRECISION,
+                UPCAST,
+            )
+            tl.atomic_add(
+                dw_ptr + wrow[:, None] + kk[None, :],
+                dw,
+                mask=v_ok[:, None] & k_ok[None, :],
+                sem="relaxed",
+            )
+        if NEED_DH:
+            w = tl.load(
+                w_ptr + wrow[:, None] + kk[None, :],
+                mask=v_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            dh = _dot(
+                dz_c,
+                w,
+                tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32),
+                INPUT_PRECISION,
+                UPCAST,
+            )
+            tl.atomic_add(
+                dh_ptr + hrow[:, None] + kk[None, :],
+                dh,
+                mask=row_ok[:, None] & k_ok[None, :],
+                sem="relaxed",
+            )
+
+
+@triton.jit
 def _tanh(x):
     # exp-based so it needs no libdevice; |error| ~ 1e-7 absolute in fp32.
     e = tl.exp(-2.0 * tl.abs(x))
@@ -371,50 +444,10 @@ def _bwd_kernel(
         elif NEED_DB:
             tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_ok, sem="relaxed")
 
-        dz_c = _round_to(dz, h_ptr.dtype.element_ty, UPCAST)
-        offs_k = tl.arange(0, BLOCK_K)
-        wrow = offs_v.to(tl.int64) * D
-        for k0 in range(0, k_stop, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < D
-            if NEED_DW:
-                h = tl.load(
-                    h_ptr + hrow[:, None] + kk[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                )
-                dw = _dot(
-                    tl.trans(dz_c),
-                    h,
-                    tl.zeros((BLOCK_V, BLOCK_K), dtype=tl.float32),
-                    INPUT_PRECISION,
-                    UPCAST,
-                )
-                tl.atomic_add(
-                    dw_ptr + wrow[:, None] + kk[None, :],
-                    dw,
-                    mask=v_ok[:, None] & k_ok[None, :],
-                    sem="relaxed",
-                )
-            if NEED_DH:
-                w = tl.load(
-                    w_ptr + wrow[:, None] + kk[None, :],
-                    mask=v_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                )
-                dh = _dot(
-                    dz_c,
-                    w,
-                    tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32),
-                    INPUT_PRECISION,
-                    UPCAST,
-                )
-                tl.atomic_add(
-                    dh_ptr + hrow[:, None] + kk[None, :],
-                    dh,
-                    mask=row_ok[:, None] & k_ok[None, :],
-                    sem="relaxed",
-                )
+        _accumulate_grads(
+            dz, h_ptr, w_ptr, dh_ptr, dw_ptr, hrow, row_ok, offs_v, v_ok, D, k_stop,
+            NEED_DH, NEED_DW, INPUT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K,
+        )  # fmt: skip
 
 
 _FWD_KEY = ["D", "V", "N_KEY"]

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..linear_logprob.triton import _dot
+from ..linear_logprob.triton import _accumulate_grads
 from ..linear_logprob.triton import _logit_tile as _llp_logit_tile
 from .cpu import fused
 
@@ -346,49 +346,10 @@ def _bwd_kernel(
         dz = tl.where(ok[:, None] & v_ok[None, :], dz, 0.0)
         if NEED_DB:
             tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_ok, sem="relaxed")
-        dz_c = dz.to(h_ptr.dtype.element_ty)
-        offs_h = tl.arange(0, BLOCK_H)
-        hrow = flat * H
-        wrow = offs_v.to(tl.int64) * H
-        for h0 in range(0, H, BLOCK_H):
-            hh = h0 + offs_h
-            h_ok = hh < H
-            if NEED_DW:
-                hv = tl.load(
-                    h_ptr + hrow[:, None] + hh[None, :], mask=ok[:, None] & h_ok[None, :], other=0.0
-                )
-                dw = _dot(
-                    tl.trans(dz_c),
-                    hv,
-                    tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32),
-                    INPUT_PRECISION,
-                    UPCAST,
-                )
-                tl.atomic_add(
-                    dw_ptr + wrow[:, None] + hh[None, :],
-                    dw,
-                    mask=v_ok[:, None] & h_ok[None, :],
-                    sem="relaxed",
-                )
-            if NEED_DH:
-                wv = tl.load(
-                    w_ptr + wrow[:, None] + hh[None, :],
-                    mask=v_ok[:, None] & h_ok[None, :],
-                    other=0.0,
-                )
-                dh = _dot(
-                    dz_c,
-                    wv,
-                    tl.zeros((KP * BT, BLOCK_H), dtype=tl.float32),
-                    INPUT_PRECISION,
-                    UPCAST,
-                )
-                tl.atomic_add(
-                    dh_ptr + hrow[:, None] + hh[None, :],
-                    dh,
-                    mask=ok[:, None] & h_ok[None, :],
-                    sem="relaxed",
-                )
+        _accumulate_grads(
+            dz, h_ptr, w_ptr, dh_ptr, dw_ptr, flat * H, ok, offs_v, v_ok, H, H,
+            NEED_DH, NEED_DW, INPUT_PRECISION, UPCAST, KP * BT, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- host code
