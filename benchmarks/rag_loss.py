@@ -64,6 +64,13 @@ def _inputs(case: Case):
     return hidden, weight, doc_scores, target, grad
 
 
+def _shifted(target):
+    """transformers' labels: the token each position predicts, PAD after the last."""
+    import torch
+
+    return torch.cat([target[:, 1:], torch.full_like(target[:, :1], PAD)], dim=1)
+
+
 def _timed(case: Case, loss_fn):
     """``loss_fn(hidden, weight, doc_scores, target, kind, eps) -> [B]`` → the fwd+bwd call."""
     import torch
@@ -168,7 +175,7 @@ def _setup_cce_marg(case: Case):
     B, K, T, H = s["B"], s["K"], s["T"], s["H"]
 
     def loss_fn(hidden, weight, doc_scores, target, kind, eps):
-        tgt = torch.cat([target[:, 1:], torch.full_like(target[:, :1], PAD)], dim=1)
+        tgt = _shifted(target)
         keep = tgt != PAD
         y = tgt.masked_fill(~keep, -100)[:, None, :].expand(B, K, T).reshape(-1)
         nll = linear_cross_entropy(hidden.reshape(-1, H), weight, y, reduction="none", impl="cce")
@@ -189,8 +196,7 @@ def _setup_gemm_floor(case: Case):
 
     hidden, weight, _, target, _ = _inputs(case)
     B, K, T, H, V = (case.shape[d] for d in "BKTHV")
-    tgt = torch.cat([target[:, 1:], torch.full_like(target[:, :1], PAD)], dim=1)
-    rows = (tgt != PAD)[:, None, :].expand(B, K, T).reshape(-1).nonzero().squeeze(1)
+    rows = (_shifted(target) != PAD)[:, None, :].expand(B, K, T).reshape(-1).nonzero().squeeze(1)
     h2, w2 = hidden.detach().reshape(-1, H), weight.detach()
     tile = 2048
 

@@ -145,7 +145,6 @@ Tiles pick_tiles(int64_t row_tile, int64_t vocab_tile) {
   return {row_tile > 0 ? row_tile : kDefaultRowTile, vocab_tile > 0 ? vocab_tile : kDefaultVocabTile};
 }
 
-
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
                   const std::optional<at::Tensor>& bias) {
   RK_CHECK_INPUT(hidden);
@@ -190,7 +189,8 @@ struct RowTargets {
   // [N] bool: the row's target is not ignore_index (the only per-row expansion: a mask).
   at::Tensor kept_rows(int64_t N, int64_t ignore_index) const {
     auto keep = ids.ne(ignore_index);
-    if ((inner == N && group == N) || N == 0) return keep.narrow(0, 0, std::min(N, keep.numel()));
+    if (N == 0) return keep.narrow(0, 0, 0);
+    if (inner == N && group == N) return keep;
     const int64_t B = ids.numel() / inner;
     return keep.view({B, 1, inner}).expand({B, group / inner, inner}).reshape({N});
   }
@@ -201,9 +201,6 @@ struct RowTargets {
                   V, ") or equal ignore_index, got ", p[i]);
   }
 };
-
-// Rows that take part, as int64 indices into the rows of hidden.
-at::Tensor active_rows(const at::Tensor& keep) { return keep.nonzero().squeeze(1); }
 
 // Active hidden rows in the compute dtype (no copy when nothing changes).
 at::Tensor gather_rows(const at::Tensor& hidden, const at::Tensor& idx, at::ScalarType acc) {
@@ -281,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_fwd(
   auto lp = at::zeros({N}, out_opts), lse = at::zeros({N}, out_opts), sum_lp = at::zeros({N}, out_opts);
   const RowTargets targets(target, N);
   targets.check_range(V, ignore_index);
-  auto idx = active_rows(targets.kept_rows(N, ignore_index));
+  auto idx = targets.kept_rows(N, ignore_index).nonzero().squeeze(1);  // active rows
   const int64_t Na = idx.numel();
   if (Na == 0 || V == 0) return {lp, lse, sum_lp};
   auto h = gather_rows(hidden, idx, acc);
@@ -414,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_bwd(
   auto g_lse = grad_lse.has_value() ? grad_lse->to(at::kDouble) : zeros_n;
   auto g_s = grad_sum.has_value() ? grad_sum->to(at::kDouble) : zeros_n;
   auto keep = targets.kept_rows(N, ignore_index).logical_and_(g_lp.ne(0).logical_or_(g_lse.ne(0)).logical_or_(g_s.ne(0)));
-  auto idx = active_rows(keep);
+  auto idx = keep.nonzero().squeeze(1);
   const int64_t Na = idx.numel();
   if (Na == 0) return zero_grads();
 
