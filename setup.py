@@ -1,4 +1,4 @@
-"""Build rag_kernels and its compiled C++ CPU core (``rag_kernels._C``).
+"""Build rag_kernels and its compiled C++ CPU core (``rag_kernels.ops._C``).
 
 The extension links against the *installed* torch, so it must be built with that torch
 importable: install with ``pip install --no-build-isolation -e .`` (an isolated build
@@ -30,7 +30,7 @@ if os.environ.get("RAG_KERNELS_SKIP_CPP", "0") != "1":
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     ext_modules.append(
         CppExtension(
-            name="rag_kernels._C",
+            name="rag_kernels.ops._C",
             sources=sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp"]},

@@ -106,7 +106,7 @@ import csv, datetime, subprocess, sys
 import torch
 import torch.nn.functional as F
 import rag_kernels as rk
-from rag_kernels._validation import set_value_checks
+from rag_kernels.ops.validation import set_value_checks
 
 set_value_checks(False)
 dev = torch.cuda.get_device_name(0)

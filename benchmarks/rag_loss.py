@@ -127,8 +127,8 @@ def _setup_hf(case: Case):
 
 
 def _rk_hf_available(case: Case) -> str | None:
-    if importlib.util.find_spec("rag_kernels.hf") is None:
-        return "rag_kernels.hf not available yet"
+    if importlib.util.find_spec("rag_kernels.integrations.hf") is None:
+        return "rag_kernels.integrations.hf not available yet"
     return None
 
 

@@ -1,5 +1,5 @@
 """contrastive_loss(gather=True) across 2 gloo processes vs one process on the concatenated
-batch; all_gather_with_grad; GradCache (rag_kernels.distributed.grad_cache_step)."""
+batch; all_gather_with_grad; GradCache (rag_kernels.losses.distributed.grad_cache_step)."""
 
 import os
 import socket
@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rag_kernels.distributed import all_gather_with_grad, grad_cache_step
+from rag_kernels.losses.distributed import all_gather_with_grad, grad_cache_step
 from rag_kernels.ops.contrastive import contrastive_loss
 from rag_kernels.ops.contrastive import cpu as cpu_kernels
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rag_kernels.cotraining import CoTrainingLoss, CoTrainingOutput
+from rag_kernels.losses.cotraining import CoTrainingLoss, CoTrainingOutput
 
 D64 = torch.float64
 

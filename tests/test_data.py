@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from rag_kernels.data import (
+from rag_kernels.cotrain.data import (
     DEFAULT_SIZES,
     Dataset,
     Passage,
@@ -252,8 +252,8 @@ def test_minilm_is_imperfect_on_default_dev(ds):
     """all-MiniLM-L6-v2 (the default retriever, untrained) on the dev split: the gold passage
     is often not its top-1 (near-duplicate distractors) but is almost always in its top-20."""
     st = pytest.importorskip("sentence_transformers")
-    from rag_kernels.eval import recall_at_k
-    from rag_kernels.models import minilm_dir
+    from rag_kernels.cotrain.eval import recall_at_k
+    from rag_kernels.cotrain.models import minilm_dir
 
     try:
         path = minilm_dir()

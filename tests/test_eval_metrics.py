@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from rag_kernels.eval import (
+from rag_kernels.cotrain.eval import (
     METRIC_KEYS,
     bleu,
     evaluate_all,

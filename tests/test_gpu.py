@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import rag_kernels as rk
-from rag_kernels._validation import set_value_checks, value_checks_enabled
+from rag_kernels.ops.validation import set_value_checks, value_checks_enabled
 
 pytestmark = pytest.mark.gpu
 

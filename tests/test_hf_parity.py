@@ -1,4 +1,4 @@
-"""Parity of rag_kernels.hf drop-ins with transformers' own RAG ``get_nll``.
+"""Parity of rag_kernels.integrations.hf drop-ins with transformers' own RAG ``get_nll``.
 
 transformers' ``RagSequenceForGeneration.get_nll`` / ``RagTokenForGeneration.get_nll`` are
 called unbound with a stand-in ``self`` (only ``config`` and, for the token model,
@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import rag_kernels.hf as rkhf  # noqa: E402
+import rag_kernels.integrations.hf as rkhf  # noqa: E402
 from rag_kernels.ops import linear_logprob as ll_mod  # noqa: E402
 
 modeling_rag = pytest.importorskip("transformers.models.rag.modeling_rag")

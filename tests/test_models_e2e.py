@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import rag_kernels as rk
-from rag_kernels.models import build_generator_batch, load_generator
+from rag_kernels.cotrain.models import build_generator_batch, load_generator
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""Retriever objectives (rag_kernels.retriever): EMDR², PDist, LOOP, ADist, REPLUG-LSR.
+"""Retriever objectives (rag_kernels.losses.retriever): EMDR², PDist, LOOP, ADist, REPLUG-LSR.
 
 Oracles: torch.nn.functional.kl_div for the KL family, the LSR formulas written out with
 exp/log, hand-computed EMDR² values and a naive Python loop, per-query sub-selection for

@@ -8,8 +8,8 @@ import socket
 import pytest
 import torch
 
-from rag_kernels.data import Dataset, Passage, QAExample
-from rag_kernels.training import CoTrainer, TrainConfig, build_parser, resolve_config
+from rag_kernels.cotrain.data import Dataset, Passage, QAExample
+from rag_kernels.cotrain.training import CoTrainer, TrainConfig, build_parser, resolve_config
 
 pytest.importorskip("faiss")
 

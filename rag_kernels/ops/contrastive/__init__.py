@@ -1,6 +1,6 @@
 """Contrastive (InfoNCE / MNRL / DPR) loss over in-batch and hard-negative candidates.
 
-Math (DESIGN.md §2). Scores ``S_ij = scale * sim(q_i, d_j)``; ``sim`` is the dot product,
+Math (docs/design.md §2.5). Scores ``S_ij = scale * sim(q_i, d_j)``; ``sim`` is the dot product,
 of ``F.normalize``-d embeddings for ``"cos"`` (gradients flow through the normalisation).
 Per query i with positive set ``pos(i)`` and false negatives ``excl(i)`` (candidates that
 share an id with one of i's positives, the positives themselves excepted):
@@ -31,7 +31,7 @@ row kernel applied to the transposed problem (positive documents as queries, que
 candidates), which streams the ``[B, B]`` block of positive columns the same way.
 
 Distributed (``gather=True``): docs (and doc_ids; for ``symmetric`` also queries) are
-all-gathered with gradient (:func:`rag_kernels.distributed.all_gather_with_grad`); local
+all-gathered with gradient (:func:`rag_kernels.ops.distributed.all_gather_with_grad`); local
 queries score against all ranks' candidates, ``positives`` index the local docs and are
 offset internally. Gradient scale: each rank's loss is the mean over its local queries, and
 the gather's backward *sums* the gradients that every rank's loss sends to a tensor, so
@@ -43,17 +43,30 @@ with False to the gathered candidates; ``doc_ids`` must be globally consistent i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ... import _validation as V
-from ..._backend import resolve_impl
+from .. import registry
+from .. import validation as V
+from ..distributed import gather_candidates
 from .reference import contrastive_loss_reference, positive_id_table, similarity_inputs
 
-REDUCTIONS = ("none", "sum", "mean")
+OP = registry.register("contrastive", __name__)
+
 SIMILARITIES = ("cos", "dot")
 
 
-class _FusedContrastiveRows(torch.autograd.Function):
+@dataclass(frozen=True)
+class ContrastiveOptions:
+    """Non-tensor options of the contrastive op."""
+
+    similarity: str = "cos"  # "cos" (MNRL) or "dot" (DPR)
+    symmetric: bool = False  # average with the doc -> query direction
+    gather: bool = False  # score against every rank's candidates (torch.distributed)
+
+
+class ContrastiveFunction(torch.autograd.Function):
     """Autograd shell for the row-direction fused kernels (``cpu.py``, ``triton.py``).
 
     A kernel module provides
@@ -101,19 +114,9 @@ class _FusedContrastiveRows(torch.autograd.Function):
         )
 
 
-def _kernels(impl: str):
-    if impl == "cpu":
-        from . import cpu
-
-        return cpu
-    from . import triton as triton_kernels
-
-    return triton_kernels
-
-
 def _rows(kernels, q, d, scale, pos_index=None, pos_mask=None, cand_ids=None, id_table=None):
     c = lambda t: None if t is None else t.contiguous()
-    return _FusedContrastiveRows.apply(
+    return ContrastiveFunction.apply(
         q.contiguous(),
         d.contiguous(),
         scale,
@@ -128,7 +131,7 @@ def _rows(kernels, q, d, scale, pos_index=None, pos_mask=None, cand_ids=None, id
 def _fused(
     impl, in_dtype, q, d, scale, sim, pos_index, pos_mask, cand_ids, symmetric, all_q, all_p, q_off
 ):
-    kernels = _kernels(impl)
+    kernels = registry.kernels(OP, impl)
     qn = similarity_inputs(q, sim)
     dn = similarity_inputs(d, sim)
     if impl == "triton" and in_dtype in (torch.float16, torch.bfloat16):
@@ -150,13 +153,9 @@ def _fused(
     return 0.5 * (loss + loss_col)
 
 
-def _reduce(per_query: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return per_query
-    return per_query.sum() if reduction == "sum" else per_query.mean()
-
-
-def _validate(queries, docs, positives, scale, similarity, symmetric, doc_ids, reduction, gather):
+def validate_contrastive_inputs(
+    queries, docs, positives, scale, similarity, symmetric, doc_ids, reduction, gather, checks
+):
     V.check_tensor("queries", queries, ndim=2)
     V.check_tensor("docs", docs, ndim=2)
     B, D = queries.shape
@@ -170,7 +169,7 @@ def _validate(queries, docs, positives, scale, similarity, symmetric, doc_ids, r
     V.check_same_device("docs", docs, queries, "queries")
     V.check_same_dtype("docs", docs, queries, "queries")
     V.check_choice("similarity", similarity, SIMILARITIES)
-    V.check_choice("reduction", reduction, REDUCTIONS)
+    V.check_choice("reduction", reduction, V.REDUCTIONS)
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
     if not isinstance(gather, bool):
@@ -206,13 +205,13 @@ def _validate(queries, docs, positives, scale, similarity, symmetric, doc_ids, r
                 "tensor (or None), not a [B, M] bool mask"
             )
         V.check_shape("positives", positives, (B, M))
-        if V.value_checks_enabled():
-            empty = ~positives.any(dim=1)
-            if bool(empty.any()):
-                i = int(empty.nonzero()[0, 0])
-                raise ValueError(
-                    f"positives must mark at least one doc per query, query {i} has none"
-                )
+        empty = ~positives.any(dim=1)
+
+        def fail_empty():
+            i = int(empty.nonzero()[0, 0])
+            raise ValueError(f"positives must mark at least one doc per query, query {i} has none")
+
+        checks.add(empty.any(), fail_empty)
         return
     if positives.dtype not in (torch.int64, torch.int32):
         raise TypeError(
@@ -224,13 +223,15 @@ def _validate(queries, docs, positives, scale, similarity, symmetric, doc_ids, r
             f"positives must have shape ({B},) (an index into docs per query) or ({B}, {M}) "
             f"(a bool mask), got {tuple(positives.shape)}"
         )
-    if V.value_checks_enabled():
-        bad = (positives < 0) | (positives >= M)
-        if bool(bad.any()):
-            raise ValueError(
-                f"positives must hold indices in [0, {M}) (rows of docs), got "
-                f"{int(positives[bad][0])} ({int(bad.sum())} invalid entries)"
-            )
+    bad = (positives < 0) | (positives >= M)
+
+    def fail_range():
+        raise ValueError(
+            f"positives must hold indices in [0, {M}) (rows of docs), got "
+            f"{int(positives[bad][0])} ({int(bad.sum())} invalid entries)"
+        )
+
+    checks.add(bad.any(), fail_range)
 
 
 def contrastive_loss(
@@ -265,16 +266,32 @@ def contrastive_loss(
             with gradient; see the module docstring for the gradient scale.
         impl: ``"auto" | "triton" | "cpu" | "reference"``.
 
+    Under ``torch.autocast`` both embeddings are cast to the autocast dtype first (the score
+    matmul then runs in it with fp32 accumulation, as ``queries @ docs.T`` would).
+
     Returns: the loss in fp32 (fp64 for fp64 inputs); ``[B]`` for ``reduction="none"``.
     """
-    _validate(queries, docs, positives, scale, similarity, symmetric, doc_ids, reduction, gather)
+    queries, docs = V.autocast_inputs(queries, queries, docs)
+    checks = V.ValueChecks()
+    validate_contrastive_inputs(
+        queries, docs, positives, scale, similarity, symmetric, doc_ids, reduction, gather, checks
+    )
+    checks.run()
+    opts = ContrastiveOptions(similarity=similarity, symmetric=symmetric, gather=gather)
+    per_query = contrastive_core(queries, docs, positives, scale, doc_ids, opts, impl)
+    return V.reduce_loss(per_query, reduction)
+
+
+def contrastive_core(
+    queries, docs, positives, scale, doc_ids, opts: ContrastiveOptions, impl: str
+) -> torch.Tensor:
+    """Per-query loss ``[B]`` on validated inputs (no checks, no host synchronisation)."""
+    similarity, symmetric = opts.similarity, opts.symmetric
     B = queries.shape[0]
     dev = queries.device
     cdt = torch.float64 if queries.dtype == torch.float64 else torch.float32
-    auto = impl == "auto"
-    impl = resolve_impl(impl, queries)
-    if impl == "triton" and cdt == torch.float64 and auto:
-        impl = "reference"  # the Triton kernels compute in fp32; float64 is for exactness
+    # The Triton kernels compute in fp32; on CUDA float64 (for exactness) takes the reference.
+    impl = registry.resolve(OP, impl, queries, auto_reference=queries.is_cuda and cdt == torch.float64)
     if impl == "triton" and cdt == torch.float64:
         raise ValueError(
             "impl='triton' supports float16/bfloat16/float32 inputs; use 'cpu' or 'reference' for float64"
@@ -298,9 +315,7 @@ def contrastive_loss(
 
     all_q = all_p = None
     q_off = 0
-    if gather:
-        from ...distributed import gather_candidates
-
+    if opts.gather:
         g = gather_candidates(q, d, pos_index, pos_mask, cand_ids, symmetric)
         d, pos_index, pos_mask, cand_ids = g.docs, g.pos_index, g.pos_mask, g.doc_ids
         all_q, all_p, q_off = g.all_queries, g.all_pos_index, g.query_offset
@@ -335,7 +350,7 @@ def contrastive_loss(
             all_p,
             q_off,
         )
-    return _reduce(per_query, reduction)
+    return per_query
 
 
-__all__ = ["contrastive_loss"]
+__all__ = ["contrastive_loss", "contrastive_core", "ContrastiveFunction", "ContrastiveOptions"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._backend import cpu_available
+from ..registry import cpu_available
 
 
 def available() -> bool:

@@ -1,13 +1,15 @@
 """Fused LM head log-probability: ``log softmax(W h + b)[y]`` per row, without ``[N, V]`` logits.
 
-Math (DESIGN.md §2): ``z_r = W h_r (+ bias)``, optionally softcapped ``z = c tanh(z / c)``;
+Math (docs/design.md §2.1): ``z_r = W h_r (+ bias)``, optionally softcapped ``z = c tanh(z / c)``;
 ``lse_r = logsumexp_v z_rv``; ``lp_r = z_r[y_r] - lse_r``; ``S_r = sum_v log p_rv``.
 Backward with upstream ``g_r`` (and ``g^S_r``, ``g^lse_r`` for the statistics):
 ``dz_rv = g_r (1[v=y_r] - p_rv) + g^S_r (1 - V p_rv) + g^lse_r p_rv``;
 ``dh_r = W^T dz_r``; ``dW += dz_r^T h_r``. Rows with zero upstream gradients contribute nothing.
 
-Implementations: ``reference.py`` (materialising PyTorch, float64-capable); the compiled C++
-and Triton kernels plug in through ``_IMPLS``.
+Implementations (op contract, docs/design.md §4): ``reference.py`` (materialising PyTorch,
+float64-capable); ``cpu.py`` (compiled C++, csrc/linear_logprob.cpp) and ``triton.py`` (GPU),
+both behind :class:`LinearLogprobFunction`. :func:`linear_logprob` validates and runs the value
+checks once; compositions (``rag_loss``, the hf drop-ins) call :func:`linear_logprob_core`.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import NamedTuple
 
 import torch
 
-from ... import _validation as V
-from ..._backend import resolve_impl
+from .. import registry
+from .. import validation as V
 from .reference import linear_logprob_reference
+
+OP = registry.register("linear_logprob", __name__)
 
 
 @dataclass(frozen=True)
@@ -42,11 +46,7 @@ class LogprobStats(NamedTuple):
     sum_logprob: torch.Tensor  # sum_v log p_rv (for label smoothing)
 
 
-def _reference(hidden, weight, target, bias, opts: LinearLogprobOptions):
-    return linear_logprob_reference(hidden, weight, target, bias, opts.ignore_index, opts.softcap)
-
-
-class _FusedLinearLogprob(torch.autograd.Function):
+class LinearLogprobFunction(torch.autograd.Function):
     """Autograd shell shared by the fused kernels (``cpu.py``, ``triton.py``).
 
     A kernel module provides
@@ -80,34 +80,6 @@ class _FusedLinearLogprob(torch.autograd.Function):
         return dh, dw, None, db, None, None
 
 
-def _fused(kernels):
-    def run(hidden, weight, target, bias, opts):
-        return _FusedLinearLogprob.apply(
-            hidden.contiguous(), weight.contiguous(), target.contiguous(),
-            None if bias is None else bias.contiguous(), opts, kernels,
-        )
-
-    return run
-
-
-# impl name -> fn(hidden[N,H], weight[V,H], target[N] | [B,T], bias[V]|None, opts) -> (lp, lse, S)
-_IMPLS = {"reference": _reference}
-try:  # compiled C++ kernels (csrc/linear_logprob.cpp)
-    from . import cpu as _cpu_kernels
-
-    if _cpu_kernels.available():
-        _IMPLS["cpu"] = _fused(_cpu_kernels)
-except ImportError:
-    pass
-try:  # Triton kernels
-    from . import triton as _triton_kernels
-
-    if _triton_kernels.available():
-        _IMPLS["triton"] = _fused(_triton_kernels)
-except ImportError:
-    pass
-
-
 def _target_layout(target: torch.Tensor, lead: torch.Size) -> torch.Tensor:
     """The target as the kernels take it: ``[N]`` (one id per row of ``hidden`` flattened), or
     ``[outer, inner]`` when ``target`` is broadcast over one run of ``hidden``'s leading dims
@@ -131,31 +103,58 @@ def _target_layout(target: torch.Tensor, lead: torch.Size) -> torch.Tensor:
     return target.reshape(outer, target.numel() // outer if outer else 0)
 
 
-def validate_linear_logprob_inputs(hidden, weight, target, bias, ignore_index, softcap):
+def validate_linear_logprob_inputs(
+    hidden, weight, target, bias, ignore_index, softcap, checks: V.ValueChecks
+) -> None:
+    """Structural checks (raise now) and the target-range value check (added to ``checks``)."""
     V.check_tensor("hidden", hidden)
     if hidden.dim() < 1:
         raise ValueError(f"hidden must have shape [..., H], got {tuple(hidden.shape)}")
-    V.check_tensor("weight", weight, ndim=2)
+    V.check_lm_head(hidden, weight, bias)
     V.check_index_tensor("target", target)
-    H = hidden.shape[-1]
-    if weight.shape[1] != H:
-        raise ValueError(
-            f"weight must have shape [V, H] with H={H} (hidden's last dim), got {tuple(weight.shape)}"
-        )
     _target_layout(target, hidden.shape[:-1])  # raises on a shape that does not fit
-    V.check_same_device("weight", weight, hidden, "hidden")
     V.check_same_device("target", target, hidden, "hidden")
-    V.check_same_dtype("weight", weight, hidden, "hidden")
-    if bias is not None:
-        V.check_tensor("bias", bias, ndim=1)
-        V.check_shape("bias", bias, (weight.shape[0],))
-        V.check_same_device("bias", bias, hidden, "hidden")
-        V.check_same_dtype("bias", bias, hidden, "hidden")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
-    if not isinstance(ignore_index, int):
+    V.check_softcap(softcap)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    V.check_targets("target", target, weight.shape[0], ignore_index)
+    V.check_targets(checks, "target", target, weight.shape[0], ignore_index)
+
+
+def linear_logprob_core(
+    hidden, weight, target, bias, opts: LinearLogprobOptions, impl: str, return_stats: bool
+) -> torch.Tensor | LogprobStats:
+    """:func:`linear_logprob` on validated inputs (no checks, no host synchronisation)."""
+    impl = registry.resolve(OP, impl, hidden)
+    shape = hidden.shape[:-1]
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    if impl == "reference":  # the materialising oracle takes one id per row
+        lp, lse, s = linear_logprob_reference(
+            rows, weight, target.expand(shape).reshape(-1), bias, opts.ignore_index, opts.softcap
+        )
+    else:
+        lp, lse, s = LinearLogprobFunction.apply(
+            rows.contiguous(),
+            weight.contiguous(),
+            _target_layout(target, shape).contiguous(),
+            None if bias is None else bias.contiguous(),
+            opts,
+            registry.kernels(OP, impl),
+        )
+    if not return_stats:
+        return lp.view(shape)
+    return LogprobStats(lp.view(shape), lse.view(shape), s.view(shape))
+
+
+def make_options(ignore_index=-100, softcap=None, filter_eps=None) -> LinearLogprobOptions:
+    if filter_eps is not None and not (
+        isinstance(filter_eps, (int, float)) and not isinstance(filter_eps, bool) and 0 <= filter_eps < 1
+    ):
+        raise ValueError(f"filter_eps must be a float in [0, 1) or None, got {filter_eps!r}")
+    return LinearLogprobOptions(
+        ignore_index=ignore_index,
+        softcap=None if softcap is None else float(softcap),
+        filter_eps=None if filter_eps is None else float(filter_eps),
+    )
 
 
 def linear_logprob(
@@ -187,27 +186,23 @@ def linear_logprob(
             below this (each skipped logit-gradient entry is < (|g| + |g_lse|) * eps; never
             skips with label smoothing). None (default) = exact; other impls ignore it.
 
+    Under ``torch.autocast`` the matmul operands are cast to the autocast dtype (fp32
+    accumulation, fp32 outputs, gradients in each input's own dtype), as ``F.linear`` would.
+
     Returns: ``hidden.shape[:-1]`` fp32 log-probs (fp64 for fp64 inputs), or :class:`LogprobStats`.
     """
-    validate_linear_logprob_inputs(hidden, weight, target, bias, ignore_index, softcap)
-    impl = resolve_impl(impl, hidden, has_triton="triton" in _IMPLS, has_cpu="cpu" in _IMPLS)
-    if filter_eps is not None and not (isinstance(filter_eps, (int, float)) and 0 <= filter_eps < 1):
-        raise ValueError(f"filter_eps must be a float in [0, 1) or None, got {filter_eps!r}")
-    opts = LinearLogprobOptions(
-        ignore_index=ignore_index,
-        softcap=None if softcap is None else float(softcap),
-        filter_eps=None if filter_eps is None else float(filter_eps),
-    )
-    shape = hidden.shape[:-1]
-    H = hidden.shape[-1]
-    if impl == "reference":  # the materialising oracle takes one id per row
-        rows_target = target.expand(shape).reshape(-1)
-    else:
-        rows_target = _target_layout(target, shape)
-    lp, lse, s = _IMPLS[impl](hidden.reshape(-1, H), weight, rows_target, bias, opts)
-    if not return_stats:
-        return lp.view(shape)
-    return LogprobStats(lp.view(shape), lse.view(shape), s.view(shape))
+    hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+    checks = V.ValueChecks()
+    validate_linear_logprob_inputs(hidden, weight, target, bias, ignore_index, softcap, checks)
+    opts = make_options(ignore_index, softcap, filter_eps)
+    checks.run()
+    return linear_logprob_core(hidden, weight, target, bias, opts, impl, return_stats)
 
 
-__all__ = ["linear_logprob", "LinearLogprobOptions", "LogprobStats"]
+__all__ = [
+    "linear_logprob",
+    "linear_logprob_core",
+    "LinearLogprobFunction",
+    "LinearLogprobOptions",
+    "LogprobStats",
+]

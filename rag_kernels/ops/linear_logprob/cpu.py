@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ..._backend import cpu_available
+from ..registry import cpu_available
 
 DEFAULT_TILES = (256, 2048)  # a 2 MB fp32 logit tile stays in L2
 

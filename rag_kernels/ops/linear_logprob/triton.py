@@ -1,4 +1,4 @@
-"""Triton kernels for the fused LM head (DESIGN.md §2): per-row ``lp``, ``lse``, ``sum_logprob``.
+"""Triton kernels for the fused LM head (docs/design.md §2.1): per-row ``lp``, ``lse``, ``sum_logprob``.
 
 Math, per row r: ``z_rv = W_v . h_r (+ b_v)``, optionally ``z = c tanh(z / c)``;
 ``lse_r = logsumexp_v z_rv``; ``lp_r = z_r[y_r] - lse_r``; ``S_r = sum_v z_rv - V lse_r``.
@@ -55,6 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_utils import accumulate_grads, logit_tile
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _AUTOTUNE = os.environ.get("RAG_KERNELS_AUTOTUNE", "1") != "0"
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -105,156 +107,7 @@ else:
 
 
 @triton.jit
-def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        out = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    return out
-
-
-@triton.jit
-def _round_to(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """``x`` rounded to the input dtype (round-to-nearest-even, as the GPU's cvt.rn does).
-
-    The 3.9 interpreter truncates fp32 -> bf16 casts, so there the rounding is done on the
-    bits and the (exactly representable) result stays fp32 for the upcast ``_dot``.
-    """
-    if UPCAST:
-        if DTYPE == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            out = bits.to(tl.float32, bitcast=True)
-        else:
-            out = x.to(DTYPE)
-    else:
-        out = x.to(DTYPE)
-    return out
-
-
-@triton.jit
-def _accumulate_grads(
-    dz,
-    h_ptr,
-    w_ptr,
-    dh_ptr,
-    dw_ptr,
-    hrow,
-    row_ok,
-    offs_v,
-    v_ok,
-    D,
-    k_stop,
-    NEED_DH: tl.constexpr,
-    NEED_DW: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """Backward of a logit tile ``z = h W^T``: from ``dz [BLOCK_R, BLOCK_V]`` add
-    ``dz^T h`` into ``dW`` and ``dz W`` into ``dh`` (fp32 buffers, relaxed atomics), walking
-    the hidden dim in ``BLOCK_K`` chunks up to ``k_stop`` (``D``, or 0 to skip the tile).
-    ``hrow`` / ``row_ok``: the rows' element offsets into ``h`` / ``dh`` and validity. ``dz`` is
-    rounded to the input dtype first, as plain PyTorch's bf16 / fp16 path rounds it.
-    Shared by the linear_logprob and token-smoothing backward kernels."""
-    dz_c = _round_to(dz, h_ptr.dtype.element_ty, UPCAST)
-    offs_k = tl.arange(0, BLOCK_K)
-    wrow = offs_v.to(tl.int64) * D
-    for k0 in range(0, k_stop, BLOCK_K):
-        kk = k0 + offs_k
-        k_ok = kk < D
-        if NEED_DW:
-            h = tl.load(
-                h_ptr + hrow[:, None] + kk[None, :],
-                mask=row_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            dw = _dot(
-                tl.trans(dz_c),
-                h,
-                tl.zeros((BLOCK_V, BLOCK_K), dtype=tl.float32),
-                INPUT_PRECISION,
-                UPCAST,
-            )
-            tl.atomic_add(
-                dw_ptr + wrow[:, None] + kk[None, :],
-                dw,
-                mask=v_ok[:, None] & k_ok[None, :],
-                sem="relaxed",
-            )
-        if NEED_DH:
-            w = tl.load(
-                w_ptr + wrow[:, None] + kk[None, :],
-                mask=v_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            dh = _dot(
-                dz_c,
-                w,
-                tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32),
-                INPUT_PRECISION,
-                UPCAST,
-            )
-            tl.atomic_add(
-                dh_ptr + hrow[:, None] + kk[None, :],
-                dh,
-                mask=row_ok[:, None] & k_ok[None, :],
-                sem="relaxed",
-            )
-
-
-@triton.jit
-def _tanh(x):
-    # exp-based so it needs no libdevice; |error| ~ 1e-7 absolute in fp32.
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
-def _logit_tile(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    hrow,
-    row_ok,
-    offs_v,
-    v_ok,
-    D,
-    softcap,
-    HAS_BIAS: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """``[BLOCK_N, BLOCK_V]`` fp32 logits (bias, softcap applied); inactive rows read as 0."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
-    wrow = offs_v.to(tl.int64) * D
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + offs_k
-        k_ok = kk < D
-        h = tl.load(
-            h_ptr + hrow[:, None] + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        wt = tl.load(
-            w_ptr + wrow[None, :] + kk[:, None], mask=v_ok[None, :] & k_ok[:, None], other=0.0
-        )
-        acc = _dot(h, wt, acc, INPUT_PRECISION, UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_v, mask=v_ok, other=0.0).to(tl.float32)[None, :]
-    if SOFTCAP:
-        acc = softcap * _tanh(acc / softcap)
-    return acc
-
-
-@triton.jit
-def _fwd_kernel(
+def linear_logprob_fwd_kernel(
     h_ptr,
     w_ptr,
     b_ptr,
@@ -300,7 +153,7 @@ def _fwd_kernel(
     for v0 in range(v_start, v_stop, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < v_stop
-        z = _logit_tile(
+        z = logit_tile(
             h_ptr,
             w_ptr,
             b_ptr,
@@ -333,7 +186,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_kernel(
+def linear_logprob_bwd_kernel(
     h_ptr,
     w_ptr,
     b_ptr,
@@ -403,7 +256,7 @@ def _bwd_kernel(
         offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         v_ok = offs_v < V
 
-        z = _logit_tile(
+        z = logit_tile(
             h_ptr,
             w_ptr,
             b_ptr,
@@ -444,7 +297,7 @@ def _bwd_kernel(
         elif NEED_DB:
             tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_ok, sem="relaxed")
 
-        _accumulate_grads(
+        accumulate_grads(
             dz, h_ptr, w_ptr, dh_ptr, dw_ptr, hrow, row_ok, offs_v, v_ok, D, k_stop,
             NEED_DH, NEED_DW, INPUT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K,
         )  # fmt: skip
@@ -455,15 +308,15 @@ _BWD_KEY = ["D", "V", "N_KEY"]
 # Benchmarking runs accumulate into the gradient buffers: restore_value puts their zeros back.
 _BWD_RESTORE = ["dh_ptr", "dw_ptr", "db_ptr"]
 _FWD = {
-    16: triton.autotune(configs=_FWD_CONFIGS_16, key=_FWD_KEY)(_fwd_kernel),
-    32: triton.autotune(configs=_FWD_CONFIGS_32, key=_FWD_KEY)(_fwd_kernel),
+    16: triton.autotune(configs=_FWD_CONFIGS_16, key=_FWD_KEY)(linear_logprob_fwd_kernel),
+    32: triton.autotune(configs=_FWD_CONFIGS_32, key=_FWD_KEY)(linear_logprob_fwd_kernel),
 }
 _BWD = {
     16: triton.autotune(configs=_BWD_CONFIGS_16, key=_BWD_KEY, restore_value=_BWD_RESTORE)(
-        _bwd_kernel
+        linear_logprob_bwd_kernel
     ),
     32: triton.autotune(configs=_BWD_CONFIGS_32, key=_BWD_KEY, restore_value=_BWD_RESTORE)(
-        _bwd_kernel
+        linear_logprob_bwd_kernel
     ),
 }
 

@@ -1,6 +1,6 @@
 """Marginalisation of the generator likelihood over K retrieved documents.
 
-Math (DESIGN.md §2), per query b, token mask ``m``, doc prior ``pi_bk = log_softmax_k s_bk``:
+Math (docs/design.md §2.2), per query b, token mask ``m``, doc prior ``pi_bk = log_softmax_k s_bk``:
 
 * RAG-Sequence: ``l_bk = sum_t m_bt lp_bkt``; ``loss_b = -logsumexp_k (pi_bk + l_bk)``;
   posterior ``w_bk = softmax_k (pi_bk + l_bk)``;
@@ -9,34 +9,49 @@ Math (DESIGN.md §2), per query b, token mask ``m``, doc prior ``pi_bk = log_sof
   ``w_bkt = softmax_k (pi_bk + lp_bkt)``; ``dloss_b/dlp_bkt = -m_bt w_bkt``;
   ``dloss_b/ds_bk = sum_t m_bt (exp(pi_bk) - w_bkt)``.
 
-Implementations: ``reference.py`` (autograd through plain PyTorch); ``cpu.py`` (C++ kernel)
-and ``triton.py`` (GPU kernel): one forward pass produces the loss and both gradients, the
-backward only scales them.
+Implementations (op contract, docs/design.md §4): ``reference.py`` (autograd through plain
+PyTorch); ``cpu.py`` (C++, csrc/marginalize.cpp) and ``triton.py`` (GPU), both behind
+:class:`MarginalizeFunction`: one forward pass produces the loss and both gradients, the
+backward only scales them. Inputs of any float dtype are accepted and computed in fp32 (fp64
+for fp64 inputs) — also under ``torch.autocast``, whose policy for log-softmax-like
+reductions is fp32.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ... import _validation as V
-from ..._backend import resolve_impl, triton_available
-from . import cpu as _cpu
+from .. import registry
+from .. import validation as V
 from .reference import (
-    _compute_dtype,
+    compute_dtype,
     posterior_reference,
     rag_sequence_loss_reference,
     rag_token_loss_reference,
 )
 
-REDUCTIONS = ("none", "sum", "mean")
+OP = registry.register("marginalize", __name__)
+REDUCTIONS = V.REDUCTIONS
+reduce_loss = V.reduce_loss
 
 
-class _MarginalizeFromGrads(torch.autograd.Function):
-    """Autograd shell for kernels whose forward already returns the per-query gradients."""
+@dataclass(frozen=True)
+class MarginalizeOptions:
+    """Non-tensor options of the marginalisation op."""
+
+    token_mode: bool = False  # RAG-Token (per-token marginal) instead of RAG-Sequence
+
+
+class MarginalizeFunction(torch.autograd.Function):
+    """Autograd shell of the fused kernels (``cpu.py``, ``triton.py``): a kernel module provides
+    ``forward(lp[B,K,T], s[B,K], token_mask?, doc_mask?, token_mode) -> (loss[B], dloss/dlp,
+    dloss/ds)``; the backward only scales the saved gradients."""
 
     @staticmethod
-    def forward(ctx, lp, scores, token_mask, doc_mask, token_mode, kernel):
-        loss, dlp, ds = kernel(lp, scores, token_mask, doc_mask, token_mode)
+    def forward(ctx, lp, scores, token_mask, doc_mask, opts: MarginalizeOptions, kernels):
+        loss, dlp, ds = kernels.forward(lp, scores, token_mask, doc_mask, opts.token_mode)
         ctx.save_for_backward(dlp, ds)
         return loss
 
@@ -47,20 +62,13 @@ class _MarginalizeFromGrads(torch.autograd.Function):
         return dlp * g[:, None, None], ds * g[:, None], None, None, None, None
 
 
-def reduce_loss(per_query: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return per_query
-    if reduction == "sum":
-        return per_query.sum()
-    return per_query.mean()
-
-
 def validate_marginalize_inputs(
     token_logprobs: torch.Tensor,
     doc_scores: torch.Tensor,
     token_mask: torch.Tensor | None,
     doc_mask: torch.Tensor | None,
     reduction: str,
+    checks: V.ValueChecks,
 ) -> None:
     V.check_tensor("token_logprobs", token_logprobs, ndim=3)
     V.check_tensor("doc_scores", doc_scores, ndim=2)
@@ -74,24 +82,31 @@ def validate_marginalize_inputs(
     V.check_mask("token_mask", token_mask, (B, T), token_logprobs)
     V.check_mask("doc_mask", doc_mask, (B, K), token_logprobs)
     V.check_choice("reduction", reduction, REDUCTIONS)
-    V.check_doc_scores("doc_scores", doc_scores, doc_mask)
+    V.check_doc_scores(checks, "doc_scores", doc_scores, doc_mask)
+
+
+def marginalize_core(token_logprobs, doc_scores, token_mask, doc_mask, token_mode, impl):
+    """Per-query loss ``[B]`` on validated inputs (no checks, no host synchronisation)."""
+    impl = registry.resolve(OP, impl, token_logprobs)
+    if impl == "reference":
+        fn = rag_token_loss_reference if token_mode else rag_sequence_loss_reference
+        return fn(token_logprobs, doc_scores, token_mask, doc_mask)
+    dt = compute_dtype(token_logprobs, doc_scores)
+    return MarginalizeFunction.apply(
+        token_logprobs.to(dt),
+        doc_scores.to(dt),
+        token_mask,
+        doc_mask,
+        MarginalizeOptions(token_mode=bool(token_mode)),
+        registry.kernels(OP, impl),
+    )
 
 
 def _marginalize(token_logprobs, doc_scores, token_mask, doc_mask, reduction, impl, token_mode):
-    validate_marginalize_inputs(token_logprobs, doc_scores, token_mask, doc_mask, reduction)
-    impl = resolve_impl(impl, token_logprobs, has_triton=triton_available())
-    if impl == "reference":
-        fn = rag_token_loss_reference if token_mode else rag_sequence_loss_reference
-        per_query = fn(token_logprobs, doc_scores, token_mask, doc_mask)
-    else:
-        if impl == "triton":
-            from .triton import marginalize_fwd as kernel
-        else:
-            kernel = _cpu.marginalize_fwd
-        dt = _compute_dtype(token_logprobs, doc_scores)
-        per_query = _MarginalizeFromGrads.apply(
-            token_logprobs.to(dt), doc_scores.to(dt), token_mask, doc_mask, token_mode, kernel
-        )
+    checks = V.ValueChecks()
+    validate_marginalize_inputs(token_logprobs, doc_scores, token_mask, doc_mask, reduction, checks)
+    checks.run()
+    per_query = marginalize_core(token_logprobs, doc_scores, token_mask, doc_mask, token_mode, impl)
     return reduce_loss(per_query, reduction)
 
 
@@ -145,10 +160,26 @@ def document_posterior(
     mode: str = "sequence",
 ) -> torch.Tensor:
     """The document posterior (no gradient): ``[B,K]`` for sequence, ``[B,K,T]`` for token mode."""
-    validate_marginalize_inputs(token_logprobs, doc_scores, token_mask, doc_mask, "none")
+    checks = V.ValueChecks()
+    validate_marginalize_inputs(token_logprobs, doc_scores, token_mask, doc_mask, "none", checks)
     V.check_choice("mode", mode, ("sequence", "token"))
+    checks.run()
+    return posterior_core(token_logprobs, doc_scores, token_mask, doc_mask, mode)
+
+
+def posterior_core(token_logprobs, doc_scores, token_mask, doc_mask, mode) -> torch.Tensor:
+    """:func:`document_posterior` on validated inputs (no checks, no host synchronisation)."""
     with torch.no_grad():
         return posterior_reference(token_logprobs, doc_scores, token_mask, doc_mask, mode)
 
 
-__all__ = ["rag_sequence_loss", "rag_token_loss", "document_posterior", "reduce_loss"]
+__all__ = [
+    "rag_sequence_loss",
+    "rag_token_loss",
+    "document_posterior",
+    "marginalize_core",
+    "posterior_core",
+    "reduce_loss",
+    "MarginalizeFunction",
+    "MarginalizeOptions",
+]

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from ..._backend import cpu_available
+from ..registry import cpu_available
 
-if cpu_available():
+
+def available() -> bool:
+    """True when the compiled extension loaded and registered the marginalisation op."""
+    return cpu_available() and hasattr(torch.ops.rag_kernels, "marginalize_fwd")
+
+
+if available():
 
     @torch.library.register_fake("rag_kernels::marginalize_fwd")
     def _(lp, scores, token_mask, doc_mask, token_mode):
@@ -20,7 +26,7 @@ if cpu_available():
         return lp.new_empty(B), torch.empty_like(lp), torch.empty_like(scores)
 
 
-def marginalize_fwd(lp, scores, token_mask, doc_mask, token_mode: bool):
+def forward(lp, scores, token_mask, doc_mask, token_mode: bool):
     return torch.ops.rag_kernels.marginalize_fwd(
         lp.contiguous(),
         scores.contiguous(),

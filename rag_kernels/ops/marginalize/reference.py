@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 
-def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
+def compute_dtype(*xs: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
@@ -27,7 +27,7 @@ def masked_inputs(
     doc_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Upcast, and zero out masked entries. Returns (lp, log_prior, keep_tok[B,1,T], keep_doc[B,K])."""
-    dt = _compute_dtype(token_logprobs, doc_scores)
+    dt = compute_dtype(token_logprobs, doc_scores)
     B, K, T = token_logprobs.shape
     dev = token_logprobs.device
     keep_tok = (

@@ -19,7 +19,7 @@ def available() -> bool:
 
 
 @triton.jit
-def _marginalize_kernel(
+def marginalize_kernel(
     lp_ptr, s_ptr, tm_ptr, dm_ptr, loss_ptr, dlp_ptr, ds_ptr,
     K, T,
     HAS_TM: tl.constexpr, HAS_DM: tl.constexpr, TOKEN_MODE: tl.constexpr,
@@ -92,7 +92,7 @@ def _marginalize_kernel(
                      mask=in_k[:, None] & in_t[None, :])
 
 
-def marginalize_fwd(lp, scores, token_mask, doc_mask, token_mode: bool):
+def forward(lp, scores, token_mask, doc_mask, token_mode: bool):
     lp, scores = lp.contiguous(), scores.contiguous()
     B, K, T = lp.shape
     loss = lp.new_empty(B)
@@ -102,7 +102,7 @@ def marginalize_fwd(lp, scores, token_mask, doc_mask, token_mode: bool):
     dm = doc_mask.contiguous().view(torch.uint8) if doc_mask is not None else lp
     block_k = triton.next_power_of_2(max(K, 1))
     block_t = max(1, min(triton.next_power_of_2(max(T, 1)), max(16, 4096 // block_k)))
-    _marginalize_kernel[(B,)](
+    marginalize_kernel[(B,)](
         lp, scores, tm, dm, loss, dlp, ds, K, T,
         HAS_TM=token_mask is not None, HAS_DM=doc_mask is not None, TOKEN_MODE=token_mode,
         BLOCK_K=block_k, BLOCK_T=block_t, F64=lp.dtype == torch.float64,

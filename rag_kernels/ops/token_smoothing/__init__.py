@@ -1,6 +1,6 @@
 """RAG-Token label-smoothing statistic: ``sum_v log p_marg(v)`` per (query, token).
 
-Math (DESIGN.md §2, RAG-Token). Per query b, answer position t and vocabulary entry v, with
+Math (docs/design.md §2.3). Per query b, answer position t and vocabulary entry v, with
 LM-head logits ``z_bkt = W h_bkt (+ bias)`` (optionally softcapped ``z = c tanh(z / c)``),
 ``log p_bkt(v) = log_softmax_v z_bkt(v)`` and the document prior
 ``pi_bk = log_softmax_k s_bk`` over the unmasked documents::
@@ -15,11 +15,13 @@ Gradients: with ``w_bkt(v) = softmax_k (pi_bk + log p_bkt(v))`` and upstream ``g
 ``d out / d z_bkt(v) = g_bt (w_bkt(v) - p_bkt(v) sum_u w_bkt(u))`` and
 ``d out / d s_bk = g_bt sum_v (w_bkt(v) - exp(pi_bk))``.
 
-Implementations: ``reference.py`` (materialising PyTorch, float64-capable); ``cpu.py`` binds
-the compiled C++ kernel when the extension provides it; ``triton.py`` holds the Triton
-kernels. The fused kernels make one pass over V per (b,t) that holds all K documents'
-``[K, V-tile]`` logits at once, with an online log-sum-exp per document, and recompute the
-tiles in the backward; they plug in through ``_IMPLS`` with the signature of ``_reference``.
+Implementations (op contract, docs/design.md §4): ``reference.py`` (materialising PyTorch,
+float64-capable); ``cpu.py`` (compiled C++, csrc/token_smoothing.cpp) and ``triton.py`` (GPU),
+both behind :class:`TokenSmoothingFunction`. The fused kernels make one pass over V per (b,t)
+that holds all K documents' ``[K, V-tile]`` logits at once, with an online log-sum-exp per
+document, and recompute the tiles in the backward. With a target the same pass also yields
+each document's target log-prob (:func:`token_smoothing_with_logprob`, what a label-smoothed
+RAG-Token loss needs).
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ... import _validation as V
-from ..._backend import resolve_impl
-from .reference import token_smoothing_reference
+from .. import registry
+from .. import validation as V
+from ..linear_logprob import linear_logprob_core, make_options
+from .reference import compute_dtype, token_smoothing_reference
+
+OP = registry.register("token_smoothing", __name__)
 
 
 @dataclass(frozen=True)
@@ -40,38 +45,76 @@ class TokenSmoothingOptions:
     softcap: float | None = None
 
 
-def _reference(hidden, weight, doc_scores, bias, doc_mask, opts: TokenSmoothingOptions):
-    return token_smoothing_reference(hidden, weight, doc_scores, bias, opts.softcap, doc_mask)
+class TokenSmoothingFunction(torch.autograd.Function):
+    """Autograd shell shared by the fused kernels (``cpu.py``, ``triton.py``).
+
+    A kernel module provides ``forward(hidden[B,K,T,H], weight[V,H], log_prior[B,K], bias,
+    target[B,T] | None, opts) -> (out[B,T], lse[B,K,T], wsum[B,K,T], lp[B,K,T] or [0])``
+    storing nothing of size V, and ``backward(hidden, weight, log_prior, bias, target, lse, wsum,
+    grad_out | None, grad_lp | None, opts, needs=(hidden, weight, bias)) -> (dh, dW, db)``
+    (None where not needed). Masked documents carry ``log_prior = -inf``. The prior's gradient
+    is ``sum_t grad_out * wsum`` (``lp`` does not depend on the prior).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, log_prior, bias, target, opts, kernels):
+        out, lse, wsum, lp = kernels.forward(hidden, weight, log_prior, bias, target, opts)
+        ctx.save_for_backward(hidden, weight, log_prior, bias, target, lse, wsum)
+        ctx.opts, ctx.kernels = opts, kernels
+        ctx.set_materialize_grads(False)
+        if target is None:
+            ctx.mark_non_differentiable(lp)
+        return out, lp
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lp):
+        hidden, weight, log_prior, bias, target, lse, wsum = ctx.saved_tensors
+        if target is None:
+            grad_lp = None
+        if grad_out is None and grad_lp is None:
+            return None, None, None, None, None, None, None
+        if grad_out is not None:
+            grad_out = grad_out.to(lse.dtype)
+        if grad_lp is not None:
+            grad_lp = grad_lp.to(lse.dtype)
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
+        dh = dw = db = None
+        if any(needs):
+            dh, dw, db = ctx.kernels.backward(
+                hidden,
+                weight,
+                log_prior,
+                bias,
+                target,
+                lse,
+                wsum,
+                grad_out,
+                grad_lp,
+                ctx.opts,
+                needs,
+            )
+        d_prior = None
+        if ctx.needs_input_grad[2] and grad_out is not None:
+            d_prior = torch.einsum("bt,bkt->bk", grad_out, wsum).to(log_prior.dtype)
+        return dh, dw, d_prior, db, None, None, None
 
 
-# impl name -> fn(hidden[B,K,T,H], weight[V,H], doc_scores[B,K], bias|None, doc_mask|None, opts)
-_IMPLS = {"reference": _reference}
-try:  # compiled C++ kernels (csrc/token_smoothing.cpp), once built
-    from . import cpu as _cpu_kernels
-
-    if _cpu_kernels.available():
-        _IMPLS["cpu"] = _cpu_kernels.token_smoothing_cpu
-except ImportError:
-    pass
-try:  # Triton kernels (triton.py)
-    from . import triton as _triton_kernels
-
-    if _triton_kernels.available():
-        _IMPLS["triton"] = _triton_kernels.token_smoothing_triton
-except ImportError:
-    pass
+def log_prior_of(doc_scores: torch.Tensor, doc_mask: torch.Tensor | None, dtype: torch.dtype):
+    """``log_softmax_k`` of the unmasked scores in ``dtype``, ``-inf`` on masked documents."""
+    s = doc_scores.to(dtype)
+    if doc_mask is not None:
+        s = torch.where(doc_mask, s, torch.full((), float("-inf"), dtype=dtype, device=s.device))
+    return torch.log_softmax(s, dim=-1)
 
 
-def validate_token_smoothing_inputs(hidden, weight, doc_scores, bias, softcap, doc_mask) -> None:
+def validate_token_smoothing_inputs(
+    hidden, weight, doc_scores, bias, softcap, doc_mask, checks: V.ValueChecks
+) -> None:
+    """Structural checks (raise now) and the doc-score value checks (added to ``checks``)."""
     V.check_tensor("hidden", hidden, ndim=4)
-    V.check_tensor("weight", weight, ndim=2)
+    V.check_lm_head(hidden, weight, bias)
     V.check_tensor("doc_scores", doc_scores, ndim=2)
     B, K, T, H = hidden.shape
-    if weight.shape[1] != H:
-        raise ValueError(
-            f"weight must have shape [V, H] with H={H} (hidden's last dim), "
-            f"got {tuple(weight.shape)}"
-        )
     if weight.shape[0] == 0:
         raise ValueError(f"weight must have at least one vocabulary row, got {tuple(weight.shape)}")
     if tuple(doc_scores.shape) != (B, K):
@@ -79,20 +122,41 @@ def validate_token_smoothing_inputs(hidden, weight, doc_scores, bias, softcap, d
             f"doc_scores must have shape (B, K) = {(B, K)} to match hidden {tuple(hidden.shape)}, "
             f"got {tuple(doc_scores.shape)}"
         )
-    V.check_same_device("weight", weight, hidden, "hidden")
-    V.check_same_dtype("weight", weight, hidden, "hidden")
     V.check_same_device("doc_scores", doc_scores, hidden, "hidden")
-    if bias is not None:
-        V.check_tensor("bias", bias, ndim=1)
-        V.check_shape("bias", bias, (weight.shape[0],))
-        V.check_same_device("bias", bias, hidden, "hidden")
-        V.check_same_dtype("bias", bias, hidden, "hidden")
-    if softcap is not None and (
-        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0
-    ):
-        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    V.check_softcap(softcap)
     V.check_mask("doc_mask", doc_mask, (B, K), hidden)
-    V.check_doc_scores("doc_scores", doc_scores, doc_mask)
+    V.check_doc_scores(checks, "doc_scores", doc_scores, doc_mask)
+
+
+def token_smoothing_core(
+    hidden, weight, doc_scores, target, bias, doc_mask, opts: TokenSmoothingOptions, impl: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(out[B,T], lp[B,K,T] or None)`` on validated inputs (no checks, no host sync).
+
+    ``target [B,T]`` (negative = no target: lp 0) or None. Fused impls produce both from one
+    vocabulary pass; the reference computes ``lp`` with the reference LM-head op.
+    """
+    impl = registry.resolve(OP, impl, hidden)
+    if impl == "reference":
+        out = token_smoothing_reference(hidden, weight, doc_scores, bias, opts.softcap, doc_mask)
+        if target is None:
+            return out, None
+        lp_opts = make_options(ignore_index=-1, softcap=opts.softcap)
+        tgt = target.clamp(min=-1)[:, None, :]
+        return out, linear_logprob_core(hidden, weight, tgt, bias, lp_opts, "reference", False)
+    out_dt = compute_dtype(hidden, doc_scores)
+    # fp64 scores keep an fp64 prior (the kernels read it as double / fp32).
+    log_prior = log_prior_of(doc_scores, doc_mask, out_dt)
+    out, lp = TokenSmoothingFunction.apply(
+        hidden.contiguous(),
+        weight.contiguous(),
+        log_prior,
+        None if bias is None else bias.contiguous(),
+        None if target is None else target.contiguous(),
+        opts,
+        registry.kernels(OP, impl),
+    )
+    return out.to(out_dt), (None if target is None else lp)
 
 
 def token_smoothing(
@@ -109,30 +173,39 @@ def token_smoothing(
 
     Args:
         hidden: ``[B, K, T, H]`` generator hidden states (query b, document k, position t).
-        weight: ``[V, H]`` LM-head weight, same dtype as ``hidden``.
+        weight: ``[V, H]`` LM-head weight, same dtype as ``hidden`` (under ``torch.autocast``
+            both are cast to the autocast dtype).
         doc_scores: ``[B, K]`` retriever scores (logits of the document prior).
         bias: optional ``[V]`` LM-head bias.
         softcap: optional ``c``: logits become ``c * tanh(z / c)``.
         doc_mask: ``[B, K]`` bool, True for real documents; masked documents (whatever their
             hidden states and scores hold) are left out of the prior and the sum over k.
-        impl: ``"auto" | "triton" | "cpu" | "reference"``; ``"auto"`` picks triton on CUDA
-            tensors and cpu on CPU tensors when those kernels are present, else the reference.
+        impl: ``"auto" | "triton" | "cpu" | "reference"``.
 
     Returns: ``[B, T]`` fp32 (fp64 when ``hidden`` or ``doc_scores`` is fp64), differentiable
     with respect to ``hidden``, ``weight``, ``bias`` and ``doc_scores``.
     """
-    validate_token_smoothing_inputs(hidden, weight, doc_scores, bias, softcap, doc_mask)
-    impl = resolve_impl(impl, hidden, has_triton="triton" in _IMPLS, has_cpu="cpu" in _IMPLS)
+    hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+    checks = V.ValueChecks()
+    validate_token_smoothing_inputs(hidden, weight, doc_scores, bias, softcap, doc_mask, checks)
+    checks.run()
     opts = TokenSmoothingOptions(softcap=None if softcap is None else float(softcap))
-    return _IMPLS[impl](hidden, weight, doc_scores, bias, doc_mask, opts)
+    return token_smoothing_core(hidden, weight, doc_scores, None, bias, doc_mask, opts, impl)[0]
 
 
-# impl name -> fn(hidden, weight, doc_scores, target[B,T] (negative = none), bias, doc_mask, opts)
-#   -> (out[B,T], lp[B,K,T]): the statistic and the target log-probs from one vocabulary pass
-_LP_IMPLS = {}
-for _name, _mod in (("cpu", "_cpu_kernels"), ("triton", "_triton_kernels")):
-    if _name in _IMPLS:
-        _LP_IMPLS[_name] = getattr(globals()[_mod], f"token_smoothing_with_logprob_{_name}")
+def validate_target(target, hidden, weight, ignore_index, checks: V.ValueChecks) -> None:
+    B, K, T, _ = hidden.shape
+    V.check_index_tensor("target", target, ndim=2)
+    V.check_shape("target", target, (B, T))
+    V.check_same_device("target", target, hidden, "hidden")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    V.check_targets(checks, "target", target, weight.shape[0], ignore_index)
+
+
+def kernel_target(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The kernels' target convention: negative = ignored."""
+    return torch.where(target == ignore_index, torch.full_like(target, -1), target)
 
 
 def token_smoothing_with_logprob(
@@ -150,22 +223,20 @@ def token_smoothing_with_logprob(
     """``(token_smoothing(...) [B,T], lp [B,K,T])`` where ``lp`` is each document's target
     log-prob (0 at ``ignore_index``): all the LM-head work of a label-smoothed RAG-Token loss
     in one pass over the vocabulary (fused impls); the reference computes the two separately."""
-    validate_token_smoothing_inputs(hidden, weight, doc_scores, bias, softcap, doc_mask)
-    B, K, T, _ = hidden.shape
-    V.check_index_tensor("target", target, ndim=2)
-    V.check_shape("target", target, (B, T))
-    V.check_targets("target", target, weight.shape[0], ignore_index)
-    impl = resolve_impl(impl, hidden, has_triton="triton" in _LP_IMPLS, has_cpu="cpu" in _LP_IMPLS)
+    hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+    checks = V.ValueChecks()
+    validate_token_smoothing_inputs(hidden, weight, doc_scores, bias, softcap, doc_mask, checks)
+    validate_target(target, hidden, weight, ignore_index, checks)
+    checks.run()
     opts = TokenSmoothingOptions(softcap=None if softcap is None else float(softcap))
-    if impl == "reference":
-        from ..linear_logprob import linear_logprob
-
-        out = _IMPLS["reference"](hidden, weight, doc_scores, bias, doc_mask, opts)
-        lp = linear_logprob(hidden, weight, target[:, None, :], bias=bias,
-                            ignore_index=ignore_index, softcap=softcap, impl="reference")
-        return out, lp
-    tgt = torch.where(target == ignore_index, torch.full_like(target, -1), target)
-    return _LP_IMPLS[impl](hidden, weight, doc_scores, tgt, bias, doc_mask, opts)
+    tgt = kernel_target(target, ignore_index)
+    return token_smoothing_core(hidden, weight, doc_scores, tgt, bias, doc_mask, opts, impl)
 
 
-__all__ = ["token_smoothing", "token_smoothing_with_logprob", "TokenSmoothingOptions"]
+__all__ = [
+    "token_smoothing",
+    "token_smoothing_with_logprob",
+    "token_smoothing_core",
+    "TokenSmoothingFunction",
+    "TokenSmoothingOptions",
+]

@@ -1,5 +1,4 @@
-"""Compiled C++ RAG-Token smoothing kernels (csrc/token_smoothing.cpp) and the autograd shell
-shared with ``triton.py``.
+"""Binding of the compiled C++ RAG-Token smoothing kernels (csrc/token_smoothing.cpp).
 
 ``torch.ops.rag_kernels.token_smoothing_fwd(hidden[B,K,T,H], weight[V,H], log_prior[B,K],
 bias[V]?, target[B,T]?, softcap?, row_tile, vocab_tile) -> (out[B,T], lse[B,K,T], wsum[B,K,T],
@@ -25,11 +24,10 @@ small shapes span several tiles).
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
-from ..._backend import cpu_available
+from ..registry import cpu_available
 
 
 def _tiles_from_env() -> tuple[int, int, int, int]:
@@ -156,108 +154,3 @@ def backward(hidden, weight, log_prior, bias, target, lse, wsum, grad_out, grad_
         TILES[3],
     )
     return (dh if needs_h else None, dw if needs_w else None, db if needs_b else None)
-
-
-class FusedTokenSmoothing(torch.autograd.Function):
-    """Autograd shell shared by the fused kernels (this module, ``triton.py``).
-
-    A kernel module provides ``forward(hidden[B,K,T,H], weight[V,H], log_prior[B,K], bias,
-    target[B,T] | None, opts) -> (out[B,T], lse[B,K,T], wsum[B,K,T], lp[B,K,T] or [0])``
-    storing nothing of size V, and ``backward(hidden, weight, log_prior, bias, target, lse, wsum,
-    grad_out | None, grad_lp | None, opts, needs=(hidden, weight, bias)) -> (dh, dW, db)``
-    (None where not needed). Masked documents carry ``log_prior = -inf``. The prior's gradient
-    is ``sum_t grad_out * wsum`` (``lp`` does not depend on the prior).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, log_prior, bias, target, opts, kernels):
-        out, lse, wsum, lp = kernels.forward(hidden, weight, log_prior, bias, target, opts)
-        ctx.save_for_backward(hidden, weight, log_prior, bias, target, lse, wsum)
-        ctx.opts, ctx.kernels = opts, kernels
-        ctx.set_materialize_grads(False)
-        if target is None:
-            ctx.mark_non_differentiable(lp)
-        return out, lp
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lp):
-        hidden, weight, log_prior, bias, target, lse, wsum = ctx.saved_tensors
-        if target is None:
-            grad_lp = None
-        if grad_out is None and grad_lp is None:
-            return None, None, None, None, None, None, None
-        if grad_out is not None:
-            grad_out = grad_out.to(lse.dtype)
-        if grad_lp is not None:
-            grad_lp = grad_lp.to(lse.dtype)
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
-        dh = dw = db = None
-        if any(needs):
-            dh, dw, db = ctx.kernels.backward(
-                hidden,
-                weight,
-                log_prior,
-                bias,
-                target,
-                lse,
-                wsum,
-                grad_out,
-                grad_lp,
-                ctx.opts,
-                needs,
-            )
-        d_prior = None
-        if ctx.needs_input_grad[2] and grad_out is not None:
-            d_prior = torch.einsum("bt,bkt->bk", grad_out, wsum).to(log_prior.dtype)
-        return dh, dw, d_prior, db, None, None, None
-
-
-def log_prior_of(doc_scores: torch.Tensor, doc_mask: torch.Tensor | None, dtype: torch.dtype):
-    """``log_softmax_k`` of the unmasked scores in ``dtype``, ``-inf`` on masked documents."""
-    s = doc_scores.to(dtype)
-    if doc_mask is not None:
-        s = torch.where(doc_mask, s, torch.full((), float("-inf"), dtype=dtype, device=s.device))
-    return torch.log_softmax(s, dim=-1)
-
-
-def fused(kernels, *, with_logprob: bool = False):
-    """The ``_IMPLS`` entry for a kernel module: ``fn(hidden, weight, doc_scores, bias,
-    doc_mask, opts) -> [B, T]`` (fp32; fp64 when ``hidden`` or ``doc_scores`` is fp64).
-    ``with_logprob=True``: ``fn(hidden, weight, doc_scores, target, bias, doc_mask, opts) ->
-    (out[B,T], lp[B,K,T])`` with ``lp`` the per-document target log-prob (0 where
-    ``target < 0`` or the document is masked), both from the same pass over the vocabulary."""
-
-    def run(hidden, weight, doc_scores, target, bias, doc_mask, opts):
-        acc = _acc_dtype(hidden)
-        out_dt = torch.float64 if torch.float64 in (hidden.dtype, doc_scores.dtype) else acc
-        # fp64 scores keep an fp64 prior (the kernels read it as double / fp32).
-        log_prior = log_prior_of(doc_scores, doc_mask, out_dt)
-        out, lp = FusedTokenSmoothing.apply(
-            hidden.contiguous(), weight.contiguous(), log_prior, _c(bias), _c(target), opts, kernels
-        )
-        return out.to(out_dt), lp
-
-    if with_logprob:
-        return run
-
-    def run_stat(hidden, weight, doc_scores, bias, doc_mask, opts):
-        return run(hidden, weight, doc_scores, None, bias, doc_mask, opts)[0]
-
-    return run_stat
-
-
-def token_smoothing_cpu(hidden, weight, doc_scores, bias, doc_mask, opts) -> torch.Tensor:
-    """``_IMPLS["cpu"]``: ``hidden [B,K,T,H]``, ``weight [V,H]``, ``doc_scores [B,K]`` ->
-    ``[B,T]``, differentiable with respect to hidden, weight, doc_scores and bias."""
-    return _run_cpu(hidden, weight, doc_scores, bias, doc_mask, opts)
-
-
-def token_smoothing_with_logprob_cpu(hidden, weight, doc_scores, target, bias, doc_mask, opts):
-    """``(out[B,T], lp[B,K,T])``: the statistic and each document's target log-prob
-    ``log softmax(z_bkt)[target_bt]`` (``target [B,T]``, negative = none: lp 0), from one pass
-    over the vocabulary; both differentiable (lp w.r.t. hidden, weight, bias)."""
-    return _run_cpu_lp(hidden, weight, doc_scores, target, bias, doc_mask, opts)
-
-
-_run_cpu = fused(sys.modules[__name__])
-_run_cpu_lp = fused(sys.modules[__name__], with_logprob=True)

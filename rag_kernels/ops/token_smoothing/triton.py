@@ -1,4 +1,4 @@
-"""Triton kernels for the RAG-Token smoothing statistic (DESIGN.md §2, RAG-Token).
+"""Triton kernels for the RAG-Token smoothing statistic (docs/design.md §2.3).
 
 ``out[b,t] = sum_v log sum_k exp(pi_bk + z_bkt(v) - lse_bkt)``, ``z = softcap(W h + bias)``.
 
@@ -7,12 +7,12 @@ Design: one program owns query b, a block of ``BT`` tokens and all ``K`` documen
 document-major), reshaped to ``[KP, BT, BLOCK_V]`` so the reduction over documents is an axis
 reduction in registers — ``[K, V-tile]`` per token, never ``[B, K, T, V]``.
 
-* ``_lse_kernel``: online log-sum-exp per row over the vocab tiles of one split (partials
+* ``token_smoothing_lse_kernel``: online log-sum-exp per row over the vocab tiles of one split (partials
   ``[splits, B*K*T]`` merged by two torch ops).
-* ``_smooth_kernel``: per vocab tile ``a = pi - lse + z``, ``m = max_k a``, ``e = exp(a - m)``,
+* ``token_smoothing_fwd_kernel``: per vocab tile ``a = pi - lse + z``, ``m = max_k a``, ``e = exp(a - m)``,
   ``s = sum_k e``; accumulates ``sum_v (m + log s)`` per token and ``wsum_k = sum_v e / s`` per
   row; partials per vocab split, summed on the host.
-* ``_bwd_kernel``: one program per (query, token block, vocab tile) recomputes the tile,
+* ``token_smoothing_bwd_kernel``: one program per (query, token block, vocab tile) recomputes the tile,
   ``dz = g (w - p wsum)`` (times ``1 - (z/c)^2`` under softcap), then walks H adding
   ``dz @ W`` into fp32 ``dh`` and ``dz^T @ h`` into fp32 ``dW`` with relaxed atomics (``db``
   too), the 6NHV scheme of the fused LM head. Token blocks whose upstream gradient is all zero
@@ -31,15 +31,12 @@ The GPU configuration is a fixed, untuned one.
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from ..linear_logprob.triton import _accumulate_grads
-from ..linear_logprob.triton import _logit_tile as _llp_logit_tile
-from .cpu import fused
+from ..triton_utils import accumulate_grads, logit_tile
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -75,7 +72,7 @@ def _rows(pid_bt, K, T, NTB, pi_ptr, KP: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
-def _logit_tile(
+def rows_logit_tile(
     h_ptr,
     w_ptr,
     b_ptr,
@@ -94,12 +91,12 @@ def _logit_tile(
     BLOCK_H: tl.constexpr,
 ):
     """``[R, BLOCK_V]`` fp32 logits (bias, softcap applied); rows not ``ok`` read as 0."""
-    return _llp_logit_tile(h_ptr, w_ptr, b_ptr, flat * H, ok, offs_v, v_ok, H, softcap, HAS_BIAS,
+    return logit_tile(h_ptr, w_ptr, b_ptr, flat * H, ok, offs_v, v_ok, H, softcap, HAS_BIAS,
                            SOFTCAP, INPUT_PRECISION, UPCAST, R, BLOCK_V, BLOCK_H)
 
 
 @triton.jit
-def _lse_kernel(
+def token_smoothing_lse_kernel(
     h_ptr,
     w_ptr,
     b_ptr,
@@ -139,7 +136,7 @@ def _lse_kernel(
     for v0 in range(v_start, v_stop, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < v_stop
-        z = _logit_tile(
+        z = rows_logit_tile(
             h_ptr,
             w_ptr,
             b_ptr,
@@ -188,7 +185,7 @@ def _doc_softmax(z, c, ok, t_ok, v_ok, KP: tl.constexpr, BT: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _smooth_kernel(
+def token_smoothing_fwd_kernel(
     h_ptr,
     w_ptr,
     b_ptr,
@@ -227,7 +224,7 @@ def _smooth_kernel(
     for v0 in range(v_start, v_stop, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < v_stop
-        z = _logit_tile(
+        z = rows_logit_tile(
             h_ptr,
             w_ptr,
             b_ptr,
@@ -256,7 +253,7 @@ def _smooth_kernel(
 
 
 @triton.jit
-def _bwd_kernel(
+def token_smoothing_bwd_kernel(
     h_ptr,
     w_ptr,
     b_ptr,
@@ -314,7 +311,7 @@ def _bwd_kernel(
         t_ok = tt < T
         offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         v_ok = offs_v < V
-        z = _logit_tile(
+        z = rows_logit_tile(
             h_ptr,
             w_ptr,
             b_ptr,
@@ -346,7 +343,7 @@ def _bwd_kernel(
         dz = tl.where(ok[:, None] & v_ok[None, :], dz, 0.0)
         if NEED_DB:
             tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_ok, sem="relaxed")
-        _accumulate_grads(
+        accumulate_grads(
             dz, h_ptr, w_ptr, dh_ptr, dw_ptr, flat * H, ok, offs_v, v_ok, H, H,
             NEED_DH, NEED_DW, INPUT_PRECISION, UPCAST, KP * BT, BLOCK_V, BLOCK_H,
         )  # fmt: skip
@@ -426,7 +423,7 @@ def forward(hidden, weight, log_prior, bias, target, opts, *, num_splits: int | 
     has_y = target is not None
     zt = torch.empty(splits, N, dtype=f32, device=dev) if has_y else m
     y = target.to(torch.int32).contiguous() if has_y else pi
-    _lse_kernel[(B * ntb, splits)](
+    token_smoothing_lse_kernel[(B * ntb, splits)](
         hidden,
         weight,
         b_arg,
@@ -465,7 +462,7 @@ def forward(hidden, weight, log_prior, bias, target, opts, *, num_splits: int | 
 
     out_p = torch.empty(splits, B, T, dtype=f32, device=dev)
     wsum_p = torch.empty(splits, B, K, T, dtype=f32, device=dev)
-    _smooth_kernel[(B * ntb, splits)](
+    token_smoothing_fwd_kernel[(B * ntb, splits)](
         hidden,
         weight,
         b_arg,
@@ -508,7 +505,7 @@ def backward(hidden, weight, log_prior, bias, target, lse, wsum, grad_out, grad_
         ntb = triton.cdiv(T, bt)
         nvb = triton.cdiv(V, BLOCK_V)
         softcap = opts.softcap
-        _bwd_kernel[(B * ntb * nvb,)](
+        token_smoothing_bwd_kernel[(B * ntb * nvb,)](
             hidden,
             weight,
             bias if bias is not None else hidden,
@@ -545,18 +542,3 @@ def backward(hidden, weight, log_prior, bias, target, lse, wsum, grad_out, grad_
         dw.to(weight.dtype) if need_dw else None,
         db.to(bias.dtype) if need_db else None,
     )
-
-
-def token_smoothing_triton(hidden, weight, doc_scores, bias, doc_mask, opts) -> torch.Tensor:
-    """``_IMPLS["triton"]``: ``hidden [B,K,T,H]``, ``weight [V,H]``, ``doc_scores [B,K]`` ->
-    ``[B,T]`` fp32, differentiable with respect to hidden, weight, doc_scores and bias."""
-    return _run(hidden, weight, doc_scores, bias, doc_mask, opts)
-
-
-def token_smoothing_with_logprob_triton(hidden, weight, doc_scores, target, bias, doc_mask, opts):
-    """``(out[B,T], lp[B,K,T])`` from one pass over the vocabulary (see ``cpu.py``)."""
-    return _run_lp(hidden, weight, doc_scores, target, bias, doc_mask, opts)
-
-
-_run = fused(sys.modules[__name__])
-_run_lp = fused(sys.modules[__name__], with_logprob=True)

@@ -14,7 +14,7 @@ tile by tile inside the fused log-prob kernel:
   target log-probs come from one fused pass over the vocabulary
   (:func:`rag_kernels.ops.token_smoothing.token_smoothing_with_logprob`).
 
-Every quirk of the originals is kept (DESIGN.md §2, "HF compatibility"): ``target`` is shifted
+Every quirk of the originals is kept (docs/design.md §3.2, "transformers compatibility"): ``target`` is shifted
 left by one and ``pad_token_id`` appended; positions whose shifted target equals
 ``pad_token_id`` are masked; RAG-Sequence adds the document prior at shifted position 1 only
 (so it vanishes when that position is padding, and when T = 1), and ``exclude_bos_score``
@@ -55,11 +55,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _validation as V
-from .ops.linear_logprob import linear_logprob
-from .ops.marginalize import rag_token_loss
-from .ops.token_smoothing import _IMPLS as _SMOOTHING_IMPLS
-from .ops.token_smoothing import token_smoothing_with_logprob
+from ..ops import validation as V
+from ..ops.linear_logprob import linear_logprob_core, make_options, validate_linear_logprob_inputs
+from ..ops.marginalize import marginalize_core
+from ..ops.token_smoothing import TokenSmoothingOptions, kernel_target, token_smoothing_core
 
 _MARGINALIZE_IMPLS = ("reference", "cpu")
 
@@ -82,8 +81,8 @@ def _check_bool(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
 
 
-def _validate(hidden, doc_scores, target, pad_token_id, epsilon, n_docs):
-    """Structural checks shared by both drop-ins; returns ``(B, K, T)``."""
+def _validate(hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap):
+    """Every check of both drop-ins, value checks read once; returns ``(B, K, T)``."""
     V.check_tensor("hidden", hidden, ndim=3)
     V.check_tensor("doc_scores", doc_scores, ndim=2)
     V.check_index_tensor("target", target, ndim=2)
@@ -119,8 +118,13 @@ def _validate(hidden, doc_scores, target, pad_token_id, epsilon, n_docs):
         )
     V.check_same_device("doc_scores", doc_scores, hidden, "hidden")
     V.check_same_device("target", target, hidden, "hidden")
-    # weight / bias shapes, dtypes and devices, and the target-id range (value check), are
-    # checked by linear_logprob under the same argument names.
+    checks = V.ValueChecks()
+    validate_linear_logprob_inputs(
+        hidden.reshape(B, K, T, hidden.shape[-1]), weight, target[:, None, :], bias,
+        pad_token_id, softcap, checks,
+    )  # fmt: skip
+    V.check_doc_scores(checks, "doc_scores", doc_scores, None)
+    checks.run()
     return B, K, T
 
 
@@ -133,15 +137,14 @@ def _shift_left(target: torch.Tensor, pad_token_id: int) -> torch.Tensor:
 def _token_logprobs(hidden, weight, tgt, bias, pad_token_id, softcap, impl, want_stats, B, K, T):
     """Per-row ``lp`` (and ``S``) ``[B, K, T]``; 0 where the shifted target is padding."""
     # [B, 1, T] against hidden [B, K, T, H]: the K documents share the ids (no K-fold copy)
-    out = linear_logprob(
+    out = linear_logprob_core(
         hidden.reshape(B, K, T, hidden.shape[-1]),
         weight,
         tgt[:, None, :],
-        bias=bias,
-        ignore_index=pad_token_id,
-        softcap=softcap,
-        impl=impl,
-        return_stats=want_stats,
+        bias,
+        make_options(pad_token_id, softcap),
+        impl,
+        want_stats,
     )
     if want_stats:
         return out.logprob.view(B, K, T), out.sum_logprob.view(B, K, T)
@@ -182,9 +185,14 @@ def rag_sequence_get_nll(
         bias: optional ``[V]`` LM-head bias. softcap: optional final-logit softcap ``c``.
         impl: ``"auto" | "triton" | "cpu" | "reference"`` for the fused LM head.
 
+    Under ``torch.autocast`` the LM-head matmuls run in the autocast dtype (fp32 results).
+
     Returns: ``[B]`` (or a scalar with ``reduce_loss``), fp32 (fp64 for fp64 inputs).
     """
-    B, K, T = _validate(hidden, doc_scores, target, pad_token_id, epsilon, n_docs)
+    hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+    B, K, T = _validate(
+        hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap
+    )
     _check_int("bos_token_id", bos_token_id, optional=True)
     _check_bool("reduce_loss", reduce_loss)
     _check_bool("exclude_bos_score", exclude_bos_score)
@@ -244,7 +252,10 @@ def rag_token_get_nll(
 
     Returns: ``[B]`` (or a scalar with ``reduce_loss``), fp32 (fp64 for fp64 inputs).
     """
-    B, K, T = _validate(hidden, doc_scores, target, pad_token_id, epsilon, n_docs)
+    hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+    B, K, T = _validate(
+        hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap
+    )
     _check_bool("reduce_loss", reduce_loss)
     tgt = _shift_left(target, pad_token_id)
     keep = tgt != pad_token_id  # [B, T]
@@ -254,14 +265,14 @@ def rag_token_get_nll(
         # Padded rows are zeroed first so whatever they hold (NaN included) stays out of dW.
         h = hidden.reshape(B, K, T, -1)
         h = torch.where(keep[:, None, :, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
-        marg, lp = token_smoothing_with_logprob(
-            h, weight, doc_scores, tgt, bias=bias, softcap=softcap, ignore_index=pad_token_id,
-            impl=_sub_impl(impl, _SMOOTHING_IMPLS),
+        opts = TokenSmoothingOptions(softcap=None if softcap is None else float(softcap))
+        marg, lp = token_smoothing_core(
+            h, weight, doc_scores, kernel_target(tgt, pad_token_id), bias, None, opts, impl
         )
     else:
         lp, _ = _token_logprobs(hidden, weight, tgt, bias, pad_token_id, softcap, impl, False, B, K, T)
-    loss = rag_token_loss(
-        lp, doc_scores, token_mask=keep, reduction="none", impl=_sub_impl(impl, _MARGINALIZE_IMPLS)
+    loss = marginalize_core(
+        lp, doc_scores, keep, None, True, _sub_impl(impl, _MARGINALIZE_IMPLS)
     )
     if marg is not None:
         vocab = weight.shape[0]

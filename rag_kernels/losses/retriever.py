@@ -1,4 +1,4 @@
-"""Retriever training objectives driven by the generator (DESIGN.md §2 "Retriever objectives").
+"""Retriever training objectives driven by the generator (docs/design.md §2.4).
 
 Notation: ``s[b,k]`` retriever scores of the K retrieved documents of query b (the only
 input that receives a gradient), ``g[b,k,t]`` the generator's log-prob of answer token t
@@ -62,9 +62,9 @@ from numbers import Real
 
 import torch
 
-from . import _validation as V
-from .ops.marginalize.reference import (
-    _compute_dtype,
+from ..ops import validation as V
+from ..ops.marginalize.reference import (
+    compute_dtype,
     rag_sequence_loss_reference,
     rag_token_loss_reference,
 )
@@ -155,8 +155,10 @@ def _target_kl(
     tau_s = _check_temperature("retriever_temperature", retriever_temperature)
     tau_g = _check_temperature("generator_temperature", generator_temperature)
     V.check_choice("reduction", reduction, KL_REDUCTIONS)
-    V.check_doc_scores("doc_scores", doc_scores, doc_mask)
-    dt = _compute_dtype(doc_scores, target_scores)
+    checks = V.ValueChecks()
+    V.check_doc_scores(checks, "doc_scores", doc_scores, doc_mask)
+    checks.run()
+    dt = compute_dtype(doc_scores, target_scores)
     log_p = _masked_log_softmax(target_scores.detach(), doc_mask, tau_g, dt)
     log_q = _masked_log_softmax(doc_scores, doc_mask, tau_s, dt)
     return _masked_kl(log_p, log_q, doc_mask, reduction)
@@ -182,7 +184,7 @@ def mean_token_logprob(
     V.check_tensor("gen_logprobs", gen_logprobs, ndim=3)
     B, K, T = gen_logprobs.shape
     V.check_mask("token_mask", token_mask, (B, T), gen_logprobs)
-    g = gen_logprobs.to(_compute_dtype(gen_logprobs))
+    g = gen_logprobs.to(compute_dtype(gen_logprobs))
     if token_mask is None:
         return g.mean(dim=-1) if T > 0 else g.sum(dim=-1)
     keep = token_mask[:, None, :]
@@ -231,9 +233,11 @@ def emdr2_loss(
     V.check_choice("level", level, EMDR2_LEVELS)
     V.check_choice("reduction", reduction, EMDR2_REDUCTIONS)
     tau_s = _check_temperature("retriever_temperature", retriever_temperature)
-    V.check_doc_scores("doc_scores", doc_scores, doc_mask)
+    checks = V.ValueChecks()
+    V.check_doc_scores(checks, "doc_scores", doc_scores, doc_mask)
+    checks.run()
 
-    dt = _compute_dtype(doc_scores, gen_logprobs)
+    dt = compute_dtype(doc_scores, gen_logprobs)
     s = doc_scores.to(dt) / tau_s
     g = gen_logprobs.detach().to(dt)
     if level == "answer":
@@ -360,8 +364,10 @@ def lsr_loss(
     beta = _check_temperature("lm_temperature", lm_temperature)
     V.check_choice("direction", direction, LSR_DIRECTIONS)
     V.check_choice("reduction", reduction, KL_REDUCTIONS)
-    V.check_doc_scores("doc_scores", doc_scores, doc_mask)
-    dt = _compute_dtype(doc_scores, lm_logprobs)
+    checks = V.ValueChecks()
+    V.check_doc_scores(checks, "doc_scores", doc_scores, doc_mask)
+    checks.run()
+    dt = compute_dtype(doc_scores, lm_logprobs)
     log_r = _masked_log_softmax(doc_scores, doc_mask, gamma, dt)
     log_lm = _masked_log_softmax(lm_logprobs.detach(), doc_mask, beta, dt)
     if direction == "retriever||lm":

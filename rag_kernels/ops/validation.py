@@ -1,6 +1,10 @@
-"""Input validation shared by every public function.
+"""Input validation and autocast handling shared by every public function.
 
-Policy (documented in README "Bad input"):
+Validate once, at the public boundary: a public function checks its arguments, collects its
+value checks in one :class:`ValueChecks` and reads them with a single host synchronisation,
+then calls the unchecked cores of the ops it composes (which never validate again).
+
+Policy (docs/design.md, "Bad input and NaN policy"):
 
 * Structural checks (rank, shape, dtype, device, argument values) always run and cost
   nothing on the device.
@@ -21,11 +25,12 @@ always name the argument, the expectation and what was received.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("none", "sum", "mean")
 _value_checks = os.environ.get("RAG_KERNELS_VALUE_CHECKS", "1") != "0"
 
 
@@ -103,37 +108,136 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def check_targets(name: str, target: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def host_read(flags: torch.Tensor) -> list[bool]:
+    """The one host synchronisation of a public call's value checks (tests count calls)."""
+    return [bool(f) for f in flags.tolist()]
+
+
+class ValueChecks:
+    """Data-dependent checks of one public call, read with one host synchronisation.
+
+    ``add(bad, fail)`` registers a 0-d bool tensor (True = invalid) and a function that raises
+    the error (it may read the data again: that costs a sync only on the failure path).
+    ``run()`` stacks the flags, reads them once and raises the first failure. Nothing runs when
+    value checks are off (``rk.set_value_checks(False)``) or inside ``torch.compile``.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = value_checks_enabled()
+        self._flags: list[torch.Tensor] = []
+        self._fails: list[Callable[[], None]] = []
+
+    def add(self, bad: torch.Tensor, fail: Callable[[], None]) -> None:
+        if self.enabled:
+            self._flags.append(bad.reshape(()))
+            self._fails.append(fail)
+
+    def run(self) -> None:
+        if not self._flags:
+            return
+        for flag, fail in zip(host_read(torch.stack(self._flags)), self._fails, strict=True):
+            if flag:
+                fail()
+        self._flags, self._fails = [], []
+
+
+def check_targets(
+    checks: ValueChecks, name: str, target: torch.Tensor, vocab: int, ignore_index: int
+) -> None:
     """Value check: every target is in [0, vocab) or equals ignore_index."""
-    if not value_checks_enabled() or target.numel() == 0:
+    if not checks.enabled or target.numel() == 0:
         return
     bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
-    if bool(bad.any()):
-        first = target[bad][0].item()
+
+    def fail():
         raise ValueError(
             f"{name} must hold ids in [0, {vocab}) or ignore_index={ignore_index}, "
-            f"got {first} ({int(bad.sum())} invalid entries)"
+            f"got {target[bad][0].item()} ({int(bad.sum())} invalid entries)"
         )
 
+    checks.add(bad.any(), fail)
 
-def check_doc_scores(name: str, scores: torch.Tensor, doc_mask: torch.Tensor | None) -> None:
+
+def check_doc_scores(
+    checks: ValueChecks, name: str, scores: torch.Tensor, doc_mask: torch.Tensor | None
+) -> None:
     """Value check: unmasked scores finite, masked scores finite or -inf, >=1 doc per query."""
-    if not value_checks_enabled() or scores.numel() == 0:
+    if not checks.enabled or scores.numel() == 0:
         return
     keep = doc_mask if doc_mask is not None else torch.ones_like(scores, dtype=torch.bool)
     bad_active = keep & ~torch.isfinite(scores)
     bad_masked = ~keep & (torch.isnan(scores) | (scores == float("inf")))
     empty = ~keep.any(dim=-1)
-    flags = torch.stack([bad_active.any(), bad_masked.any(), empty.any()]).tolist()
-    if flags[0]:
+
+    def fail_active():
         idx = tuple(bad_active.nonzero()[0].tolist())
         raise ValueError(
             f"{name} must be finite on unmasked documents, got {scores[idx].item()} at {idx} "
             "(mask a document with doc_mask instead of a -inf score)"
         )
-    if flags[1]:
+
+    def fail_masked():
         idx = tuple(bad_masked.nonzero()[0].tolist())
         raise ValueError(f"{name} must be finite or -inf on masked documents, got NaN/+inf at {idx}")
-    if flags[2]:
+
+    def fail_empty():
         q = int(empty.nonzero()[0, 0])
         raise ValueError(f"doc_mask must keep at least one document per query, query {q} has none")
+
+    checks.add(bad_active.any(), fail_active)
+    checks.add(bad_masked.any(), fail_masked)
+    checks.add(empty.any(), fail_empty)
+
+
+def check_softcap(softcap: object) -> None:
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0
+    ):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+
+
+def check_lm_head(hidden: torch.Tensor, weight: object, bias: object) -> None:
+    """``weight [V, H]`` (and ``bias [V]``) matching ``hidden [..., H]`` in device and dtype."""
+    check_tensor("weight", weight, ndim=2)
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(
+            f"weight must have shape [V, H] with H={H} (hidden's last dim), got {tuple(weight.shape)}"
+        )
+    check_same_device("weight", weight, hidden, "hidden")
+    check_same_dtype("weight", weight, hidden, "hidden")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_shape("bias", bias, (weight.shape[0],))
+        check_same_device("bias", bias, hidden, "hidden")
+        check_same_dtype("bias", bias, hidden, "hidden")
+
+
+def autocast_dtype(ref: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype in force for ``ref``'s device type, or None outside autocast."""
+    dev = ref.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def autocast_inputs(ref: torch.Tensor, *xs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Cast the matmul operands ``xs`` to the autocast dtype, as ``F.linear`` would under
+    ``torch.autocast``: float16/bfloat16/float32 tensors are cast (differentiably, so each
+    input's gradient comes back in its own dtype), float64 and None are left alone. Outside
+    autocast the inputs are returned unchanged (and mismatched dtypes still raise)."""
+    dt = autocast_dtype(ref)
+    if dt is None:
+        return xs
+    return tuple(
+        x if x is None or not x.is_floating_point() or x.dtype == torch.float64 else x.to(dt)
+        for x in xs
+    )
+
+
+def reduce_loss(per_query: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``reduction`` of a per-query loss: ``"none"`` (as is), ``"sum"``, ``"mean"`` (an empty
+    batch gives NaN, torch's convention)."""
+    if reduction == "none":
+        return per_query
+    return per_query.sum() if reduction == "sum" else per_query.mean()

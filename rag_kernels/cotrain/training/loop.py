@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 import rag_kernels as rk
-from rag_kernels import retriever as R
-from rag_kernels.cotraining import CoTrainingLoss
-from rag_kernels.models import build_generator_batch, load_generator, prompt_ids
-from rag_kernels.retrieval import DenseIndex, load_retriever
+from rag_kernels.losses import retriever as R
+from rag_kernels.losses.cotraining import CoTrainingLoss
+
+from ..models import build_generator_batch, load_generator, prompt_ids
+from ..retrieval import DenseIndex, load_retriever
 
 from .config import TrainConfig
 
@@ -55,7 +56,7 @@ def setup_distributed() -> tuple[int, int]:
 
 
 def load_dataset(cfg: TrainConfig):
-    from rag_kernels.data import Dataset, load_corpus, load_default, load_qa
+    from ..data import Dataset, load_corpus, load_default, load_qa
 
     if cfg.corpus is None:
         ds = load_default(seed=cfg.data_seed)
@@ -190,23 +191,23 @@ class CoTrainer:
         batch = build_generator_batch(self.tokenizer, [ex.question for ex in examples], docs,
                                       [ex.answers[0] for ex in examples], max_doc_tokens=cfg.max_doc_tokens)
         dev = self.device
+        target = batch.target.to(dev)
+        weight = self.generator.lm_head.weight
+        rag_scores = scores if (retr_active and cfg.retriever_objective == "rag") else scores.detach()
+        # bf16 autocast on CUDA: the generator and the fused LM head (rk ops follow autocast)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             out = self.generator.model(input_ids=batch.input_ids.to(dev),
                                        attention_mask=batch.attention_mask.to(dev),
                                        position_ids=batch.position_ids.to(dev))
-        hidden = out.last_hidden_state[:, :-1]
-        B = len(examples)
-        hidden = hidden.reshape(B, K, hidden.shape[1], hidden.shape[2])
-        target = batch.target.to(dev)
-        weight = self.generator.lm_head.weight
-        if hidden.dtype != weight.dtype:
-            hidden = hidden.to(weight.dtype)
-        rag_scores = scores if (retr_active and cfg.retriever_objective == "rag") else scores.detach()
-        gen_loss = rk.rag_loss(hidden, weight, target, rag_scores, mode=cfg.mode,
-                               label_smoothing=cfg.label_smoothing)
-        ret_loss = None
-        if not cfg.freeze_retriever and cfg.retriever_objective != "rag":
-            ret_loss = self._retriever_objective(hidden.detach(), weight, target, scores, q, examples)
+            hidden = out.last_hidden_state[:, :-1]
+            B = len(examples)
+            hidden = hidden.reshape(B, K, hidden.shape[1], hidden.shape[2])
+            gen_loss = rk.rag_loss(hidden, weight, target, rag_scores, mode=cfg.mode,
+                                   label_smoothing=cfg.label_smoothing)
+            ret_loss = None
+            if not cfg.freeze_retriever and cfg.retriever_objective != "rag":
+                ret_loss = self._retriever_objective(hidden.detach(), weight, target, scores, q,
+                                                     examples)
         res = self.combine(gen_loss, ret_loss, step=self.step,
                            grad_wrt=[scores] if cfg.balancing == "gradnorm" else None)
         (res.loss / cfg.grad_accum).backward()
@@ -282,7 +283,7 @@ class CoTrainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, examples: list, *, desc: str = "eval") -> dict:
-        from rag_kernels.eval import evaluate_all
+        from ..eval import evaluate_all
 
         cfg = self.cfg
         if cfg.eval_limit:

@@ -1,6 +1,6 @@
 """Data: the passage / question schema, JSONL loaders and the embedded default data set.
 
->>> from rag_kernels.data import load_default
+>>> from rag_kernels.cotrain.data import load_default
 >>> ds = load_default()          # deterministic fictional knowledge base (no network)
 >>> ds.save("data/default")      # corpus.jsonl, train.jsonl, dev.jsonl, test.jsonl
 """

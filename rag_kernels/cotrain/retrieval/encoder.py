@@ -12,21 +12,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-TINY = "tiny-random"
-
-
-def build_tiny_tokenizer(texts: list[str], vocab_size: int = 4000):
-    """A word-level tokenizer fitted on ``texts`` (for the tiny random models of smoke tests)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   bos_token="[BOS]", eos_token="[EOS]")
-    return fast
+from ..assets import TINY, build_tiny_tokenizer, minilm_dir
 
 
 class BiEncoder(torch.nn.Module):
@@ -84,8 +70,6 @@ def load_retriever(path: str | None = None, *, doc_encoder: str = "frozen", corp
                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         return BiEncoder(BertModel(cfg), tok, doc_encoder=doc_encoder, max_length=max_length)
     if path is None:
-        from ..models import minilm_dir
-
         path = minilm_dir()
     tok = AutoTokenizer.from_pretrained(path)
     return BiEncoder(AutoModel.from_pretrained(path), tok, doc_encoder=doc_encoder, max_length=max_length)

@@ -31,7 +31,7 @@ from numbers import Integral, Real
 import torch
 from torch import nn
 
-from . import _validation as V
+from ..ops import validation as V
 
 BALANCING = ("fixed", "gradnorm", "uncertainty")
 

