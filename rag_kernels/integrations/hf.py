@@ -270,10 +270,10 @@ def rag_token_get_nll(
             h, weight, doc_scores, kernel_target(tgt, pad_token_id), bias, None, opts, impl
         )
     else:
-        lp, _ = _token_logprobs(hidden, weight, tgt, bias, pad_token_id, softcap, impl, False, B, K, T)
-    loss = marginalize_core(
-        lp, doc_scores, keep, None, True, _sub_impl(impl, _MARGINALIZE_IMPLS)
-    )
+        lp, _ = _token_logprobs(
+            hidden, weight, tgt, bias, pad_token_id, softcap, impl, False, B, K, T
+        )
+    loss = marginalize_core(lp, doc_scores, keep, None, True, _sub_impl(impl, _MARGINALIZE_IMPLS))
     if marg is not None:
         vocab = weight.shape[0]
         smooth = -torch.where(

@@ -209,8 +209,12 @@ def rag_loss_core(
         nll = marginalize_core(lp, doc_scores, token_mask, doc_mask, True, sub)
         return reduce_loss((1.0 - eps) * nll + (eps / vocab) * smooth, reduction)
     opts = make_options(ignore_index, softcap)
-    # target [B, 1, T]: shared by the K documents, no K-fold copy
-    stats = linear_logprob_core(hidden, weight, target[:, None, :], bias, opts, impl, eps > 0)
+    # target [B, 1, T]: shared by the K documents, no K-fold copy. Masked documents' rows are
+    # ignored rows instead (a [B, K, T] id copy): never computed, whatever they hold.
+    rows_target = target[:, None, :]
+    if doc_mask is not None:
+        rows_target = torch.where(doc_mask[:, :, None], rows_target, ignore_index)
+    stats = linear_logprob_core(hidden, weight, rows_target, bias, opts, impl, eps > 0)
     lp = stats.logprob if eps > 0 else stats
     lp = _skip_small_posterior(lp, doc_scores, token_mask, doc_mask, mode, grad_skip_eps)
     loss = marginalize_core(lp, doc_scores, token_mask, doc_mask, token_mode, sub)

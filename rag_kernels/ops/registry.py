@@ -64,7 +64,9 @@ def register(name: str, package: str, impls: tuple[str, ...] = KERNEL_IMPLS) -> 
     """Declare op ``name`` whose implementation modules are ``<package>.<impl>``."""
     bad = [i for i in impls if i not in KERNEL_IMPLS]
     if bad or "reference" not in impls:
-        raise ValueError(f"impls must include 'reference' and name only {KERNEL_IMPLS}, got {impls}")
+        raise ValueError(
+            f"impls must include 'reference' and name only {KERNEL_IMPLS}, got {impls}"
+        )
     _OPS[name] = _Op(package, tuple(impls))
     return name
 

@@ -24,6 +24,7 @@ always name the argument, the expectation and what was received.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 
@@ -74,7 +75,9 @@ def check_index_tensor(name: str, x: object, *, ndim: int | Sequence[int] | None
     return check_tensor(name, x, ndim=ndim, dtypes=(torch.int64, torch.int32))
 
 
-def check_mask(name: str, x: object, shape: Sequence[int], ref: torch.Tensor) -> torch.Tensor | None:
+def check_mask(
+    name: str, x: object, shape: Sequence[int], ref: torch.Tensor
+) -> torch.Tensor | None:
     """Optional boolean mask of an exact shape on ``ref``'s device (True = keep)."""
     if x is None:
         return None
@@ -90,6 +93,15 @@ def check_mask(name: str, x: object, shape: Sequence[int], ref: torch.Tensor) ->
 def check_shape(name: str, x: torch.Tensor, shape: Sequence[int]) -> None:
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def check_num_docs(name: str, x: torch.Tensor) -> None:
+    """At least one document per query (``x`` is ``[B, K, ...]``); K = 0 would make every loss
+    +inf silently."""
+    if x.shape[1] == 0:
+        raise ValueError(
+            f"{name} must have at least one document per query (K >= 1), got shape {tuple(x.shape)}"
+        )
 
 
 def check_same_device(name: str, x: torch.Tensor, ref: torch.Tensor, ref_name: str = "") -> None:
@@ -178,7 +190,9 @@ def check_doc_scores(
 
     def fail_masked():
         idx = tuple(bad_masked.nonzero()[0].tolist())
-        raise ValueError(f"{name} must be finite or -inf on masked documents, got NaN/+inf at {idx}")
+        raise ValueError(
+            f"{name} must be finite or -inf on masked documents, got NaN/+inf at {idx}"
+        )
 
     def fail_empty():
         q = int(empty.nonzero()[0, 0])
@@ -191,15 +205,21 @@ def check_doc_scores(
 
 def check_softcap(softcap: object) -> None:
     if softcap is not None and (
-        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0
+        isinstance(softcap, bool)
+        or not isinstance(softcap, (int, float))
+        or not 0 < softcap < float("inf")
     ):
-        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
 
 
 def check_lm_head(hidden: torch.Tensor, weight: object, bias: object) -> None:
     """``weight [V, H]`` (and ``bias [V]``) matching ``hidden [..., H]`` in device and dtype."""
     check_tensor("weight", weight, ndim=2)
     H = hidden.shape[-1]
+    if H == 0:
+        raise ValueError(f"hidden must have a hidden size H >= 1, got shape {tuple(hidden.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have at least one vocabulary row, got {tuple(weight.shape)}")
     if weight.shape[1] != H:
         raise ValueError(
             f"weight must have shape [V, H] with H={H} (hidden's last dim), got {tuple(weight.shape)}"
@@ -219,6 +239,15 @@ def autocast_dtype(ref: torch.Tensor) -> torch.dtype | None:
     if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
         return None
     return torch.get_autocast_dtype(dev)
+
+
+def autocast_disabled(ref: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for ``ref``'s device inside an op core: the public function has already
+    cast the operands (:func:`autocast_inputs`), and the core's own casts (fp32 scores, fp64
+    references) must not be undone by autocast."""
+    if autocast_dtype(ref) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(ref.device.type, enabled=False)
 
 
 def autocast_inputs(ref: torch.Tensor, *xs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:

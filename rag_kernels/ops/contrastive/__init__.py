@@ -286,71 +286,74 @@ def contrastive_core(
     queries, docs, positives, scale, doc_ids, opts: ContrastiveOptions, impl: str
 ) -> torch.Tensor:
     """Per-query loss ``[B]`` on validated inputs (no checks, no host synchronisation)."""
-    similarity, symmetric = opts.similarity, opts.symmetric
-    B = queries.shape[0]
-    dev = queries.device
-    cdt = torch.float64 if queries.dtype == torch.float64 else torch.float32
-    # The Triton kernels compute in fp32; on CUDA float64 (for exactness) takes the reference.
-    impl = registry.resolve(OP, impl, queries, auto_reference=queries.is_cuda and cdt == torch.float64)
-    if impl == "triton" and cdt == torch.float64:
-        raise ValueError(
-            "impl='triton' supports float16/bfloat16/float32 inputs; use 'cpu' or 'reference' for float64"
+    with V.autocast_disabled(queries):
+        similarity, symmetric = opts.similarity, opts.symmetric
+        B = queries.shape[0]
+        dev = queries.device
+        cdt = torch.float64 if queries.dtype == torch.float64 else torch.float32
+        # The Triton kernels compute in fp32; on CUDA float64 (for exactness) takes the reference.
+        impl = registry.resolve(
+            OP, impl, queries, auto_reference=queries.is_cuda and cdt == torch.float64
         )
+        if impl == "triton" and cdt == torch.float64:
+            raise ValueError(
+                "impl='triton' supports float16/bfloat16/float32 inputs; use 'cpu' or 'reference' for float64"
+            )
 
-    q = queries.to(cdt)
-    d = docs.to(cdt)
-    scale_t = (
-        scale.to(cdt)
-        if isinstance(scale, torch.Tensor)
-        else torch.tensor(float(scale), dtype=cdt, device=dev)
-    )
-    pos_index = pos_mask = None
-    if positives is None:
-        pos_index = torch.arange(B, device=dev)
-    elif positives.dtype == torch.bool:
-        pos_mask = positives
-    else:
-        pos_index = positives.long()
-    cand_ids = None if doc_ids is None else doc_ids.long()
-
-    all_q = all_p = None
-    q_off = 0
-    if opts.gather:
-        g = gather_candidates(q, d, pos_index, pos_mask, cand_ids, symmetric)
-        d, pos_index, pos_mask, cand_ids = g.docs, g.pos_index, g.pos_mask, g.doc_ids
-        all_q, all_p, q_off = g.all_queries, g.all_pos_index, g.query_offset
-
-    if impl == "reference":
-        per_query = contrastive_loss_reference(
-            q,
-            d,
-            scale_t,
-            similarity=similarity,
-            pos_index=pos_index,
-            pos_mask=pos_mask,
-            cand_ids=cand_ids,
-            symmetric=symmetric,
-            all_queries=all_q,
-            all_pos_index=all_p,
-            query_offset=q_off,
+        q = queries.to(cdt)
+        d = docs.to(cdt)
+        scale_t = (
+            scale.to(cdt)
+            if isinstance(scale, torch.Tensor)
+            else torch.tensor(float(scale), dtype=cdt, device=dev)
         )
-    else:
-        per_query = _fused(
-            impl,
-            queries.dtype,
-            q,
-            d,
-            scale_t,
-            similarity,
-            pos_index,
-            pos_mask,
-            cand_ids,
-            symmetric,
-            all_q,
-            all_p,
-            q_off,
-        )
-    return per_query
+        pos_index = pos_mask = None
+        if positives is None:
+            pos_index = torch.arange(B, device=dev)
+        elif positives.dtype == torch.bool:
+            pos_mask = positives
+        else:
+            pos_index = positives.long()
+        cand_ids = None if doc_ids is None else doc_ids.long()
+
+        all_q = all_p = None
+        q_off = 0
+        if opts.gather:
+            g = gather_candidates(q, d, pos_index, pos_mask, cand_ids, symmetric)
+            d, pos_index, pos_mask, cand_ids = g.docs, g.pos_index, g.pos_mask, g.doc_ids
+            all_q, all_p, q_off = g.all_queries, g.all_pos_index, g.query_offset
+
+        if impl == "reference":
+            per_query = contrastive_loss_reference(
+                q,
+                d,
+                scale_t,
+                similarity=similarity,
+                pos_index=pos_index,
+                pos_mask=pos_mask,
+                cand_ids=cand_ids,
+                symmetric=symmetric,
+                all_queries=all_q,
+                all_pos_index=all_p,
+                query_offset=q_off,
+            )
+        else:
+            per_query = _fused(
+                impl,
+                queries.dtype,
+                q,
+                d,
+                scale_t,
+                similarity,
+                pos_index,
+                pos_mask,
+                cand_ids,
+                symmetric,
+                all_q,
+                all_p,
+                q_off,
+            )
+        return per_query
 
 
 __all__ = ["contrastive_loss", "contrastive_core", "ContrastiveFunction", "ContrastiveOptions"]

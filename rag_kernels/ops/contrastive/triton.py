@@ -57,6 +57,7 @@ def _scores(
         acc += tl.dot(qt, tl.trans(dt), input_precision=PREC)
     return acc
 
+
 @triton.jit
 def _masks(
     pos_ptr,
@@ -74,15 +75,10 @@ def _masks(
     """(is_pos, excluded) boolean tiles."""
     valid = (offs_b[:, None] < B) & (offs_m[None, :] < M)
     if MASK_MODE:
-        is_pos = (
-            tl.load(mask_ptr + offs_b[:, None] * M + offs_m[None, :], mask=valid, other=0) != 0
-        )
+        is_pos = tl.load(mask_ptr + offs_b[:, None] * M + offs_m[None, :], mask=valid, other=0) != 0
         if HAS_IDS:
             cid = tl.load(ids_ptr + offs_m, mask=offs_m < M, other=0)
-            same = (
-                tl.load(table_ptr + offs_b[:, None] * U + cid[None, :], mask=valid, other=0)
-                != 0
-            )
+            same = tl.load(table_ptr + offs_b[:, None] * U + cid[None, :], mask=valid, other=0) != 0
             excl = same & (~is_pos)
         else:
             excl = ~valid
@@ -97,6 +93,7 @@ def _masks(
             excl = ~valid
     excl = excl | (~valid)
     return is_pos & valid, excl
+
 
 @triton.jit
 def contrastive_fwd_kernel(
@@ -161,6 +158,7 @@ def contrastive_fwd_kernel(
     tl.store(lse_ptr + offs_b, lse, mask=ok)
     tl.store(plse_ptr + offs_b, plse, mask=ok)
 
+
 @triton.jit
 def _dscores(
     q_ptr,
@@ -203,6 +201,7 @@ def _dscores(
         t = tl.where(is_pos, 1.0, 0.0)
     ds = g[:, None] * (p - t)
     return ds, sim
+
 
 @triton.jit
 def contrastive_bwd_dq_kernel(
@@ -273,6 +272,7 @@ def contrastive_bwd_dq_kernel(
             acc += tl.dot(ds.to(dt.dtype), dt, input_precision=PREC)
             tl.store(ptrs, acc, mask=msk)
     tl.store(dscale_ptr + pid, tl.sum(dscale, axis=0))
+
 
 @triton.jit
 def contrastive_bwd_dd_kernel(

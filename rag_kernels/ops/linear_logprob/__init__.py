@@ -124,30 +124,38 @@ def linear_logprob_core(
     hidden, weight, target, bias, opts: LinearLogprobOptions, impl: str, return_stats: bool
 ) -> torch.Tensor | LogprobStats:
     """:func:`linear_logprob` on validated inputs (no checks, no host synchronisation)."""
-    impl = registry.resolve(OP, impl, hidden)
-    shape = hidden.shape[:-1]
-    rows = hidden.reshape(-1, hidden.shape[-1])
-    if impl == "reference":  # the materialising oracle takes one id per row
-        lp, lse, s = linear_logprob_reference(
-            rows, weight, target.expand(shape).reshape(-1), bias, opts.ignore_index, opts.softcap
-        )
-    else:
-        lp, lse, s = LinearLogprobFunction.apply(
-            rows.contiguous(),
-            weight.contiguous(),
-            _target_layout(target, shape).contiguous(),
-            None if bias is None else bias.contiguous(),
-            opts,
-            registry.kernels(OP, impl),
-        )
-    if not return_stats:
-        return lp.view(shape)
-    return LogprobStats(lp.view(shape), lse.view(shape), s.view(shape))
+    with V.autocast_disabled(hidden):
+        impl = registry.resolve(OP, impl, hidden)
+        shape = hidden.shape[:-1]
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        if impl == "reference":  # the materialising oracle takes one id per row
+            lp, lse, s = linear_logprob_reference(
+                rows,
+                weight,
+                target.expand(shape).reshape(-1),
+                bias,
+                opts.ignore_index,
+                opts.softcap,
+            )
+        else:
+            lp, lse, s = LinearLogprobFunction.apply(
+                rows.contiguous(),
+                weight.contiguous(),
+                _target_layout(target, shape).contiguous(),
+                None if bias is None else bias.contiguous(),
+                opts,
+                registry.kernels(OP, impl),
+            )
+        if not return_stats:
+            return lp.view(shape)
+        return LogprobStats(lp.view(shape), lse.view(shape), s.view(shape))
 
 
 def make_options(ignore_index=-100, softcap=None, filter_eps=None) -> LinearLogprobOptions:
     if filter_eps is not None and not (
-        isinstance(filter_eps, (int, float)) and not isinstance(filter_eps, bool) and 0 <= filter_eps < 1
+        isinstance(filter_eps, (int, float))
+        and not isinstance(filter_eps, bool)
+        and 0 <= filter_eps < 1
     ):
         raise ValueError(f"filter_eps must be a float in [0, 1) or None, got {filter_eps!r}")
     return LinearLogprobOptions(

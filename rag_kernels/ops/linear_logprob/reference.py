@@ -28,11 +28,17 @@ def linear_logprob_reference(hidden, weight, target, bias=None, ignore_index=-10
     """Returns ``(lp, lse, sum_logprob)``, each ``[N]``; ``hidden [N,H]``, ``weight [V,H]``."""
     keep = target != ignore_index
     # Zero ignored rows first: whatever they hold (NaN included) must not reach dW.
-    hidden = torch.where(keep[:, None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+    hidden = torch.where(
+        keep[:, None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+    )
     z = logits_reference(hidden, weight, bias, softcap)
     safe_target = torch.where(keep, target, torch.zeros_like(target))
     lse = torch.logsumexp(z, dim=-1)
     lp = z.gather(1, safe_target[:, None].long())[:, 0] - lse
     sum_lp = z.sum(dim=-1) - z.shape[-1] * lse
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    return torch.where(keep, lp, zero), torch.where(keep, lse, zero), torch.where(keep, sum_lp, zero)
+    return (
+        torch.where(keep, lp, zero),
+        torch.where(keep, lse, zero),
+        torch.where(keep, sum_lp, zero),
+    )

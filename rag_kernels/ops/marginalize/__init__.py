@@ -73,6 +73,7 @@ def validate_marginalize_inputs(
     V.check_tensor("token_logprobs", token_logprobs, ndim=3)
     V.check_tensor("doc_scores", doc_scores, ndim=2)
     B, K, T = token_logprobs.shape
+    V.check_num_docs("token_logprobs", token_logprobs)
     if doc_scores.shape != (B, K):
         raise ValueError(
             f"doc_scores must have shape (B, K) = {(B, K)} to match token_logprobs "

@@ -36,7 +36,9 @@ def masked_inputs(
     keep_doc = doc_mask if doc_mask is not None else torch.ones(B, K, dtype=torch.bool, device=dev)
     keep = keep_tok & keep_doc[:, :, None]
     lp = torch.where(keep, token_logprobs.to(dt), torch.zeros((), dtype=dt, device=dev))
-    s = torch.where(keep_doc, doc_scores.to(dt), torch.full((), float("-inf"), dtype=dt, device=dev))
+    s = torch.where(
+        keep_doc, doc_scores.to(dt), torch.full((), float("-inf"), dtype=dt, device=dev)
+    )
     log_prior = torch.log_softmax(s, dim=-1)
     return lp, log_prior, keep_tok, keep_doc
 
@@ -61,7 +63,9 @@ def rag_token_loss_reference(
     doc_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-query RAG-Token loss ``[B]`` (fp32, or fp64 for fp64 inputs)."""
-    lp, log_prior, keep_tok, keep_doc = masked_inputs(token_logprobs, doc_scores, token_mask, doc_mask)
+    lp, log_prior, keep_tok, keep_doc = masked_inputs(
+        token_logprobs, doc_scores, token_mask, doc_mask
+    )
     joint = log_prior[:, :, None] + lp
     joint = torch.where(keep_doc[:, :, None], joint, torch.full_like(joint, float("-inf")))
     per_token = torch.logsumexp(joint, dim=1)  # [B, T]
@@ -77,7 +81,9 @@ def posterior_reference(
     mode: str = "sequence",
 ) -> torch.Tensor:
     """Document posterior: ``[B,K]`` (sequence) or ``[B,K,T]`` (token); 0 on masked docs."""
-    lp, log_prior, keep_tok, keep_doc = masked_inputs(token_logprobs, doc_scores, token_mask, doc_mask)
+    lp, log_prior, keep_tok, keep_doc = masked_inputs(
+        token_logprobs, doc_scores, token_mask, doc_mask
+    )
     if mode == "sequence":
         joint = log_prior + lp.sum(dim=-1)
         joint = torch.where(keep_doc, joint, torch.full_like(joint, float("-inf")))

@@ -20,10 +20,21 @@ def available() -> bool:
 
 @triton.jit
 def marginalize_kernel(
-    lp_ptr, s_ptr, tm_ptr, dm_ptr, loss_ptr, dlp_ptr, ds_ptr,
-    K, T,
-    HAS_TM: tl.constexpr, HAS_DM: tl.constexpr, TOKEN_MODE: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, F64: tl.constexpr,
+    lp_ptr,
+    s_ptr,
+    tm_ptr,
+    dm_ptr,
+    loss_ptr,
+    dlp_ptr,
+    ds_ptr,
+    K,
+    T,
+    HAS_TM: tl.constexpr,
+    HAS_DM: tl.constexpr,
+    TOKEN_MODE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    F64: tl.constexpr,
 ):
     b = tl.program_id(0)
     acc_t = tl.float64 if F64 else tl.float32
@@ -52,15 +63,22 @@ def marginalize_kernel(
                 keep_t = keep_t & (tl.load(tm_ptr + b * T + offs_t, mask=in_t, other=0) != 0)
             keep = keep_k[:, None] & keep_t[None, :]
             lp = tl.load(row + offs_t[None, :], mask=keep, other=0.0).to(acc_t)
-            joint = tl.where(keep_k[:, None], log_prior[:, None] + tl.where(keep, lp, 0.0), float("-inf"))
+            joint = tl.where(
+                keep_k[:, None], log_prior[:, None] + tl.where(keep, lp, 0.0), float("-inf")
+            )
             j_max = tl.max(joint, axis=0)
             j_max = tl.where(keep_t, j_max, 0.0)
-            lse = j_max + tl.log(tl.sum(tl.where(keep_k[:, None], tl.exp(joint - j_max[None, :]), 0.0), axis=0))
+            lse = j_max + tl.log(
+                tl.sum(tl.where(keep_k[:, None], tl.exp(joint - j_max[None, :]), 0.0), axis=0)
+            )
             loss -= tl.sum(tl.where(keep_t, lse, 0.0), axis=0)
             w = tl.where(keep, tl.exp(joint - lse[None, :]), 0.0)
             ds += tl.sum(tl.where(keep, prior[:, None] - w, 0.0), axis=1)
-            tl.store(drow + offs_t[None, :], (-w).to(dlp_ptr.dtype.element_ty),
-                     mask=in_k[:, None] & in_t[None, :])
+            tl.store(
+                drow + offs_t[None, :],
+                (-w).to(dlp_ptr.dtype.element_ty),
+                mask=in_k[:, None] & in_t[None, :],
+            )
         tl.store(loss_ptr + b, loss.to(loss_ptr.dtype.element_ty))
         tl.store(ds_ptr + b * K + offs_k, ds.to(ds_ptr.dtype.element_ty), mask=in_k)
     else:
@@ -88,8 +106,11 @@ def marginalize_kernel(
                 keep_t = keep_t & (tl.load(tm_ptr + b * T + offs_t, mask=in_t, other=0) != 0)
             keep = keep_k[:, None] & keep_t[None, :]
             val = tl.where(keep, -w[:, None] + tl.zeros([BLOCK_K, BLOCK_T], dtype=acc_t), 0.0)
-            tl.store(drow + offs_t[None, :], val.to(dlp_ptr.dtype.element_ty),
-                     mask=in_k[:, None] & in_t[None, :])
+            tl.store(
+                drow + offs_t[None, :],
+                val.to(dlp_ptr.dtype.element_ty),
+                mask=in_k[:, None] & in_t[None, :],
+            )
 
 
 def forward(lp, scores, token_mask, doc_mask, token_mode: bool):
@@ -103,8 +124,20 @@ def forward(lp, scores, token_mask, doc_mask, token_mode: bool):
     block_k = triton.next_power_of_2(max(K, 1))
     block_t = max(1, min(triton.next_power_of_2(max(T, 1)), max(16, 4096 // block_k)))
     marginalize_kernel[(B,)](
-        lp, scores, tm, dm, loss, dlp, ds, K, T,
-        HAS_TM=token_mask is not None, HAS_DM=doc_mask is not None, TOKEN_MODE=token_mode,
-        BLOCK_K=block_k, BLOCK_T=block_t, F64=lp.dtype == torch.float64,
+        lp,
+        scores,
+        tm,
+        dm,
+        loss,
+        dlp,
+        ds,
+        K,
+        T,
+        HAS_TM=token_mask is not None,
+        HAS_DM=doc_mask is not None,
+        TOKEN_MODE=token_mode,
+        BLOCK_K=block_k,
+        BLOCK_T=block_t,
+        F64=lp.dtype == torch.float64,
     )
     return loss, dlp, ds

@@ -95,7 +95,10 @@ class TokenSmoothingFunction(torch.autograd.Function):
             )
         d_prior = None
         if ctx.needs_input_grad[2] and grad_out is not None:
-            d_prior = torch.einsum("bt,bkt->bk", grad_out, wsum).to(log_prior.dtype)
+            # Tokens with a zero upstream gradient (ignored positions) are left out exactly, so
+            # whatever their rows hold (NaN included) cannot reach the prior's gradient.
+            w = torch.where(grad_out[:, None, :] != 0, wsum, torch.zeros((), dtype=wsum.dtype))
+            d_prior = torch.einsum("bt,bkt->bk", grad_out, w).to(log_prior.dtype)
         return dh, dw, d_prior, db, None, None, None
 
 
@@ -115,8 +118,7 @@ def validate_token_smoothing_inputs(
     V.check_lm_head(hidden, weight, bias)
     V.check_tensor("doc_scores", doc_scores, ndim=2)
     B, K, T, H = hidden.shape
-    if weight.shape[0] == 0:
-        raise ValueError(f"weight must have at least one vocabulary row, got {tuple(weight.shape)}")
+    V.check_num_docs("hidden", hidden)
     if tuple(doc_scores.shape) != (B, K):
         raise ValueError(
             f"doc_scores must have shape (B, K) = {(B, K)} to match hidden {tuple(hidden.shape)}, "
@@ -136,27 +138,47 @@ def token_smoothing_core(
     ``target [B,T]`` (negative = no target: lp 0) or None. Fused impls produce both from one
     vocabulary pass; the reference computes ``lp`` with the reference LM-head op.
     """
-    impl = registry.resolve(OP, impl, hidden)
-    if impl == "reference":
-        out = token_smoothing_reference(hidden, weight, doc_scores, bias, opts.softcap, doc_mask)
-        if target is None:
-            return out, None
-        lp_opts = make_options(ignore_index=-1, softcap=opts.softcap)
-        tgt = target.clamp(min=-1)[:, None, :]
-        return out, linear_logprob_core(hidden, weight, tgt, bias, lp_opts, "reference", False)
-    out_dt = compute_dtype(hidden, doc_scores)
-    # fp64 scores keep an fp64 prior (the kernels read it as double / fp32).
-    log_prior = log_prior_of(doc_scores, doc_mask, out_dt)
-    out, lp = TokenSmoothingFunction.apply(
-        hidden.contiguous(),
-        weight.contiguous(),
-        log_prior,
-        None if bias is None else bias.contiguous(),
-        None if target is None else target.contiguous(),
-        opts,
-        registry.kernels(OP, impl),
-    )
-    return out.to(out_dt), (None if target is None else lp)
+    with V.autocast_disabled(hidden):
+        impl = registry.resolve(OP, impl, hidden)
+        B, K, T, _ = hidden.shape
+        if B * T == 0:  # nothing to compute; keep the graph so that backward still works
+            out_dt = compute_dtype(hidden, doc_scores)
+            zero = hidden.sum() + weight[:0].sum() + doc_scores.sum()
+            out = zero.to(out_dt) + hidden.new_zeros(B, T, dtype=out_dt)
+            lp = (
+                None
+                if target is None
+                else zero.to(out_dt) + hidden.new_zeros(B, K, T, dtype=out_dt)
+            )
+            return out, lp
+        if impl == "reference":
+            if target is not None:
+                # Ignored tokens, masked documents: whatever their rows hold stays out (NaN policy).
+                tgt = target.clamp(min=-1)[:, None, :]
+                if doc_mask is not None:
+                    tgt = torch.where(doc_mask[:, :, None], tgt, -1)
+                zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+                hidden = torch.where((tgt >= 0)[..., None], hidden, zero)
+            out = token_smoothing_reference(
+                hidden, weight, doc_scores, bias, opts.softcap, doc_mask
+            )
+            if target is None:
+                return out, None
+            lp_opts = make_options(ignore_index=-1, softcap=opts.softcap)
+            return out, linear_logprob_core(hidden, weight, tgt, bias, lp_opts, "reference", False)
+        out_dt = compute_dtype(hidden, doc_scores)
+        # fp64 scores keep an fp64 prior (the kernels read it as double / fp32).
+        log_prior = log_prior_of(doc_scores, doc_mask, out_dt)
+        out, lp = TokenSmoothingFunction.apply(
+            hidden.contiguous(),
+            weight.contiguous(),
+            log_prior,
+            None if bias is None else bias.contiguous(),
+            None if target is None else target.contiguous(),
+            opts,
+            registry.kernels(OP, impl),
+        )
+        return out.to(out_dt), (None if target is None else lp)
 
 
 def token_smoothing(

@@ -91,8 +91,24 @@ def rows_logit_tile(
     BLOCK_H: tl.constexpr,
 ):
     """``[R, BLOCK_V]`` fp32 logits (bias, softcap applied); rows not ``ok`` read as 0."""
-    return logit_tile(h_ptr, w_ptr, b_ptr, flat * H, ok, offs_v, v_ok, H, softcap, HAS_BIAS,
-                           SOFTCAP, INPUT_PRECISION, UPCAST, R, BLOCK_V, BLOCK_H)
+    return logit_tile(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        flat * H,
+        ok,
+        offs_v,
+        v_ok,
+        H,
+        softcap,
+        HAS_BIAS,
+        SOFTCAP,
+        INPUT_PRECISION,
+        UPCAST,
+        R,
+        BLOCK_V,
+        BLOCK_H,
+    )
 
 
 @triton.jit
