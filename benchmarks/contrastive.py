@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 
 from benchmarks.harness import Benchmark, Case, Provider
+from benchmarks.plot import plot_csv
 
 MODES = ("fwd", "fwd+bwd")
 SCALE = 20.0
@@ -62,21 +63,22 @@ def _rk_impl(case: Case) -> str:
 
 
 def _rk_fused_available(case: Case) -> str | None:
-    if _rk_impl(case) == "cpu":
-        from rag_kernels.ops.contrastive import cpu
+    import rag_kernels as rk
 
-        if not cpu.available():
-            return "the C++ extension (contrastive ops) is not built"
+    impl = _rk_impl(case)
+    have = rk.available_impls("contrastive")
+    if impl not in have:
+        return f"rk.contrastive_loss(impl={impl!r}) cannot run here; available: {list(have)}"
     return None
 
 
 def _setup_rk(impl: str | None):
     def setup(case: Case):
-        from rag_kernels.ops.contrastive import contrastive_loss
+        import rag_kernels as rk
 
         use = impl or _rk_impl(case)
         return _timed(
-            case, lambda q, d: contrastive_loss(q, d, scale=SCALE, reduction="none", impl=use)
+            case, lambda q, d: rk.contrastive_loss(q, d, scale=SCALE, reduction="none", impl=use)
         )
 
     return setup
@@ -112,6 +114,7 @@ BENCH = Benchmark(
     flops=flops,
     baseline="naive",
     description=__doc__.split("\n")[0],
+    plot=plot_csv,
 )
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 A benchmark script declares its providers and cases and hands control to :class:`Benchmark`::
 
     from benchmarks.harness import Benchmark, Case, Provider, Unavailable
+    from benchmarks.plot import plot_csv
 
     def setup_naive(case: Case):           # build inputs on case.device, return the timed call
         h = torch.randn(case.shape["N"], ..., device=case.device, dtype=case.torch_dtype)
@@ -15,6 +16,7 @@ A benchmark script declares its providers and cases and hands control to :class:
         cases=lambda args: [Case({"N": 2048}, "fwd", args.device, "float32"), ...],
         flops=lambda case: 2.0 * ...,       # optional: adds a ``tflops`` column
         baseline="naive",                   # provider the printed ratio tables divide by
+        plot=plot_csv,                      # optional (from benchmarks.plot): enables --plot
     )
     if __name__ == "__main__":
         BENCH.main()
@@ -40,8 +42,11 @@ API (everything else is private):
 Common CLI of every script: ``--device cpu|cuda``, ``--repeats`` (default 5), ``--warmup``
 (default 1), ``--quick`` (tiny shapes, a smoke test), ``--csv PATH`` (default
 ``benchmarks/results/<op>.csv``), ``--providers a,b``, ``--modes m1,m2``, ``--inprocess``,
-``--shapes "N=4096 H=2048 V=32000",...``, ``--timeout`` (seconds per worker), ``--plot``
-(write the PNG next to the CSV).
+``--shapes "N=4096 H=2048 V=32000",...``, ``--timeout`` (seconds per worker), and ``--plot``
+(write the PNG next to the CSV) when the script passes ``plot=``.
+
+Imports run one way: ``benchmarks.plot`` imports this module (its CSV readers), this module
+never imports ``benchmarks.plot``; a script that wants ``--plot`` hands ``plot_csv`` in.
 
 On CUDA, ``--inprocess`` keeps ``peak_mb`` exact (it comes from the caching allocator's
 statistics, not from RSS) and saves one interpreter start, CUDA initialisation and Triton
@@ -65,9 +70,13 @@ What one measurement does (a FRESH ``python -m <module> --worker`` process per
    ``max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus
    ``memory_allocated()`` before the call. The callable's result is held until the peak is
    read, so outputs and tensors saved for backward count.
-4. Timing, in the same process: ``repeats`` calls, each timed alone (CPU:
-   ``time.perf_counter``; CUDA: ``torch.cuda.Event`` pairs after a synchronize); the row
-   reports median, p20 and p80 in milliseconds.
+4. Timing, in the same process: ``repeats`` calls, each timed alone; the row reports
+   median, p20 and p80 in milliseconds. CPU: ``time.perf_counter``. CUDA: as
+   ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])`` does, the L2 cache is flushed
+   before every call by zeroing a 256 MB buffer (five times an H100 / H200 L2), so no call
+   finds its inputs in L2 left there by the previous one; then ``torch.cuda.Event`` pairs
+   around the call alone (the flush is not timed), after a synchronize. Unlike ``do_bench``
+   the number of calls is exactly ``repeats`` (not derived from a time budget).
 
 CSV columns, in order: ``op, provider, mode, shape, median_ms, p20_ms, p80_ms, peak_mb,
 device, commit, date`` then extras (``dtype, repeats, tflops, torch, mem_method``). ``device``
@@ -102,6 +111,9 @@ COLUMNS = (
     "device", "commit", "date",
 )  # fmt: skip
 _MARKER = "@@BENCH_RESULT@@"
+# Bytes zeroed before every timed CUDA call to evict L2 (triton.testing.do_bench uses 256 MB;
+# the L2 of an H100 / H200 is 50 MB).
+L2_FLUSH_BYTES = 256 * 2**20
 
 
 class Unavailable(Exception):
@@ -273,6 +285,38 @@ def _peak_cuda_mb(fn: Callable[[], Any], device) -> tuple[float, str]:
     return max(0, peak - base) / 2**20, "cuda_max_allocated"
 
 
+# ----------------------------------------------------------------------------- timing
+
+
+def _time_cpu(fn: Callable[[], Any], repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _time_cuda(fn: Callable[[], Any], device, repeats: int) -> list[float]:
+    """Per-call CUDA times (ms), each call starting with a cold L2 (see module docstring)."""
+    import torch
+
+    times = []
+    with torch.cuda.device(device):
+        flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+        for _ in range(repeats):
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            flush.zero_()  # stream-ordered: it finishes before `start` is recorded
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        del flush
+    return times
+
+
 # ----------------------------------------------------------------------------- measurement
 
 
@@ -296,20 +340,8 @@ def measure(provider: Provider, case: Case, warmup: int = 1, repeats: int = 5) -
         for _ in range(max(1, warmup)):
             fn()
         peak_mb, method = _peak_cuda_mb(fn, dev) if cuda else _peak_cpu_mb(fn)
-    times: list[float] = []
-    for _ in range(max(1, repeats)):
-        if cuda:
-            torch.cuda.synchronize(dev)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(dev)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+    n = max(1, repeats)
+    times = _time_cuda(fn, dev, n) if cuda else _time_cpu(fn, n)
     del fn
     gc.collect()
     if cuda:
@@ -450,6 +482,8 @@ class Benchmark:
     baseline: str | None = None
     description: str = ""
     extra_args: Callable[[argparse.ArgumentParser], None] | None = field(default=None)
+    # ``plot(csv_path) -> [png paths]`` (``benchmarks.plot.plot_csv``): enables ``--plot``.
+    plot: Callable[[Path], list[Path]] | None = None
 
     def provider(self, name: str) -> Provider:
         for p in self.providers:
@@ -475,7 +509,8 @@ class Benchmark:
                         help="measure in this process instead of a fresh one per point "
                         "(fast; memory is less isolated)")  # fmt: skip
         ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker")
-        ap.add_argument("--plot", action="store_true", help="write <csv>.png afterwards")
+        if self.plot is not None:
+            ap.add_argument("--plot", action="store_true", help="write <csv>.png afterwards")
         ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
         if self.extra_args is not None:
             self.extra_args(ap)
@@ -557,10 +592,8 @@ class Benchmark:
         if written and base is not None:
             for metric in ("median_ms", "peak_mb"):
                 print(f"\n{metric} relative to {base}:\n" + ratio_table(written, base, metric))
-        if args.plot and written:
-            from .plot import plot_csv
-
-            print(f"\nplot: {plot_csv(csv_path)}")
+        if getattr(args, "plot", False) and written and self.plot is not None:
+            print(f"\nplot: {self.plot(csv_path)}")
         return 0
 
 

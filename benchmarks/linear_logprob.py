@@ -28,6 +28,7 @@ import itertools
 import sys
 
 from benchmarks.harness import Benchmark, Case, Provider, Unavailable
+from benchmarks.plot import plot_csv
 
 MODES = ("fwd", "fwd+bwd")
 
@@ -130,11 +131,12 @@ def _rk_impl(case: Case) -> str:
 
 
 def _rk_fused_available(case: Case) -> str | None:
-    from rag_kernels.ops.linear_logprob import _IMPLS
+    import rag_kernels as rk
 
     impl = _rk_impl(case)
-    if impl not in _IMPLS:
-        return f"rag_kernels.linear_logprob has no impl={impl!r} yet (have {sorted(_IMPLS)})"
+    have = rk.available_impls("linear_logprob")
+    if impl not in have:
+        return f"rag_kernels.linear_logprob(impl={impl!r}) cannot run here; available: {list(have)}"
     return None
 
 
@@ -189,6 +191,7 @@ BENCH = Benchmark(
     flops=flops,
     baseline="naive",
     description=__doc__.split("\n")[0],
+    plot=plot_csv,
 )
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import sys
 import types
 
 from benchmarks.harness import Benchmark, Case, Provider, Unavailable
+from benchmarks.plot import plot_csv
 
 PAD, BOS = 2, 1
 MODES = ("sequence_eps0", "sequence_eps0.1", "token_eps0", "token_eps0.1")
@@ -248,6 +249,7 @@ BENCH = Benchmark(
     flops=flops,
     baseline="hf_get_nll",
     description=__doc__.split("\n")[0],
+    plot=plot_csv,
 )
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@
 // Parallel over vocabulary tiles (one worker per intra-op thread, single-threaded GEMMs):
 // one parallel region per pass, so the cost of synchronisation does not grow with the tile
 // count (this beat GEMM-level threading + a row-parallel epilogue on 2 busy cores).
-// Math: rag_kernels/ops/linear_logprob/__init__.py and DESIGN.md section 2.
+// Math: rag_kernels/ops/linear_logprob/__init__.py and docs/design.md §2.1.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/extension.h>
@@ -33,6 +33,14 @@
 #include "vec_math.h"
 
 namespace {
+
+using rag_kernels::detail::acc_type;
+using rag_kernels::detail::for_each_vocab_tile;
+using rag_kernels::detail::num_workers;
+using rag_kernels::detail::rk_exp;
+using rag_kernels::detail::rk_tanh;
+using rag_kernels::detail::variant_of;
+using rag_kernels::detail::weight_tile;
 
 constexpr int64_t kDefaultRowTile = 256;  // keep in sync with cpu.py DEFAULT_TILES
 constexpr int64_t kDefaultVocabTile = 2048;
@@ -183,7 +191,7 @@ struct RowTargets {
   RowTargets(const at::Tensor& target, int64_t N)
       : ids(target.to(at::kLong).contiguous().view(-1)),
         inner(target.dim() == 2 ? target.size(1) : N),
-        group(target.dim() == 2 ? N / target.size(0) : N),
+        group(target.dim() == 2 && target.size(0) > 0 ? N / target.size(0) : N),  // B = 0: N = 0
         p(ids.data_ptr<int64_t>()) {}
   int64_t operator()(int64_t row) const { return p[(row / group) * inner + row % inner]; }
   // [N] bool: the row's target is not ignore_index (the only per-row expansion: a mask).
@@ -192,7 +200,8 @@ struct RowTargets {
     if (N == 0) return keep.narrow(0, 0, 0);
     if (inner == N && group == N) return keep;
     const int64_t B = ids.numel() / inner;
-    return keep.view({B, 1, inner}).expand({B, group / inner, inner}).reshape({N});
+    // contiguous: callers update the mask in place, which a stride-0 view (inner = 1) forbids
+    return keep.view({B, 1, inner}).expand({B, group / inner, inner}).contiguous().view({N});
   }
   // Every kept id lies in [0, V) (checked once per distinct id, not once per document).
   void check_range(int64_t V, int64_t ignore_index) const {
@@ -259,7 +268,8 @@ void forward_kernel(const at::Tensor& h, const at::Tensor& weight, const RowTarg
     double m = -std::numeric_limits<double>::infinity(), s = 0.0, zs = 0.0;
     for (int64_t wk = 0; wk < workers; ++wk) m = std::max(m, run_max[wk * Na + r]);
     for (int64_t wk = 0; wk < workers; ++wk) {
-      if (run_sum[wk * Na + r] > 0.0) s += run_sum[wk * Na + r] * std::exp(run_max[wk * Na + r] - m);
+      // != 0 (not > 0): a NaN partial sum (NaN in the weight or hidden row) must propagate
+      if (run_sum[wk * Na + r] != 0.0) s += run_sum[wk * Na + r] * std::exp(run_max[wk * Na + r] - m);
       zs += run_zsum[wk * Na + r];
     }
     lse_out[r] = m + std::log(s);

@@ -53,10 +53,13 @@ void marginalize_kernel(const scalar_t* lp, const scalar_t* s, const bool* tok_m
           joint[k] = log_prior[k] + ell;
           jmax = std::max(jmax, joint[k]);
         }
+        // A zero likelihood on every document (jmax = -inf) gives lse = -inf, loss +inf, as
+        // the reference does; shifting by -inf would give NaN.
+        const double shift = jmax == kNegInf ? 0.0 : jmax;
         double jsum = 0.0;
         for (int64_t k = 0; k < K; ++k)
-          if (log_prior[k] != kNegInf) jsum += std::exp(joint[k] - jmax);
-        const double lse = jmax + std::log(jsum);
+          if (log_prior[k] != kNegInf) jsum += std::exp(joint[k] - shift);
+        const double lse = shift + std::log(jsum);
         loss_b = -lse;
         for (int64_t k = 0; k < K; ++k) {
           const bool kept = log_prior[k] != kNegInf;
@@ -79,10 +82,11 @@ void marginalize_kernel(const scalar_t* lp, const scalar_t* s, const bool* tok_m
                            : log_prior[k] + static_cast<double>(lp_b[k * T + t]);
             if (log_prior[k] != kNegInf) jmax = std::max(jmax, joint[k]);
           }
+          const double shift = jmax == kNegInf ? 0.0 : jmax;  // see the sequence branch
           double jsum = 0.0;
           for (int64_t k = 0; k < K; ++k)
-            if (log_prior[k] != kNegInf) jsum += std::exp(joint[k] - jmax);
-          const double lse = jmax + std::log(jsum);
+            if (log_prior[k] != kNegInf) jsum += std::exp(joint[k] - shift);
+          const double lse = shift + std::log(jsum);
           loss_b -= lse;
           for (int64_t k = 0; k < K; ++k) {
             const bool kept = log_prior[k] != kNegInf;

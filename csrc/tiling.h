@@ -1,6 +1,7 @@
 // Vocabulary tiling shared by the CPU LM-head kernels (linear_logprob.cpp,
 // token_smoothing.cpp): compute dtype, weight tiles, and the one-worker-per-thread walk over
-// vocabulary tiles.
+// vocabulary tiles. Everything lives in rag_kernels::detail (inline functions and templates,
+// no anonymous namespace), so each kernel file shares one definition.
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -9,7 +10,8 @@
 #include <algorithm>
 #include <cstdint>
 
-namespace {
+namespace rag_kernels {
+namespace detail {
 
 // bf16 / fp16 inputs compute in fp32; fp32 and fp64 in themselves.
 inline at::ScalarType acc_type(at::ScalarType t) {
@@ -17,12 +19,14 @@ inline at::ScalarType acc_type(at::ScalarType t) {
 }
 
 // Epilogue variant index: bias + 2 * softcap.
-inline int variant_of(bool has_bias, bool has_cap) { return (has_bias ? 1 : 0) + (has_cap ? 2 : 0); }
+inline int variant_of(bool has_bias, bool has_cap) {
+  return (has_bias ? 1 : 0) + (has_cap ? 2 : 0);
+}
 
 // The weight rows [v0, v0 + vt) in the compute dtype: a view for fp32/fp64, else converted
 // into `wbuf` (one tile, never the whole weight).
-inline at::Tensor weight_tile(const at::Tensor& weight, at::Tensor& wbuf, int64_t v0, int64_t vt,
-                       at::ScalarType acc) {
+inline at::Tensor weight_tile(const at::Tensor& weight, at::Tensor& wbuf, int64_t v0,
+                              int64_t vt, at::ScalarType acc) {
   auto w = weight.narrow(0, v0, vt);
   if (weight.scalar_type() == acc) return w;
   auto dst = wbuf.narrow(0, 0, vt * weight.size(1)).view({vt, weight.size(1)});
@@ -35,7 +39,7 @@ inline at::Tensor weight_tile(const at::Tensor& weight, at::Tensor& wbuf, int64_
 // so synchronisation does not grow with the tile count. The static assignment keeps results
 // bitwise reproducible for a given thread count (partial sums always combine the same way).
 template <typename Fn>
-void for_each_vocab_tile(int64_t V, int64_t VT, int64_t workers, const Fn& fn) {
+inline void for_each_vocab_tile(int64_t V, int64_t VT, int64_t workers, const Fn& fn) {
   const int64_t ntiles = (V + VT - 1) / VT;
   // Worker threads start with default thread-local state (grad mode, dispatch-key
   // exclusions); give them the caller's so the ATen calls inside behave as on this thread.
@@ -51,4 +55,5 @@ inline int64_t num_workers(int64_t V, int64_t VT) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (V + VT - 1) / VT));
 }
 
-}  // namespace
+}  // namespace detail
+}  // namespace rag_kernels

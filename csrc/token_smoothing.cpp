@@ -22,7 +22,7 @@
 // bf16 / fp16 inputs run in fp32 (the W tile is converted once per tile), fp64 in fp64.
 // Forward GEMMs use ATen's threads and the per-token epilogue is parallel over the tokens of a
 // group; the backward runs one worker per thread over vocabulary tiles (csrc/tiling.h).
-// Math: rag_kernels/ops/token_smoothing/__init__.py and DESIGN.md section 2.
+// Math: rag_kernels/ops/token_smoothing/__init__.py and docs/design.md §2.3.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -41,6 +41,13 @@
 
 namespace {
 
+using rag_kernels::detail::acc_type;
+using rag_kernels::detail::for_each_vocab_tile;
+using rag_kernels::detail::num_workers;
+using rag_kernels::detail::rk_exp;
+using rag_kernels::detail::rk_tanh;
+using rag_kernels::detail::variant_of;
+using rag_kernels::detail::weight_tile;
 
 // log(x) for a positive normal float (here x = sum_k exp(a_k - max) in [1, K]): x = 2^e m with
 // m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(u), u = (m - 1) / (m + 1), |u| < 0.172, by its

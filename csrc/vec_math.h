@@ -1,11 +1,11 @@
 // Vectorisable float math shared by the CPU kernels' epilogues (linear_logprob.cpp,
-// token_smoothing.cpp): AVX-512/AVX2 function clones and branch-free exp / tanh.
+// token_smoothing.cpp): AVX-512/AVX2 function clones and branch-free exp / tanh. The
+// functions live in rag_kernels::detail (inline, no anonymous namespace); RK_CLONES and
+// RK_INLINE are macros for the kernel files.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-
-namespace {
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // The extension is compiled for the baseline ISA; the vocabulary epilogue is the only
@@ -16,6 +16,9 @@ namespace {
 #define RK_CLONES
 #define RK_INLINE inline
 #endif
+
+namespace rag_kernels {
+namespace detail {
 
 // exp for float: Cody-Waite range reduction + degree-6 polynomial (about 2 ulp); written
 // branch-free so the row loops vectorise. Inputs are clamped to the normal range, which
@@ -62,4 +65,5 @@ RK_INLINE float rk_tanh(float x) {
 }
 RK_INLINE double rk_tanh(double x) { return std::tanh(x); }
 
-}  // namespace
+}  // namespace detail
+}  // namespace rag_kernels
