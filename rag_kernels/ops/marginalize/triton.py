@@ -67,7 +67,8 @@ def marginalize_kernel(
                 keep_k[:, None], log_prior[:, None] + tl.where(keep, lp, 0.0), float("-inf")
             )
             j_max = tl.max(joint, axis=0)
-            j_max = tl.where(keep_t, j_max, 0.0)
+            # -inf on every document: shift by 0 so that lse = -inf (loss +inf), not NaN
+            j_max = tl.where(keep_t & (j_max > float("-inf")), j_max, 0.0)
             lse = j_max + tl.log(
                 tl.sum(tl.where(keep_k[:, None], tl.exp(joint - j_max[None, :]), 0.0), axis=0)
             )
@@ -94,6 +95,7 @@ def marginalize_kernel(
             ell += tl.sum(tl.where(keep, lp, 0.0), axis=1)
         joint = tl.where(keep_k, log_prior + ell, float("-inf"))
         j_max = tl.max(joint, axis=0)
+        j_max = tl.where(j_max > float("-inf"), j_max, 0.0)  # see the token branch
         lse = j_max + tl.log(tl.sum(tl.where(keep_k, tl.exp(joint - j_max), 0.0), axis=0))
         w = tl.where(keep_k, tl.exp(joint - lse), 0.0)
         tl.store(loss_ptr + b, (-lse).to(loss_ptr.dtype.element_ty))

@@ -1,0 +1,251 @@
+"""Regression tests for the ops' crash / NaN-policy / empty-input findings (one test per
+finding, every implementation that can run here; Triton under TRITON_INTERPRET=1)."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import rag_kernels as rk
+from toolkit import assert_close, impl_params
+
+LLP = impl_params("linear_logprob")
+MARG = impl_params("marginalize")
+TS = impl_params("token_smoothing")
+NAN = float("nan")
+
+
+def _grads(loss, *xs):
+    return torch.autograd.grad(loss, [x for x in xs if x is not None], allow_unused=True)
+
+
+# ------------------------------------------------------------------ crashes, failing backward
+
+
+@pytest.mark.parametrize("impl", LLP)
+def test_empty_batch_with_shared_target_does_not_kill_the_process(impl):
+    """B = 0 with a target shared over K divided by a zero size in the C++ kernel (SIGFPE):
+    run it in a subprocess so a crash fails this test instead of killing pytest."""
+    code = textwrap.dedent(
+        f"""
+        import os, torch
+        import rag_kernels as rk
+        h = torch.zeros(0, 3, 4, 8, requires_grad=True)
+        w = torch.randn(11, 8, requires_grad=True)
+        lp = rk.linear_logprob(h, w, torch.zeros(0, 1, 4, dtype=torch.long), impl={impl!r})
+        assert lp.shape == (0, 3, 4), lp.shape
+        loss = rk.rag_loss(h, w, torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 3),
+                           impl={impl!r}, reduction="sum")
+        loss.backward()
+        assert float(loss) == 0.0 and h.grad.shape == h.shape
+        print("ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, (r.returncode, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("impl", LLP)
+def test_one_query_one_token_backward(impl):
+    """One query with a one-token answer: the kept-row mask of a [1, 1] target was a stride-0
+    view updated in place ("more than one element ... refers to a single memory location")."""
+    dt = torch.float32 if impl == "triton" else torch.float64  # Triton takes no float64
+    g = torch.Generator().manual_seed(0)
+    h64 = torch.randn(1, 4, 1, 2, generator=g, dtype=torch.float64)
+    w64 = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    s64 = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([[2]])
+    h, w, s = (x.to(dt).requires_grad_() for x in (h64, w64, s64))
+    got = _grads(rk.rag_loss(h, w, y, s, impl=impl), h, w, s)
+    h64, w64, s64 = (x.requires_grad_() for x in (h64, w64, s64))
+    want = _grads(rk.rag_loss(h64, w64, y, s64, impl="reference"), h64, w64, s64)
+    tol = 1e-9 if dt == torch.float64 else 1e-5
+    for a, e, n in zip(got, want, ("hidden", "weight", "doc_scores"), strict=True):
+        assert_close(a, e, rtol=tol, atol=tol * 1e-3, name=n)
+    lp = rk.linear_logprob(h, w, y[:, None, :], impl=impl)
+    lp.sum().backward()
+    assert torch.isfinite(h.grad).all()
+    for get_nll in (rk.hf.rag_sequence_get_nll, rk.hf.rag_token_get_nll):
+        hh = h.detach().reshape(4, 1, 2).requires_grad_()
+        get_nll(hh, w.detach(), s.detach(), y, pad_token_id=0, impl=impl).sum().backward()
+        assert (hh.grad == 0).all()  # T = 1: the shifted target is padding only
+
+
+# ------------------------------------------------------------------------------ NaN policy
+
+
+@pytest.mark.parametrize("impl", TS)
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+@pytest.mark.parametrize("eps", [0.0, 0.1], ids=["eps0", "eps0.1"])
+def test_nan_at_ignored_rows_and_masked_docs_reaches_no_gradient(impl, mode, eps):
+    """Whatever ignored target positions and masked documents hold (NaN here) reaches
+    neither the loss nor any gradient, in every mode and implementation."""
+    g = torch.Generator().manual_seed(1)
+    B, K, T, H, V = 2, 3, 5, 8, 13
+    h = torch.randn(B, K, T, H, generator=g)
+    w = torch.randn(V, H, generator=g) / H**0.5
+    s = torch.randn(B, K, generator=g)
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[:, 1] = -100
+    dm = torch.ones(B, K, dtype=torch.bool)
+    dm[0, 2] = False
+    poisoned = h.clone()
+    poisoned[:, :, 1] = NAN  # ignored position
+    poisoned[0, 2] = NAN  # masked document
+    results = []
+    for hh in (h, poisoned):
+        hh = hh.clone().requires_grad_()
+        ww, ss = w.clone().requires_grad_(), s.clone().requires_grad_()
+        loss = rk.rag_loss(hh, ww, y, ss, mode=mode, label_smoothing=eps, doc_mask=dm, impl=impl)
+        results.append((loss, *_grads(loss, hh, ww, ss)))
+    clean, dirty = results
+    keep = torch.ones(B, K, T, 1, dtype=torch.bool)
+    keep[:, :, 1] = False
+    keep[0, 2] = False
+    assert torch.isfinite(dirty[0]), dirty[0]
+    assert_close(dirty[0], clean[0], rtol=1e-6, name="loss")
+    assert torch.isfinite(dirty[1]).all(), "NaN reached the hidden gradient"
+    assert_close(dirty[1] * keep, clean[1] * keep, rtol=1e-5, atol=1e-7, name="hidden grad")
+    assert (dirty[1][~keep.expand_as(dirty[1])] == 0).all(), "masked rows got a gradient"
+    assert_close(dirty[2], clean[2], rtol=1e-5, atol=1e-7, name="weight grad")
+    assert_close(dirty[3], clean[3], rtol=1e-5, atol=1e-7, name="doc_scores grad")
+
+
+@pytest.mark.parametrize("impl", LLP)
+def test_nan_in_weight_propagates(impl):
+    """A NaN in the LM-head weight makes every row's statistics NaN (cpu gave lp=+inf,
+    lse=-inf: a NaN partial sum was dropped in the merge)."""
+    w = torch.randn(5, 4)
+    w[2, 1] = NAN
+    out = rk.linear_logprob(
+        torch.randn(3, 4), w, torch.tensor([1, 2, 3]), impl=impl, return_stats=True
+    )
+    for name, x in zip(("logprob", "lse", "sum_logprob"), out, strict=True):
+        assert torch.isnan(x).all(), (name, x)
+
+
+@pytest.mark.parametrize("impl", MARG)
+@pytest.mark.parametrize("token_mode", [False, True], ids=["sequence", "token"])
+def test_zero_likelihood_on_every_document_gives_inf_loss(impl, token_mode):
+    """A token whose log-prob is -inf on every document: the likelihood is 0, the loss +inf
+    (cpu/triton gave NaN from shifting a log-sum-exp by -inf)."""
+    lp = torch.randn(2, 3, 4, dtype=torch.float64)
+    lp[0, :, 1] = float("-inf")
+    s = torch.randn(2, 3, dtype=torch.float64)
+    fn = rk.rag_token_loss if token_mode else rk.rag_sequence_loss
+    got = fn(lp, s, reduction="none", impl=impl)
+    want = fn(lp, s, reduction="none", impl="reference")
+    assert got[0] == float("inf"), got
+    assert_close(got[1:], want[1:], rtol=1e-12, name="other queries")
+
+
+def test_hf_sequence_checks_doc_scores():
+    """rag_sequence_get_nll skipped the doc-score value check (a NaN score gave NaN silently)."""
+    h = torch.randn(4, 3, 8)
+    for bad in (NAN, float("inf")):
+        s = torch.randn(2, 2)
+        s[1, 0] = bad
+        with pytest.raises(ValueError, match="doc_scores"):
+            rk.hf.rag_sequence_get_nll(
+                h, torch.randn(7, 8), s, torch.randint(1, 7, (2, 3)), pad_token_id=0
+            )
+
+
+# --------------------------------------------------------------- empty dims and bad options
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(
+            lambda: rk.rag_sequence_loss(torch.randn(2, 0, 3), torch.randn(2, 0)),
+            id="rag_sequence_loss",
+        ),
+        pytest.param(
+            lambda: rk.rag_token_loss(torch.randn(2, 0, 3), torch.randn(2, 0)), id="rag_token_loss"
+        ),
+        pytest.param(
+            lambda: rk.rag_loss(
+                torch.randn(2, 0, 3, 4),
+                torch.randn(5, 4),
+                torch.randint(0, 5, (2, 3)),
+                torch.randn(2, 0),
+            ),
+            id="rag_loss",
+        ),
+        pytest.param(
+            lambda: rk.rag_loss(
+                torch.randn(2, 0, 3, 4),
+                torch.randn(5, 4),
+                torch.randint(0, 5, (2, 3)),
+                torch.randn(2, 0),
+                mode="token",
+                label_smoothing=0.1,
+            ),
+            id="rag_loss-token-smoothed",
+        ),
+    ],
+)
+def test_no_documents_is_an_error(call):
+    """K = 0 returned +inf with no error (the value check returns early on empty tensors)."""
+    with pytest.raises(ValueError, match="at least one document"):
+        call()
+
+
+@pytest.mark.parametrize(
+    ("softcap", "exc"),
+    [
+        pytest.param(float("inf"), ValueError, id="inf"),
+        pytest.param(float("nan"), ValueError, id="nan"),
+        pytest.param(True, ValueError, id="bool"),
+        pytest.param(0.0, ValueError, id="zero"),
+        pytest.param(-3.0, ValueError, id="negative"),
+    ],
+)
+def test_bad_softcap(softcap, exc):
+    h, w, y = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([1, 2, 3])
+    with pytest.raises(exc, match="softcap"):
+        rk.linear_logprob(h, w, y, softcap=softcap)
+    with pytest.raises(exc, match="softcap"):
+        rk.rag_loss(h[None, None], w, y[None], torch.zeros(1, 1), softcap=softcap)
+
+
+def test_zero_hidden_size_and_empty_vocabulary_are_errors():
+    with pytest.raises(ValueError, match="hidden size"):
+        rk.linear_logprob(torch.randn(3, 0), torch.randn(5, 0), torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="vocabulary row"):
+        rk.linear_logprob(torch.randn(3, 4), torch.randn(0, 4), torch.full((3,), -100))
+
+
+@pytest.mark.parametrize("impl", TS)
+@pytest.mark.parametrize("shape", [(0, 2, 3), (2, 2, 0)], ids=["B=0", "T=0"])
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+@pytest.mark.parametrize("eps", [0.0, 0.1], ids=["eps0", "eps0.1"])
+def test_empty_batch_or_answer(impl, shape, mode, eps):
+    """T = 0 / B = 0 failed deep inside torch in the token-smoothing paths; now the loss of
+    an empty batch sums to 0 and backward gives zero gradients of the right shapes."""
+    B, K, T = shape
+    h = torch.randn(B, K, T, 4, requires_grad=True)
+    w = torch.randn(5, 4, requires_grad=True)
+    s = torch.randn(B, K, requires_grad=True)
+    loss = rk.rag_loss(
+        h,
+        w,
+        torch.randint(0, 5, (B, T)),
+        s,
+        mode=mode,
+        label_smoothing=eps,
+        impl=impl,
+        reduction="sum",
+    )
+    loss.backward()
+    assert abs(float(loss.detach())) < 1e-6, loss
+    assert h.grad is not None and h.grad.shape == h.shape and (h.grad == 0).all()
+
+
+def test_mean_over_an_empty_batch_is_nan():
+    """Documented: reduction="mean" over zero queries is NaN (torch's convention)."""
+    out = rk.rag_sequence_loss(torch.randn(0, 2, 3), torch.randn(0, 2))
+    assert torch.isnan(out)
