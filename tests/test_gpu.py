@@ -13,10 +13,10 @@ import torch
 
 import rag_kernels as rk
 from rag_kernels.ops.validation import set_value_checks, value_checks_enabled
+from toolkit import IGNORE as IGN
+from toolkit import assert_close, make_linear_logprob
 
 pytestmark = pytest.mark.gpu
-
-IGN = -100
 
 
 @pytest.fixture(autouse=True)
@@ -27,18 +27,8 @@ def _needs_compiled_triton():
         pytest.skip("TRITON_INTERPRET=1: run GPU tests with TRITON_INTERPRET=0")
 
 
-def make(N, H, V, dtype, *, bias=False, ignore_frac=0.2, device="cuda", seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    h = torch.randn(N, H, generator=g).to(device=device, dtype=dtype)
-    w = (torch.randn(V, H, generator=g) * (2.0 / H**0.5)).to(device=device, dtype=dtype)
-    y = torch.randint(0, V, (N,), generator=g)
-    y[torch.rand(N, generator=g) < ignore_frac] = IGN
-    y = y.to(device)
-    h[y == IGN] = float("nan")
-    b = torch.randn(V, generator=g).to(device=device, dtype=dtype) if bias else None
-    ups = [torch.rand(N, generator=g, dtype=torch.float64).to(device) for _ in range(3)]
-    ups[2] = ups[2] * 0.01
-    return h, w, y, b, ups
+# weight ~ N(0, 4 / H), ~20% of the rows ignored (NaN hidden states), tensors on the GPU
+GPU = dict(wscale=2.0, device="cuda")
 
 
 def run(impl, h, w, y, b, ups, softcap=None, stats=True):
@@ -54,24 +44,23 @@ def run(impl, h, w, y, b, ups, softcap=None, stats=True):
 NAMES = ("lp", "lse", "sum_logprob", "d_hidden", "d_weight", "d_bias")
 
 
-def check_within_twice_torch(h, w, y, b, ups, softcap, rel_atol=5e-4):
-    """Triton error vs float64 <= 2x plain PyTorch's error in the same dtype + rel_atol*scale."""
+def run_three(h, w, y, b, ups, softcap):
+    """``(triton, plain PyTorch in the same dtype, float64 truth)`` outputs and gradients."""
     d = lambda t: None if t is None else t.double()
     want = run("reference", d(h), d(w), y, d(b), ups, softcap)
     pt = run("reference", h, w, y, b, ups, softcap)
     got = run("triton", h, w, y, b, ups, softcap)
+    return got, pt, want
+
+
+def assert_within_twice_torch(got, pt, want, rtol=5e-4):
+    """Triton error vs float64 <= 2x plain PyTorch's error in the same dtype + rtol*scale."""
     report = {}
     for name, gt, p, wt in zip(NAMES, got, pt, want, strict=False):
         assert gt.dtype == p.dtype and gt.shape == p.shape, name
         assert torch.isfinite(gt).all(), f"{name} has non-finite entries"
-        err = (gt.double() - wt).abs().max().item()
-        err_pt = (p.double() - wt).abs().max().item()
-        report[name] = (err, err_pt)
-        assert err <= 2 * err_pt + rel_atol * wt.abs().max().item(), (
-            f"{name}: triton err {err:.3g} vs torch err {err_pt:.3g}"
-        )
-    print({k: f"{a:.2e}/{p:.2e}" for k, (a, p) in report.items()})
-    return got
+        report[name] = assert_close(gt, wt, ref=p, rtol=rtol, name=name)
+    print({k: f"{c.err:.2e}/{c.ref_err:.2e}" for k, c in report.items()})
 
 
 CASES = {
@@ -86,31 +75,37 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_bf16_within_twice_torch_error(case):
     shape, bias, softcap = CASES[case]
-    h, w, y, b, ups = make(*shape, torch.bfloat16, bias=bias)
-    got = check_within_twice_torch(h, w, y, b, ups, softcap)
+    h, w, y, b, ups = make_linear_logprob(
+        *shape, dtype=torch.bfloat16, bias=bias, ignore_frac=0.2, **GPU
+    )
+    got, pt, want = run_three(h, w, y, b, ups, softcap)
+    assert_within_twice_torch(got, pt, want)
     ign = y == IGN
     assert (got[3][ign] == 0).all(), "ignored rows got a hidden gradient"
 
 
 def test_fp16_within_twice_torch_error():
-    h, w, y, b, ups = make(1031, 512, 10007, torch.float16, bias=True)
-    check_within_twice_torch(h, w, y, b, ups, None)
+    h, w, y, b, ups = make_linear_logprob(
+        1031, 512, 10007, dtype=torch.float16, bias=True, ignore_frac=0.2, **GPU
+    )
+    assert_within_twice_torch(*run_three(h, w, y, b, ups, None))
 
 
 def test_fp32_is_ieee_not_tf32():
     # TF32 (10-bit mantissa) would give ~1e-3 relative error here; IEEE fp32 gives ~1e-6.
-    h, w, y, b, ups = make(515, 1024, 4099, torch.float32, bias=True)
+    h, w, y, b, ups = make_linear_logprob(
+        515, 1024, 4099, dtype=torch.float32, bias=True, ignore_frac=0.2, **GPU
+    )
     d = lambda t: None if t is None else t.double()
     want = run("reference", d(h), d(w), y, d(b), ups)
     got = run("triton", h, w, y, b, ups)
     for name, gt, wt in zip(NAMES, got, want, strict=False):
-        err = (gt.double() - wt).abs().max().item()
-        assert err <= 2e-5 * wt.abs().max().item(), f"{name}: {err:.3g}"
+        assert_close(gt, wt, rtol=2e-5, name=name)
 
 
 def test_memory_does_not_scale_with_n_times_v():
     N, H, V = 8192, 1024, 65536  # N*V fp32 logits would be 2 GiB
-    h, w, y, _, ups = make(N, H, V, torch.bfloat16, ignore_frac=0.1)
+    h, w, y, _, ups = make_linear_logprob(N, H, V, dtype=torch.bfloat16, ignore_frac=0.1, **GPU)
     h.requires_grad_()
     w.requires_grad_()
     rk.linear_logprob(h, w, y, impl="triton").sum().backward()  # compile / warm up
@@ -129,7 +124,9 @@ def test_memory_does_not_scale_with_n_times_v():
 
 
 def test_no_host_sync_after_warmup():
-    h, w, y, b, ups = make(1000, 256, 5003, torch.bfloat16, bias=True)
+    h, w, y, b, ups = make_linear_logprob(
+        1000, 256, 5003, dtype=torch.bfloat16, bias=True, ignore_frac=0.2, **GPU
+    )
     run("triton", h, w, y, b, ups)  # compile / autotune (which synchronises) first
     was = value_checks_enabled()
     set_value_checks(False)  # the target-range check reads data on purpose
@@ -145,7 +142,7 @@ def test_no_host_sync_after_warmup():
 def test_matches_cut_cross_entropy():
     cce = pytest.importorskip("cut_cross_entropy")
     N, H, V = 4093, 2048, 32003
-    h, w, y, _, ups = make(N, H, V, torch.bfloat16, ignore_frac=0.15)
+    h, w, y, _, ups = make_linear_logprob(N, H, V, dtype=torch.bfloat16, ignore_frac=0.15, **GPU)
     h = torch.where((y == IGN)[:, None], torch.zeros((), dtype=h.dtype, device=h.device), h)
     keep = y != IGN
 
@@ -168,7 +165,5 @@ def test_matches_cut_cross_entropy():
     for name, o, t, wt in zip(("lp", "d_hidden", "d_weight"), ours, theirs, want, strict=False):
         if name == "lp":
             o, t, wt = o[keep], t[keep], wt[keep]
-        err = (o.double() - wt.double()).abs().max().item()
-        err_cce = (t.double() - wt.double()).abs().max().item()
-        print(f"{name}: ours {err:.3g}, cce {err_cce:.3g}")
-        assert err <= 2 * err_cce + 1e-3 * wt.abs().max().item(), name
+        c = assert_close(o, wt, ref=t, rtol=1e-3, name=f"{name} (ref: Cut Cross-Entropy)")
+        print(f"{name}: ours {c.err:.3g}, cce {c.ref_err:.3g}")

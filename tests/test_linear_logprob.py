@@ -6,24 +6,17 @@ import torch
 import torch.nn.functional as F
 
 import rag_kernels as rk
+from rag_kernels.ops.linear_logprob import LinearLogprobFunction
+from toolkit import impl_params, make_linear_logprob, require_impl
 
 SHAPES = [(1, 1, 2), (37, 50, 1031), (8, 16, 33)]
-
-
-def make(N, H, V, dtype=torch.float64, n_ignore=3, bias=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, H, generator=g, dtype=dtype)
-    w = torch.randn(V, H, generator=g, dtype=dtype) / H**0.5
-    y = torch.randint(0, V, (N,), generator=g)
-    y[torch.randperm(N, generator=g)[: min(n_ignore, N - 1)]] = -100
-    b = torch.randn(V, generator=g, dtype=dtype) if bias else None
-    return h, w, y, b
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}H{}V{}".format(*s))
 def test_reference_matches_cross_entropy(shape, bias):
-    h, w, y, b = make(*shape, bias=bias)
+    N = shape[0]
+    h, w, y, b, _ = make_linear_logprob(*shape, bias=bias, n_ignore=min(3, N - 1), poison=False)
     stats = rk.linear_logprob(h, w, y, bias=b, impl="reference", return_stats=True)
     logits = F.linear(h, w, b)
     keep = y != -100
@@ -36,16 +29,17 @@ def test_reference_matches_cross_entropy(shape, bias):
 
 
 def test_softcap_matches_capped_logits():
-    h, w, y, _ = make(9, 7, 23)
+    h, w, y, _, _ = make_linear_logprob(9, 7, 23, n_ignore=3, poison=False)
     c = 2.5
     got = rk.linear_logprob(h * 4, w, y, softcap=c, impl="reference")
     z = c * torch.tanh((h * 4) @ w.T / c)
-    torch.testing.assert_close(got, -F.cross_entropy(z, y, reduction="none"), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        got, -F.cross_entropy(z, y, reduction="none"), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_ignored_rows_zero_and_no_gradient():
-    h, w, y, _ = make(11, 5, 17, n_ignore=4)
-    h[y == -100] = float("nan")  # must not leak anywhere
+    h, w, y, _, _ = make_linear_logprob(11, 5, 17, n_ignore=4)  # NaN rows: must not leak
     h.requires_grad_()
     w.requires_grad_()
     stats = rk.linear_logprob(h, w, y, impl="reference", return_stats=True)
@@ -58,7 +52,7 @@ def test_ignored_rows_zero_and_no_gradient():
 
 
 def test_leading_dims_and_int32_target():
-    h, w, y, _ = make(12, 6, 19)
+    h, w, y, _, _ = make_linear_logprob(12, 6, 19, n_ignore=3, poison=False)
     flat = rk.linear_logprob(h, w, y, impl="reference")
     got = rk.linear_logprob(h.view(3, 4, 6), w, y.view(3, 4).int(), impl="reference")
     assert got.shape == (3, 4)
@@ -67,7 +61,7 @@ def test_leading_dims_and_int32_target():
 
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["nocap", "softcap"])
 def test_gradcheck(softcap):
-    h, w, y, b = make(5, 4, 7, bias=True, n_ignore=1)
+    h, w, y, b, _ = make_linear_logprob(5, 4, 7, bias=True, n_ignore=1, poison=False)
     h.requires_grad_(), w.requires_grad_(), b.requires_grad_()
 
     def fn(h, w, b):
@@ -79,12 +73,12 @@ def test_gradcheck(softcap):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_returns_fp32(dtype):
-    h, w, y, _ = make(6, 8, 21, dtype=dtype)
+    h, w, y, _, _ = make_linear_logprob(6, 8, 21, dtype=dtype, n_ignore=3, poison=False)
     assert rk.linear_logprob(h, w, y, impl="reference").dtype == torch.float32
 
 
 def _args():
-    h, w, y, b = make(4, 3, 5, dtype=torch.float32, n_ignore=0, bias=True)
+    h, w, y, b, _ = make_linear_logprob(4, 3, 5, dtype=torch.float32, bias=True)
     return dict(hidden=h, weight=w, target=y, bias=b)
 
 
@@ -126,19 +120,16 @@ def test_bad_options(arg, value):
 
 
 def test_cpu_impl_rejects_cuda_style_request_on_cpu_without_interpreter(monkeypatch):
+    require_impl("linear_logprob", "triton")  # before the interpreter is switched off below
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     d = _args()
-    from rag_kernels.ops.linear_logprob import _IMPLS
-
-    if "triton" not in _IMPLS:
-        pytest.skip("no triton implementation registered")
     with pytest.raises(ValueError, match="triton"):
         rk.linear_logprob(d["hidden"], d["weight"], d["target"], impl="triton")
 
 
 # ------------------------------------------------------- target shared across documents
 
-FUSED = ["reference"] + [i for i in ("cpu", "triton") if i in rk.ops.linear_logprob._IMPLS]
+FUSED = impl_params("linear_logprob")
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -148,7 +139,7 @@ def test_shared_target_matches_expanded(impl, bias):
     share the ids, no K-fold copy) == the materialised [B, K, T] target, values and grads."""
     B, K, T, H, V = 3, 4, 5, 6, 41
     dtype = torch.float32 if impl == "triton" else torch.float64
-    h, w, _, b = make(B * K * T, H, V, dtype=dtype, bias=bias)
+    h, w, _, b, _ = make_linear_logprob(B * K * T, H, V, dtype=dtype, bias=bias)
     y = torch.randint(0, V, (B, 1, T), generator=torch.Generator().manual_seed(1))
     y[0, 0, :2] = -100
     y[2, 0, -1] = -100
@@ -162,30 +153,28 @@ def test_shared_target_matches_expanded(impl, bias):
         s = rk.linear_logprob(hh, ww, tgt, bias=bb, impl=impl, return_stats=True)
         assert s.logprob.shape == (B, K, T)
         (s.logprob * up[0] + s.lse * up[1] + s.sum_logprob * up[2]).sum().backward()
-        res.append([s.logprob, s.lse, s.sum_logprob, hh.grad.nan_to_num(), ww.grad]
-                   + ([] if bb is None else [bb.grad]))
+        res.append(
+            [s.logprob, s.lse, s.sum_logprob, hh.grad.nan_to_num(), ww.grad]
+            + ([] if bb is None else [bb.grad])
+        )
     for got, want in zip(*res, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)  # same rows, same order
     assert (res[0][0][0, :, :2] == 0).all()
 
 
-@pytest.mark.parametrize("impl", [i for i in FUSED if i != "reference"] or ["none"])
+@pytest.mark.parametrize("impl", impl_params("linear_logprob", ("cpu", "triton")))
 def test_shared_target_reaches_kernels_unexpanded(impl, monkeypatch):
     """The fused kernels receive the [B, T] ids themselves (B*T ints), not B*K*T."""
-    if impl == "none":
-        pytest.skip("no fused linear_logprob impl registered")
-    from rag_kernels.ops.linear_logprob import _FusedLinearLogprob
-
     seen = []
-    orig = _FusedLinearLogprob.forward
+    orig = LinearLogprobFunction.forward
 
     def spy(ctx, hidden, weight, target, *rest):
         seen.append(tuple(target.shape))
         return orig(ctx, hidden, weight, target, *rest)
 
-    monkeypatch.setattr(_FusedLinearLogprob, "forward", staticmethod(spy))
+    monkeypatch.setattr(LinearLogprobFunction, "forward", staticmethod(spy))
     B, K, T, H, V = 2, 3, 4, 5, 13
-    h, w, _, _ = make(B * K * T, H, V, dtype=torch.float32)
+    h, w, _, _, _ = make_linear_logprob(B * K * T, H, V, dtype=torch.float32)
     y = torch.randint(0, V, (B, T))
     rk.rag_loss(h.view(B, K, T, H), w, y, torch.zeros(B, K), impl=impl)
     assert seen == [(B, T)]
@@ -205,7 +194,7 @@ def test_shared_target_bad_layouts(tshape):
 def test_shared_target_over_two_dims(impl):
     """[B, 1, 1] against [B, K, T, H]: every row of query b reads the same id."""
     dtype = torch.float32 if impl == "triton" else torch.float64
-    h, w, _, _ = make(2 * 3 * 4, 5, 11, dtype=dtype)
+    h, w, _, _, _ = make_linear_logprob(2 * 3 * 4, 5, 11, dtype=dtype)
     y = torch.tensor([[[3]], [[7]]])
     got = rk.linear_logprob(h.view(2, 3, 4, 5), w, y, impl=impl)
     want = rk.linear_logprob(h, w, y.reshape(2, 1).expand(2, 12).reshape(-1), impl="reference")

@@ -14,35 +14,20 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import rag_kernels as rk  # noqa: E402
-from rag_kernels.ops.linear_logprob import _IMPLS  # noqa: E402
+from rag_kernels.ops import registry  # noqa: E402
+from toolkit import IGNORE as IGN  # noqa: E402
+from toolkit import assert_close, make_linear_logprob, nan_scratch  # noqa: E402
 
-if "triton" not in _IMPLS:
-    pytest.skip("triton kernels not registered", allow_module_level=True)
+_WHY = registry.unavailable_reason("linear_logprob", "triton")
+if _WHY:
+    pytest.skip(f"linear_logprob impl='triton': {_WHY}", allow_module_level=True)
 
 from rag_kernels.ops.linear_logprob import triton as tk  # noqa: E402
-
-IGN = -100
 
 
 @pytest.fixture(autouse=True)
 def _nan_scratch(monkeypatch):
-    monkeypatch.setattr(
-        tk, "_empty", lambda shape, device: torch.full(shape, float("nan"), device=device)
-    )
-
-
-def make(N, H, V, *, dtype=torch.float64, n_ignore=4, bias=False, wscale=2.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, H, generator=g, dtype=torch.float64)
-    w = torch.randn(V, H, generator=g, dtype=torch.float64) * (wscale / H**0.5)
-    y = torch.randint(0, V, (N,), generator=g)
-    y[torch.randperm(N, generator=g)[:n_ignore]] = IGN
-    h[y == IGN] = float("nan")  # ignored rows are poisoned: nothing of them may leak
-    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
-    ups = [torch.rand(N, generator=g, dtype=torch.float64) for _ in range(3)]
-    ups[2] = ups[2] * 0.01  # sum_logprob is ~V times larger than lp: keep the terms comparable
-    cast = lambda t: None if t is None else t.to(dtype)
-    return cast(h), cast(w), y, cast(b), ups
+    nan_scratch(monkeypatch, tk)
 
 
 def run(impl, h, w, y, b, ups, softcap=None, grads=(True, True, True), stats=True):
@@ -57,14 +42,6 @@ def run(impl, h, w, y, b, ups, softcap=None, grads=(True, True, True), stats=Tru
     return tuple(out), (h.grad, w.grad, None if b is None else b.grad)
 
 
-def assert_rel(got, want, tol, what):
-    """max |got - want| <= tol * max |want| (want float64)."""
-    assert got is not None, what
-    err = (got.double() - want).abs().max().item()
-    scale = max(want.abs().max().item(), 1e-30)
-    assert err <= tol * scale, f"{what}: max err {err:.3g} > {tol} * {scale:.3g}"
-
-
 OPTIONS = {
     "plain": dict(bias=False, softcap=None),
     "bias": dict(bias=True, softcap=None),
@@ -76,7 +53,9 @@ SHAPES = {"N37H50V131": (37, 50, 131), "N5H16V33": (5, 16, 33)}
 
 def _check_against_reference(shape, opt, splits, monkeypatch):
     monkeypatch.setattr(tk, "_num_splits", lambda n, v, device: splits)
-    h, w, y, b, ups = make(*shape, bias=opt["bias"], n_ignore=min(4, shape[0] - 1))
+    h, w, y, b, ups = make_linear_logprob(
+        *shape, bias=opt["bias"], n_ignore=min(4, shape[0] - 1), wscale=2.0
+    )
     out_ref, g_ref = run("reference", h, w, y, b, ups, softcap=opt["softcap"])
     f = lambda t: None if t is None else t.float()
     out, grads = run("triton", f(h), f(w), y, f(b), ups, softcap=opt["softcap"])
@@ -84,13 +63,13 @@ def _check_against_reference(shape, opt, splits, monkeypatch):
     for name, o, r in zip(("lp", "lse", "sum_logprob"), out, out_ref, strict=False):
         assert o.dtype == torch.float32 and o.shape == y.shape
         assert (o[ign] == 0).all(), f"{name} not zero on ignored rows"
-        assert_rel(o, r, 1e-5, name)
+        assert_close(o, r, rtol=1e-5, name=name)
     for name, gr, gw in zip(("d_hidden", "d_weight", "d_bias"), grads, g_ref, strict=False):
         if gw is None:
             assert gr is None
             continue
         assert torch.isfinite(gr).all(), name
-        assert_rel(gr, gw, 1e-5, name)
+        assert_close(gr, gw, rtol=1e-5, name=name)
     assert (grads[0][ign] == 0).all()
 
 
@@ -107,32 +86,34 @@ def test_vocab_splits_combine(opt, monkeypatch):
 
 
 def test_only_logprob_used_and_partial_needs():
-    h, w, y, b, ups = make(23, 20, 70, bias=True, dtype=torch.float32)
+    h, w, y, b, ups = make_linear_logprob(
+        23, 20, 70, bias=True, dtype=torch.float32, n_ignore=4, wscale=2.0
+    )
     hd = h.double()
     for grads in [(True, False, False), (False, True, True), (False, False, True)]:
         _, g_ref = run("reference", hd, w.double(), y, b.double(), ups, grads=grads, stats=False)
         _, g = run("triton", h, w, y, b, ups, grads=grads, stats=False)
         for got, want, need in zip(g, g_ref, grads, strict=False):
             if need:
-                assert_rel(got, want, 1e-5, f"grads={grads}")
+                assert_close(got, want, rtol=1e-5, name=f"grads={grads}")
             else:
                 assert got is None
 
 
 def test_zero_upstream_rows_skipped_exactly():
-    h, w, y, _, ups = make(40, 12, 45, dtype=torch.float32, n_ignore=3)
+    h, w, y, _, ups = make_linear_logprob(40, 12, 45, dtype=torch.float32, n_ignore=3, wscale=2.0)
     zero_rows = torch.zeros(40, dtype=torch.bool)
     zero_rows[5:30] = True  # active rows interleaved: the kernel reorders them
     ups = [torch.where(zero_rows, 0.0, u) for u in ups]
     _, g_ref = run("reference", h.double(), w.double(), y, None, ups)
     _, g = run("triton", h, w, y, None, ups)
     assert (g[0][zero_rows] == 0).all()
-    assert_rel(g[0], g_ref[0], 1e-5, "d_hidden")
-    assert_rel(g[1], g_ref[1], 1e-5, "d_weight")
+    assert_close(g[0], g_ref[0], rtol=1e-5, name="d_hidden")
+    assert_close(g[1], g_ref[1], rtol=1e-5, name="d_weight")
 
 
 def test_all_rows_ignored():
-    h, w, y, _, ups = make(6, 8, 21, dtype=torch.float32, n_ignore=6)
+    h, w, y, _, ups = make_linear_logprob(6, 8, 21, dtype=torch.float32, n_ignore=6, wscale=2.0)
     out, g = run("triton", h, w, y, None, ups)
     for o in out:
         assert (o == 0).all()
@@ -140,7 +121,7 @@ def test_all_rows_ignored():
 
 
 def test_leading_dims_int32_target():
-    h, w, y, _, ups = make(12, 10, 19, dtype=torch.float32, n_ignore=2)
+    h, w, y, _, ups = make_linear_logprob(12, 10, 19, dtype=torch.float32, n_ignore=2, wscale=2.0)
     flat = rk.linear_logprob(h, w, y, impl="triton")
     got = rk.linear_logprob(h.view(3, 4, 10), w, y.view(3, 4).int(), impl="triton")
     assert got.shape == (3, 4)
@@ -148,7 +129,7 @@ def test_leading_dims_int32_target():
 
 
 def test_float64_rejected_with_clear_error():
-    h, w, y, _, _ = make(4, 3, 5, n_ignore=0)
+    h, w, y, _, _ = make_linear_logprob(4, 3, 5, n_ignore=0, wscale=2.0)
     with pytest.raises(TypeError, match="hidden.*float64"):
         rk.linear_logprob(h, w, y, impl="triton")
 
@@ -156,17 +137,16 @@ def test_float64_rejected_with_clear_error():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision_within_twice_torch_error(dtype):
     # Ground truth: float64 on the rounded inputs. Plain PyTorch: the reference run in `dtype`.
-    h, w, y, b, ups = make(37, 50, 131, dtype=dtype, bias=True)
+    h, w, y, b, ups = make_linear_logprob(
+        37, 50, 131, dtype=dtype, bias=True, n_ignore=4, wscale=2.0
+    )
     out64, g64 = run("reference", h.double(), w.double(), y, b.double(), ups, softcap=None)
     out_pt, g_pt = run("reference", h, w, y, b, ups)
     out_tk, g_tk = run("triton", h, w, y, b, ups)
     names = ("lp", "lse", "sum_logprob", "d_hidden", "d_weight", "d_bias")
     for name, got, pt, want in zip(names, out_tk + g_tk, out_pt + g_pt, out64 + g64, strict=False):
         assert got.dtype == pt.dtype, name
-        err = (got.double() - want).abs().max().item()
-        err_pt = (pt.double() - want).abs().max().item()
-        atol = 1e-4 * want.abs().max().item()
-        assert err <= 2 * err_pt + atol, f"{name}: triton err {err:.3g}, torch err {err_pt:.3g}"
+        assert_close(got, want, ref=pt, rtol=1e-4, name=name)
 
 
 # ---------------------------------------------------------------------------- filter_eps
@@ -176,7 +156,9 @@ def _filter_case():
     # A large bias on the first 8 ids puts nearly all probability mass in vocab tile 0, so
     # tiles 1.. hold only p ~ 1e-5 entries; a few targets sit in tile 3 (ids 96..127).
     N, H, V = 37, 20, 131
-    h, w, y, b, ups = make(N, H, V, dtype=torch.float32, bias=True, wscale=1.0)
+    h, w, y, b, ups = make_linear_logprob(
+        N, H, V, dtype=torch.float32, bias=True, wscale=1.0, n_ignore=4
+    )
     b[:8] += 12.0
     keep = y != IGN
     y = torch.where(keep, y % 8, y)
@@ -215,7 +197,7 @@ def test_filter_eps_error_within_documented_bound():
             f"{name}: {(err - bound).max().item():.3g} over the bound"
         )
     # Rows whose target sits in tile 3 keep their exact one-hot gradient there.
-    assert_rel(filt[1][96:128], exact[1][96:128].double(), 1e-2, "target tile")
+    assert_close(filt[1][96:128], exact[1][96:128].double(), rtol=1e-2, name="target tile")
 
 
 def test_filter_eps_never_skips_with_label_smoothing_gradient():
@@ -252,9 +234,9 @@ BWD = dict(common, lse_ptr="*fp32", glp_ptr="*fp32", glse_ptr="*fp32", gs_ptr="*
 for dt, bits in (("bf16", 16), ("fp32", 32)):
     prec = "ieee" if bits == 32 else "tf32"
     for name, kern, sig, cfg, consts in (
-        ("fwd", tk._fwd_kernel, FWD, getattr(tk, f"_FWD_CONFIGS_{bits}")[0],
+        ("fwd", tk.linear_logprob_fwd_kernel, FWD, getattr(tk, f"_FWD_CONFIGS_{bits}")[0],
          dict(HAS_BIAS=True, SOFTCAP=True)),
-        ("bwd", tk._bwd_kernel, BWD, getattr(tk, f"_BWD_CONFIGS_{bits}")[0],
+        ("bwd", tk.linear_logprob_bwd_kernel, BWD, getattr(tk, f"_BWD_CONFIGS_{bits}")[0],
          dict(HAS_BIAS=True, SOFTCAP=True, HAS_GLSE=True, HAS_GS=True, NEED_DH=True,
               NEED_DW=True, NEED_DB=True, FILTER=True)),
     ):

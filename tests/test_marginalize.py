@@ -10,23 +10,10 @@ from hypothesis import strategies as st
 
 import rag_kernels as rk
 from rag_kernels.ops.marginalize import reference as ref
+from toolkit import impl_params, make_marginalize, require_impl
 
 MODES = {"sequence": rk.rag_sequence_loss, "token": rk.rag_token_loss}
-IMPLS = [
-    "reference",
-    pytest.param("cpu", marks=pytest.mark.skipif(not rk.cpu_available(), reason="no C++ ext")),
-    "triton",  # CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py)
-]
-
-
-def make_inputs(B, K, T, dtype=torch.float64, p_tok=0.7, p_doc=0.7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lp = -torch.rand(B, K, T, generator=g, dtype=dtype) * 3
-    s = torch.randn(B, K, generator=g, dtype=dtype) * 2
-    tm = torch.rand(B, T, generator=g) < p_tok
-    dm = torch.rand(B, K, generator=g) < p_doc
-    dm[:, 0] = True
-    return lp, s, tm, dm
+IMPLS = impl_params("marginalize")  # triton: CPU tensors under TRITON_INTERPRET=1 (conftest)
 
 
 def naive_loss(lp, s, tm, dm, mode):
@@ -41,15 +28,19 @@ def naive_loss(lp, s, tm, dm, mode):
             tot = sum(prior[k] * math.exp(sum(lp[b, k, t].item() for t in ts)) for k in ks)
             out.append(-math.log(tot))
         else:
-            out.append(-sum(math.log(sum(prior[k] * math.exp(lp[b, k, t].item()) for k in ks)) for t in ts))
+            out.append(
+                -sum(math.log(sum(prior[k] * math.exp(lp[b, k, t].item()) for k in ks)) for t in ts)
+            )
     return torch.tensor(out, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (4, 8, 13)], ids=lambda s: "B{}K{}T{}".format(*s))
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1), (3, 5, 7), (4, 8, 13)], ids=lambda s: "B{}K{}T{}".format(*s)
+)
 def test_matches_naive_loop(mode, impl, shape):
-    lp, s, tm, dm = make_inputs(*shape)
+    lp, s, tm, dm = make_marginalize(*shape)
     got = MODES[mode](lp, s, token_mask=tm, doc_mask=dm, reduction="none", impl=impl)
     torch.testing.assert_close(got, naive_loss(lp, s, tm, dm, mode), rtol=1e-12, atol=1e-12)
 
@@ -57,9 +48,9 @@ def test_matches_naive_loop(mode, impl, shape):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("masks", ["none", "tok", "doc", "both"])
-@pytest.mark.parametrize("impl", IMPLS[1:])
+@pytest.mark.parametrize("impl", impl_params("marginalize", ("cpu", "triton")))
 def test_fast_impls_match_reference_with_weighted_backward(impl, mode, masks, dtype):
-    lp, s, tm, dm = make_inputs(5, 7, 11, dtype=dtype)
+    lp, s, tm, dm = make_marginalize(5, 7, 11, dtype=dtype)
     tm = tm if masks in ("tok", "both") else None
     dm = dm if masks in ("doc", "both") else None
     upstream = torch.rand(5, dtype=torch.float64) + 0.1  # non-uniform per-query weights
@@ -79,7 +70,7 @@ def test_fast_impls_match_reference_with_weighted_backward(impl, mode, masks, dt
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gradcheck(mode, impl):
-    lp, s, tm, dm = make_inputs(2, 3, 4)
+    lp, s, tm, dm = make_marginalize(2, 3, 4)
     lp.requires_grad_()
     s.requires_grad_()
     fn = lambda a, b: MODES[mode](a, b, token_mask=tm, doc_mask=dm, reduction="none", impl=impl)
@@ -90,7 +81,7 @@ def test_gradcheck(mode, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gradient_identities(mode, impl):
     """dloss/ds = prior - posterior (summed over tokens in token mode); dloss/dlp = -posterior*m."""
-    lp, s, tm, dm = make_inputs(3, 6, 9)
+    lp, s, tm, dm = make_marginalize(3, 6, 9)
     lp.requires_grad_()
     s.requires_grad_()
     loss = MODES[mode](lp, s, token_mask=tm, doc_mask=dm, reduction="sum", impl=impl)
@@ -102,17 +93,21 @@ def test_gradient_identities(mode, impl):
         torch.testing.assert_close(g_s, prior - post, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(g_lp, -post[:, :, None] * m, rtol=1e-12, atol=1e-12)
     else:
-        torch.testing.assert_close(g_s, ((prior[:, :, None] - post) * m).sum(-1), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            g_s, ((prior[:, :, None] - post) * m).sum(-1), rtol=1e-12, atol=1e-12
+        )
         torch.testing.assert_close(g_lp, -post * m, rtol=1e-12, atol=1e-12)
     # posterior is a distribution over the kept documents, zero on masked ones
-    assert torch.all(post.masked_select(~dm[:, :, None].expand_as(post) if post.dim() == 3 else ~dm) == 0)
+    assert torch.all(
+        post.masked_select(~dm[:, :, None].expand_as(post) if post.dim() == 3 else ~dm) == 0
+    )
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("impl", IMPLS)
 def test_masked_entries_cannot_leak(mode, impl):
     """NaN in masked tokens / documents changes neither loss nor gradients."""
-    lp, s, tm, dm = make_inputs(3, 5, 6)
+    lp, s, tm, dm = make_marginalize(3, 5, 6)
     poisoned_lp = lp.clone()
     poisoned_lp[~tm[:, None, :].expand_as(lp)] = float("nan")
     poisoned_lp[~dm] = float("nan")
@@ -131,7 +126,7 @@ def test_masked_entries_cannot_leak(mode, impl):
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_reductions(reduction):
-    lp, s, tm, dm = make_inputs(4, 3, 5)
+    lp, s, tm, dm = make_marginalize(4, 3, 5)
     per_query = rk.rag_sequence_loss(lp, s, token_mask=tm, doc_mask=dm, reduction="none")
     got = rk.rag_sequence_loss(lp, s, token_mask=tm, doc_mask=dm, reduction=reduction)
     want = {"none": per_query, "sum": per_query.sum(), "mean": per_query.mean()}[reduction]
@@ -139,7 +134,7 @@ def test_reductions(reduction):
 
 
 def test_single_document_is_plain_nll():
-    lp, s, tm, _ = make_inputs(3, 1, 8)
+    lp, s, tm, _ = make_marginalize(3, 1, 8)
     want = -(lp[:, 0] * tm).sum(-1)
     for fn in MODES.values():
         torch.testing.assert_close(fn(lp, s, token_mask=tm, reduction="none"), want)
@@ -153,10 +148,10 @@ def test_single_document_is_plain_nll():
     seed=st.integers(0, 2**16),
     shift=st.floats(-50, 50),
     mode=st.sampled_from(list(MODES)),
-    impl=st.sampled_from(["reference", "triton"] + (["cpu"] if rk.cpu_available() else [])),
+    impl=st.sampled_from(rk.available_impls("marginalize")),
 )
 def test_properties(B, K, T, seed, shift, mode, impl):
-    lp, s, tm, dm = make_inputs(B, K, T, seed=seed, p_tok=0.6, p_doc=0.6)
+    lp, s, tm, dm = make_marginalize(B, K, T, seed=seed, p_tok=0.6, p_doc=0.6)
     base = MODES[mode](lp, s, token_mask=tm, doc_mask=dm, reduction="none", impl=impl)
     assert torch.isfinite(base).all()
     assert (base >= -1e-9).all()  # log-probs <= 0 make every loss non-negative
@@ -165,20 +160,22 @@ def test_properties(B, K, T, seed, shift, mode, impl):
     per_query = s + torch.randn(B, 1, dtype=s.dtype) * 10  # a different constant per query
     torch.testing.assert_close(
         MODES[mode](lp, per_query, token_mask=tm, doc_mask=dm, reduction="none", impl=impl),
-        base, rtol=1e-10, atol=1e-10,
+        base,
+        rtol=1e-10,
+        atol=1e-10,
     )
 
 
 def test_reference_is_float64_and_autocasts_low_precision():
-    lp, s, _, _ = make_inputs(2, 3, 4, dtype=torch.float16)
+    lp, s, _, _ = make_marginalize(2, 3, 4, dtype=torch.float16)
     assert rk.rag_token_loss(lp, s, impl="reference").dtype == torch.float32
-    lp, s, _, _ = make_inputs(2, 3, 4)
+    lp, s, _, _ = make_marginalize(2, 3, 4)
     assert ref.rag_sequence_loss_reference(lp, s).dtype == torch.float64
 
 
 # ----------------------------------------------------------------------------- bad input
 def _ok():
-    lp, s, tm, dm = make_inputs(2, 3, 4)
+    lp, s, tm, dm = make_marginalize(2, 3, 4)
     return dict(token_logprobs=lp, doc_scores=s, token_mask=tm, doc_mask=dm)
 
 
@@ -190,24 +187,72 @@ def _with(**kw):
 
 BAD = {
     "lp_rank": (_with(token_logprobs=torch.zeros(2, 3)), ValueError, "token_logprobs"),
-    "lp_int": (_with(token_logprobs=torch.zeros(2, 3, 4, dtype=torch.long)), TypeError, "token_logprobs"),
+    "lp_int": (
+        _with(token_logprobs=torch.zeros(2, 3, 4, dtype=torch.long)),
+        TypeError,
+        "token_logprobs",
+    ),
     "lp_not_tensor": (_with(token_logprobs=[[0.0]]), TypeError, "token_logprobs"),
     "scores_rank": (_with(doc_scores=torch.zeros(2, 3, 1)), ValueError, "doc_scores"),
-    "K_mismatch": (_with(doc_scores=torch.zeros(2, 4, dtype=torch.float64)), ValueError, "doc_scores"),
-    "B_mismatch": (_with(doc_scores=torch.zeros(3, 3, dtype=torch.float64)), ValueError, "doc_scores"),
-    "tok_mask_shape": (_with(token_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, "token_mask"),
+    "K_mismatch": (
+        _with(doc_scores=torch.zeros(2, 4, dtype=torch.float64)),
+        ValueError,
+        "doc_scores",
+    ),
+    "B_mismatch": (
+        _with(doc_scores=torch.zeros(3, 3, dtype=torch.float64)),
+        ValueError,
+        "doc_scores",
+    ),
+    "tok_mask_shape": (
+        _with(token_mask=torch.ones(2, 5, dtype=torch.bool)),
+        ValueError,
+        "token_mask",
+    ),
     "tok_mask_dtype": (_with(token_mask=torch.ones(2, 4)), TypeError, "token_mask"),
     "doc_mask_shape": (_with(doc_mask=torch.ones(2, 2, dtype=torch.bool)), ValueError, "doc_mask"),
-    "device": (_with(doc_scores=torch.zeros(2, 3, dtype=torch.float64, device="meta")), ValueError, "doc_scores"),
-    "all_docs_masked": (_with(doc_mask=torch.tensor([[True, False, False], [False] * 3])), ValueError, "doc_mask"),
-    "nan_score": (_with(doc_scores=torch.tensor([[0.0, float("nan"), 0.0], [0.0] * 3], dtype=torch.float64),
-                        doc_mask=None), ValueError, "doc_scores"),
-    "pinf_score": (_with(doc_scores=torch.tensor([[0.0, float("inf"), 0.0], [0.0] * 3], dtype=torch.float64),
-                         doc_mask=None), ValueError, "doc_scores"),
-    "ninf_unmasked": (_with(doc_scores=torch.tensor([[0.0, float("-inf"), 0.0], [0.0] * 3], dtype=torch.float64),
-                            doc_mask=None), ValueError, "doc_scores"),
-    "nan_on_masked_doc": (_with(doc_scores=torch.tensor([[0.0, float("nan"), 0.0], [0.0] * 3], dtype=torch.float64),
-                                doc_mask=torch.tensor([[True, False, True], [True] * 3])), ValueError, "doc_scores"),
+    "device": (
+        _with(doc_scores=torch.zeros(2, 3, dtype=torch.float64, device="meta")),
+        ValueError,
+        "doc_scores",
+    ),
+    "all_docs_masked": (
+        _with(doc_mask=torch.tensor([[True, False, False], [False] * 3])),
+        ValueError,
+        "doc_mask",
+    ),
+    "nan_score": (
+        _with(
+            doc_scores=torch.tensor([[0.0, float("nan"), 0.0], [0.0] * 3], dtype=torch.float64),
+            doc_mask=None,
+        ),
+        ValueError,
+        "doc_scores",
+    ),
+    "pinf_score": (
+        _with(
+            doc_scores=torch.tensor([[0.0, float("inf"), 0.0], [0.0] * 3], dtype=torch.float64),
+            doc_mask=None,
+        ),
+        ValueError,
+        "doc_scores",
+    ),
+    "ninf_unmasked": (
+        _with(
+            doc_scores=torch.tensor([[0.0, float("-inf"), 0.0], [0.0] * 3], dtype=torch.float64),
+            doc_mask=None,
+        ),
+        ValueError,
+        "doc_scores",
+    ),
+    "nan_on_masked_doc": (
+        _with(
+            doc_scores=torch.tensor([[0.0, float("nan"), 0.0], [0.0] * 3], dtype=torch.float64),
+            doc_mask=torch.tensor([[True, False, True], [True] * 3]),
+        ),
+        ValueError,
+        "doc_scores",
+    ),
 }
 
 
@@ -232,12 +277,14 @@ def test_ninf_on_masked_document_is_allowed():
     d = _ok()
     s = d["doc_scores"].clone()
     s[~d["doc_mask"]] = float("-inf")
-    out = rk.rag_sequence_loss(d["token_logprobs"], s, token_mask=d["token_mask"], doc_mask=d["doc_mask"])
+    out = rk.rag_sequence_loss(
+        d["token_logprobs"], s, token_mask=d["token_mask"], doc_mask=d["doc_mask"]
+    )
     assert torch.isfinite(out)
 
 
 def test_value_checks_can_be_disabled():
-    lp, s, _, _ = make_inputs(2, 3, 4)
+    lp, s, _, _ = make_marginalize(2, 3, 4)
     s[0, 1] = float("nan")
     rk.set_value_checks(False)
     try:
@@ -246,9 +293,9 @@ def test_value_checks_can_be_disabled():
         rk.set_value_checks(True)
 
 
-@pytest.mark.skipif(not rk.cpu_available(), reason="no C++ ext")
 def test_torch_compile_cpu_path():
-    lp, s, tm, dm = make_inputs(3, 4, 5, dtype=torch.float32)
+    require_impl("marginalize", "cpu")
+    lp, s, tm, dm = make_marginalize(3, 4, 5, dtype=torch.float32)
     fn = torch.compile(lambda a, b: rk.rag_token_loss(a, b, token_mask=tm, doc_mask=dm, impl="cpu"))
     a = lp.clone().requires_grad_()
     out = fn(a, s)

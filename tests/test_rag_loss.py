@@ -6,23 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import rag_kernels as rk
-from rag_kernels.ops.linear_logprob import _IMPLS
+from toolkit import impl_params, make_rag
 
-IMPLS = ["reference"] + [i for i in ("cpu", "triton") if i in _IMPLS]
-
-
-def make(B, K, T, H, V, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, K, T, H, generator=g, dtype=dtype)
-    weight = torch.randn(V, H, generator=g, dtype=dtype) / H**0.5
-    target = torch.randint(0, V, (B, T), generator=g)
-    target[:, :2] = -100  # prompt positions
-    target[0, -1] = -100  # padding
-    scores = torch.randn(B, K, generator=g, dtype=dtype)
-    doc_mask = torch.ones(B, K, dtype=torch.bool)
-    if K > 2:
-        doc_mask[-1, -1] = False
-    return hidden, weight, target, scores, doc_mask
+IMPLS = impl_params("linear_logprob")
 
 
 def oracle(hidden, weight, target, scores, doc_mask, mode, eps):
@@ -41,7 +27,10 @@ def oracle(hidden, weight, target, scores, doc_mask, mode, eps):
         smooth = -torch.logsumexp((prior + S.sum(-1)).masked_fill(~doc_mask, float("-inf")), -1)
     else:
         marg = torch.logsumexp(
-            (prior[:, :, None, None] + logp).masked_fill(~doc_mask[:, :, None, None], float("-inf")), dim=1
+            (prior[:, :, None, None] + logp).masked_fill(
+                ~doc_mask[:, :, None, None], float("-inf")
+            ),
+            dim=1,
         )  # [B,T,V]
         nll = -(marg.gather(-1, y[..., None])[..., 0] * m).sum(-1)
         smooth = -(marg.sum(-1) * m).sum(-1)
@@ -53,9 +42,18 @@ def oracle(hidden, weight, target, scores, doc_mask, mode, eps):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_matches_oracle(impl, mode, eps):
     dtype = torch.float64 if impl != "triton" else torch.float32
-    hidden, weight, target, scores, dm = make(2, 3, 7, 5, 29, dtype=dtype)
-    got = rk.rag_loss(hidden, weight, target, scores, mode=mode, label_smoothing=eps,
-                      doc_mask=dm, reduction="none", impl=impl)
+    hidden, weight, target, scores, dm = make_rag(2, 3, 7, 5, 29, dtype=dtype)
+    got = rk.rag_loss(
+        hidden,
+        weight,
+        target,
+        scores,
+        mode=mode,
+        label_smoothing=eps,
+        doc_mask=dm,
+        reduction="none",
+        impl=impl,
+    )
     want = oracle(hidden.double(), weight.double(), target, scores.double(), dm, mode, eps)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
@@ -64,26 +62,37 @@ def test_matches_oracle(impl, mode, eps):
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 @pytest.mark.parametrize("mode", ["sequence", "token"])
 def test_single_document_is_label_smoothed_cross_entropy(mode, eps):
-    hidden, weight, target, scores, _ = make(3, 1, 6, 4, 17)
-    got = rk.rag_loss(hidden, weight, target, scores, mode=mode, label_smoothing=eps, reduction="none")
+    hidden, weight, target, scores, _ = make_rag(3, 1, 6, 4, 17)
+    got = rk.rag_loss(
+        hidden, weight, target, scores, mode=mode, label_smoothing=eps, reduction="none"
+    )
     logits = hidden[:, 0] @ weight.T
-    want = F.cross_entropy(logits.transpose(1, 2), target, label_smoothing=eps, reduction="none").sum(-1)
+    want = F.cross_entropy(
+        logits.transpose(1, 2), target, label_smoothing=eps, reduction="none"
+    ).sum(-1)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1], ids=["eps0", "eps0.1"])
 @pytest.mark.parametrize("mode", ["sequence", "token"])
-@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "reference"] or ["none"])
+@pytest.mark.parametrize("impl", impl_params("linear_logprob", ("cpu", "triton")))
 def test_fast_paths_match_reference_gradients(impl, mode, eps):
-    if impl == "none":
-        pytest.skip("no fused linear_logprob impl registered")
-    hidden, weight, target, scores, dm = make(2, 3, 9, 6, 37, dtype=torch.float32)
+    hidden, weight, target, scores, dm = make_rag(2, 3, 9, 6, 37, dtype=torch.float32)
     up = torch.tensor([0.3, 1.7])
     res = {}
     for name in (impl, "reference"):
         h, w, s = (x.clone().requires_grad_() for x in (hidden, weight, scores))
-        loss = rk.rag_loss(h, w, target, s, mode=mode, label_smoothing=eps, doc_mask=dm,
-                           reduction="none", impl=name)
+        loss = rk.rag_loss(
+            h,
+            w,
+            target,
+            s,
+            mode=mode,
+            label_smoothing=eps,
+            doc_mask=dm,
+            reduction="none",
+            impl=name,
+        )
         (loss * up).sum().backward()
         res[name] = (loss, h.grad, w.grad, s.grad)
     for a, b in zip(res[impl], res["reference"], strict=False):
@@ -91,16 +100,25 @@ def test_fast_paths_match_reference_gradients(impl, mode, eps):
 
 
 def test_gradcheck_reference():
-    hidden, weight, target, scores, dm = make(2, 3, 4, 3, 7)
+    hidden, weight, target, scores, dm = make_rag(2, 3, 4, 3, 7)
     args = [x.clone().requires_grad_() for x in (hidden, weight, scores)]
     for mode in ("sequence", "token"):
-        fn = lambda h, w, s, mode=mode: rk.rag_loss(h, w, target, s, mode=mode, label_smoothing=0.1,
-                                         doc_mask=dm, reduction="none", impl="reference")
+        fn = lambda h, w, s, mode=mode: rk.rag_loss(
+            h,
+            w,
+            target,
+            s,
+            mode=mode,
+            label_smoothing=0.1,
+            doc_mask=dm,
+            reduction="none",
+            impl="reference",
+        )
         assert torch.autograd.gradcheck(fn, args)
 
 
 def _args():
-    h, w, y, s, dm = make(2, 3, 4, 5, 11, dtype=torch.float32)
+    h, w, y, s, dm = make_rag(2, 3, 4, 5, 11, dtype=torch.float32)
     return dict(hidden=h, weight=w, target=y, doc_scores=s, doc_mask=dm)
 
 
@@ -119,7 +137,11 @@ BAD = {
     "weight_H": (_with(weight=torch.zeros(11, 4)), ValueError, "weight"),
     "weight_dtype": (_with(weight=torch.zeros(11, 5, dtype=torch.float16)), TypeError, "weight"),
     "all_masked": (_with(doc_mask=torch.tensor([[False] * 3, [True] * 3])), ValueError, "doc_mask"),
-    "inf_score": (_with(doc_scores=torch.tensor([[float("inf"), 0, 0], [0, 0, 0]])), ValueError, "doc_scores"),
+    "inf_score": (
+        _with(doc_scores=torch.tensor([[float("inf"), 0, 0], [0, 0, 0]])),
+        ValueError,
+        "doc_scores",
+    ),
     "mode": (_with(mode="tokens"), ValueError, "mode"),
     "smoothing": (_with(label_smoothing=1.0), ValueError, "label_smoothing"),
     "reduction": (_with(reduction="batchmean"), ValueError, "reduction"),
@@ -131,26 +153,32 @@ def test_bad_input(case):
     kw, exc, name = BAD[case]
     kw = dict(kw)
     with pytest.raises(exc, match=name):
-        rk.rag_loss(kw.pop("hidden"), kw.pop("weight"), kw.pop("target"), kw.pop("doc_scores"), **kw)
+        rk.rag_loss(
+            kw.pop("hidden"), kw.pop("weight"), kw.pop("target"), kw.pop("doc_scores"), **kw
+        )
 
 
 @pytest.mark.parametrize("mode", ["sequence", "token"])
 def test_grad_skip_eps_bound(mode):
-    hidden, weight, target, scores, _ = make(2, 4, 6, 5, 23)
+    hidden, weight, target, scores, _ = make_rag(2, 4, 6, 5, 23)
     scores = scores.clone()
     scores[:, 1:] -= 12.0  # documents 1..3 get a negligible posterior
     eps = 1e-3
     res = {}
     for e in (0.0, eps):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss = rk.rag_loss(h, w, target, scores, mode=mode, grad_skip_eps=e, reduction="sum",
-                           impl="reference")
+        loss = rk.rag_loss(
+            h, w, target, scores, mode=mode, grad_skip_eps=e, reduction="sum", impl="reference"
+        )
         loss.backward()
         res[e] = (loss.detach(), h.grad, w.grad)
     assert res[eps][0] == res[0.0][0]  # the value is exact
     m = target != -100
     post = rk.document_posterior(
-        rk.linear_logprob(hidden, weight, target[:, None].expand(2, 4, 6)), scores, token_mask=m, mode=mode
+        rk.linear_logprob(hidden, weight, target[:, None].expand(2, 4, 6)),
+        scores,
+        token_mask=m,
+        mode=mode,
     )
     skipped = (post < eps)[..., None].expand(2, 4, 6) if mode == "sequence" else post < eps
     skipped = skipped & m[:, None, :]
@@ -165,7 +193,7 @@ def test_grad_skip_eps_bound(mode):
 
 
 def test_generator_feedback():
-    hidden, weight, target, _, _ = make(2, 3, 7, 5, 19)
+    hidden, weight, target, _, _ = make_rag(2, 3, 7, 5, 19)
     fb = rk.generator_feedback(hidden.requires_grad_(), weight, target)
     assert not fb.token_logprobs.requires_grad
     m = target != -100

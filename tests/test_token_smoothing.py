@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rag_kernels.ops import token_smoothing as ts_mod
+from rag_kernels.ops import registry
 from rag_kernels.ops.linear_logprob.reference import linear_logprob_reference
 from rag_kernels.ops.token_smoothing import token_smoothing
+from toolkit import impl_params, make_token_smoothing
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -25,16 +26,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-TS_IMPLS = ["reference", "cpu"]  # float64-capable
-ALL_IMPLS = TS_IMPLS + ["triton"]  # the Triton kernel takes fp32 / bf16 / fp16 only
-
-
-def _require(impl: str) -> None:
-    if impl not in ts_mod._IMPLS:
-        pytest.skip(
-            f"token_smoothing has no {impl!r} kernel here "
-            f"({impl!r} not in rag_kernels.ops.token_smoothing._IMPLS: extension not built)"
-        )
+TS_IMPLS = impl_params("token_smoothing", ("reference", "cpu"))  # float64-capable
 
 
 def naive_token_smoothing(hidden, weight, scores, bias=None, softcap=None, doc_mask=None):
@@ -59,14 +51,8 @@ def naive_token_smoothing(hidden, weight, scores, bias=None, softcap=None, doc_m
     return out
 
 
-def _case(B, K, T, H, V, *, bias=False, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(B, K, T, H, generator=g, dtype=torch.float64)
-    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 1.5 / H**0.5
-    s = torch.randn(B, K, generator=g, dtype=torch.float64) * 2
-    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
-    req = lambda x: None if x is None else x.to(dtype).requires_grad_(True)
-    return req(h), req(w), req(s), req(b)
+# weight ~ N(0, 2.25 / H), scores ~ N(0, 4), bias ~ N(0, 1); every input a leaf
+CASE = dict(wscale=1.5, sscale=2.0, bscale=1.0, requires_grad=True)
 
 
 SHAPES = [(2, 3, 5, 4, 7), (3, 4, 3, 6, 13), (1, 5, 4, 3, 11), (2, 1, 3, 5, 9)]
@@ -79,23 +65,19 @@ VARIANTS = {
 }
 
 
-def _doc_mask(B, K):
-    m = torch.ones(B, K, dtype=torch.bool)
-    if K > 1:
-        m[0, 1] = False
-        m[-1, -1] = False
-    return m
+def _masked_docs(K):
+    """The (b, k) documents the masked variants drop: document 1 of query 0, the last one."""
+    return [(0, 1), (-1, -1)] if K > 1 else []
 
 
 @pytest.mark.parametrize("impl", TS_IMPLS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_matches_naive_loop_value_and_grads(shape, variant, impl):
-    _require(impl)
     opt = VARIANTS[variant]
     B, K = shape[:2]
-    h, w, s, b = _case(*shape, bias=opt["bias"])
-    mask = _doc_mask(B, K) if opt["masked"] else None
+    docs = _masked_docs(K) if opt["masked"] else False
+    h, w, s, b, mask = make_token_smoothing(*shape, bias=opt["bias"], doc_mask=docs, **CASE)
     ours = token_smoothing(h, w, s, bias=b, softcap=opt["softcap"], doc_mask=mask, impl=impl)
     ref = naive_token_smoothing(h, w, s, b, opt["softcap"], mask)
     assert ours.shape == (B, shape[2]) and ours.dtype == torch.float64
@@ -111,10 +93,9 @@ def test_matches_naive_loop_value_and_grads(shape, variant, impl):
 @pytest.mark.parametrize("impl", TS_IMPLS)
 @pytest.mark.parametrize("variant", ["plain", "bias-softcap-docmask"])
 def test_gradcheck_float64(variant, impl):
-    _require(impl)
     opt = VARIANTS[variant]
-    h, w, s, b = _case(2, 3, 2, 3, 5, bias=opt["bias"])
-    mask = _doc_mask(2, 3) if opt["masked"] else None
+    docs = _masked_docs(3) if opt["masked"] else False
+    h, w, s, b, mask = make_token_smoothing(2, 3, 2, 3, 5, bias=opt["bias"], doc_mask=docs, **CASE)
 
     def fn(h, w, s, *rest):
         bias = rest[0] if rest else None
@@ -126,9 +107,8 @@ def test_gradcheck_float64(variant, impl):
 
 @pytest.mark.parametrize("impl", TS_IMPLS)
 def test_masked_documents_are_dropped_even_when_poisoned(impl):
-    _require(impl)
     B, K, T, H, V = 3, 4, 3, 5, 11
-    h, w, s, b = _case(B, K, T, H, V, bias=True)
+    h, w, s, b = make_token_smoothing(B, K, T, H, V, bias=True, **CASE)[:4]
     mask = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 0], [1, 1, 1, 0]], dtype=torch.bool)
     h_poison = h.detach().clone()
     h_poison[~mask] = float("nan")
@@ -153,10 +133,9 @@ def test_masked_documents_are_dropped_even_when_poisoned(impl):
 @pytest.mark.parametrize("impl", TS_IMPLS)
 @pytest.mark.parametrize("variant", ["plain", "bias", "softcap"])
 def test_single_document_reduces_to_sum_of_logprobs(variant, impl):
-    _require(impl)
     opt = VARIANTS[variant]
     B, T, H, V = 3, 4, 5, 17
-    h, w, s, b = _case(B, 1, T, H, V, bias=opt["bias"])
+    h, w, s, b = make_token_smoothing(B, 1, T, H, V, bias=opt["bias"], **CASE)[:4]
     out = token_smoothing(h, w, s, bias=b, softcap=opt["softcap"], impl=impl)
     tgt = torch.zeros(B * T, dtype=torch.long)
     _, _, sum_lp = linear_logprob_reference(h.reshape(-1, H), w, tgt, b, -100, opt["softcap"])
@@ -166,21 +145,13 @@ def test_single_document_reduces_to_sum_of_logprobs(variant, impl):
     torch.testing.assert_close(gs, torch.zeros_like(gs), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("impl", ALL_IMPLS)
 @pytest.mark.parametrize(
-    "dtype,expected",
-    [
-        (torch.float32, torch.float32),
-        (torch.bfloat16, torch.float32),
-        (torch.float64, torch.float64),
-    ],
-    ids=["fp32", "bf16", "fp64"],
+    "impl,dtype",
+    impl_params("token_smoothing", dtypes=(torch.float32, torch.bfloat16, torch.float64)),
 )
-def test_output_dtype(dtype, expected, impl):
-    _require(impl)
-    if impl == "triton" and dtype == torch.float64:
-        pytest.skip("the Triton kernel takes fp32 / bf16 / fp16 only")
-    h, w, s, _ = _case(2, 3, 2, 4, 7, dtype=dtype)
+def test_output_dtype(impl, dtype):
+    expected = torch.float64 if dtype == torch.float64 else torch.float32
+    h, w, s, _ = make_token_smoothing(2, 3, 2, 4, 7, dtype=dtype, score_dtype=dtype, **CASE)[:4]
     out = token_smoothing(h, w, s, impl=impl)
     assert out.dtype == expected
     ref = naive_token_smoothing(h.detach(), w.detach(), s.detach())
@@ -189,17 +160,19 @@ def test_output_dtype(dtype, expected, impl):
 
 
 def test_float64_doc_scores_upcast():
-    h, w, _, _ = _case(2, 3, 2, 4, 7, dtype=torch.float32)
+    h, w, _, _ = make_token_smoothing(
+        2, 3, 2, 4, 7, dtype=torch.float32, score_dtype=torch.float32, **CASE
+    )[:4]
     s = torch.randn(2, 3, dtype=torch.float64)
     assert token_smoothing(h, w, s).dtype == torch.float64
 
 
 def test_impl_dispatch():
-    h, w, s, _ = _case(2, 3, 2, 4, 7)
+    h, w, s, _ = make_token_smoothing(2, 3, 2, 4, 7, **CASE)[:4]
     ref = token_smoothing(h, w, s, impl="reference")
     torch.testing.assert_close(token_smoothing(h, w, s, impl="auto"), ref, rtol=1e-12, atol=1e-12)
     for impl in ("cpu", "triton"):
-        if impl not in ts_mod._IMPLS:
+        if registry.unavailable_reason("token_smoothing", impl):
             with pytest.raises((ValueError, RuntimeError), match="impl"):
                 token_smoothing(h, w, s, impl=impl)
     with pytest.raises(ValueError, match="impl"):

@@ -1,8 +1,9 @@
 """Fused RAG-Token smoothing kernels (C++ and Triton) against the materialising reference.
 
-The kernel modules' ``_IMPLS``-signature functions are called directly. C++: float64 exactness,
-gradcheck, fp32 / bf16 error bounds against a float64 truth. Triton (TRITON_INTERPRET=1, set by
-conftest): fp32 against the float64 truth at tiny shapes, and one bf16 case.
+The kernels are called through ``token_smoothing_core(..., impl)`` (no validation, the
+``TokenSmoothingFunction`` autograd shell). C++: float64 exactness, gradcheck, fp32 / bf16
+error bounds against a float64 truth. Triton (TRITON_INTERPRET=1, set by conftest): fp32
+against the float64 truth at tiny shapes, and one bf16 case.
 """
 
 from __future__ import annotations
@@ -10,41 +11,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rag_kernels.ops.token_smoothing import TokenSmoothingOptions
+from rag_kernels.ops import registry
+from rag_kernels.ops.token_smoothing import TokenSmoothingOptions, token_smoothing_core
 from rag_kernels.ops.token_smoothing import cpu as ts_cpu
 from rag_kernels.ops.token_smoothing.reference import token_smoothing_reference
+from toolkit import assert_close, make_token_smoothing, needs_impl, poisoned
 
-needs_cpu = pytest.mark.skipif(not ts_cpu.available(), reason="C++ extension not built")
-
-try:
-    from rag_kernels.ops.token_smoothing import triton as ts_triton
-except ImportError:  # pragma: no cover - triton missing
-    ts_triton = None
-needs_triton = pytest.mark.skipif(ts_triton is None, reason="triton not installed")
-
-
-def make_inputs(B, K, T, H, V, *, dtype=torch.float64, bias=False, mask=False, scale=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(B, K, T, H, generator=g, dtype=torch.float64) * scale).to(dtype)
-    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2).to(dtype)
-    scores = torch.randn(B, K, generator=g, dtype=torch.float64).to(
-        torch.float64 if dtype == torch.float64 else torch.float32
-    )
-    b = (torch.randn(V, generator=g, dtype=torch.float64) * 0.5).to(dtype) if bias else None
-    doc_mask = None
-    if mask:
-        doc_mask = torch.ones(B, K, dtype=torch.bool)
-        doc_mask[0, K - 1] = False
-        if B > 1 and K > 2:
-            doc_mask[1, 0] = False
-    return hidden, weight, scores, b, doc_mask
-
-
-def poison(hidden, doc_mask):
-    """NaN in every masked document's hidden rows (and a garbage score is set by the caller)."""
-    h = hidden.clone()
-    h[~doc_mask] = float("nan")
-    return h
+needs_cpu = needs_impl("token_smoothing", "cpu")
+needs_triton = needs_impl("token_smoothing", "triton")
+ts_triton = (
+    None
+    if registry.unavailable_reason("token_smoothing", "triton")
+    else registry.kernels("token_smoothing", "triton")
+)
 
 
 def run_with_grads(fn, hidden, weight, scores, bias, upstream):
@@ -63,10 +42,20 @@ def reference_fn(softcap, doc_mask):
 
 
 def kernel_fn(impl, softcap, doc_mask):
+    """The fused kernels of ``impl`` ("cpu" / "triton") on ``(h, w, s, b)``: ``out [B, T]``."""
     opts = TokenSmoothingOptions(softcap=softcap)
 
     def f(h, w, s, b):
-        return impl(h, w, s, b, doc_mask, opts)
+        return token_smoothing_core(h, w, s, None, b, doc_mask, opts, impl)[0]
+
+    return f
+
+
+def kernel_with_logprob(impl):
+    """``(out, lp)`` of ``impl`` from one vocabulary pass; target < 0 = ignored."""
+
+    def f(h, w, s, target, b, doc_mask, opts):
+        return token_smoothing_core(h, w, s, target, b, doc_mask, opts, impl)
 
     return f
 
@@ -99,8 +88,8 @@ TILE_IDS = ["default-onepass", "rows4-vocab8", "rows7-vocab16"]
 )
 def test_cpu_float64_matches_reference(cpu_tiles, bias, softcap, mask):
     B, K, T, H, V = 2, 3, 5, 7, 37
-    hidden, weight, scores, b, doc_mask = make_inputs(
-        B, K, T, H, V, bias=bias, mask=mask, scale=2.0
+    hidden, weight, scores, b, doc_mask = make_token_smoothing(
+        B, K, T, H, V, bias=bias, doc_mask=mask, hscale=2.0
     )
     upstream = torch.rand(B, T, dtype=torch.float64) * 2 - 0.5
     ref_out, ref_grads = run_with_grads(
@@ -108,10 +97,10 @@ def test_cpu_float64_matches_reference(cpu_tiles, bias, softcap, mask):
     )
     h_in, s_in = hidden, scores
     if mask:
-        h_in = poison(hidden, doc_mask)
+        h_in = poisoned(hidden, ~doc_mask)
         s_in = scores.masked_fill(~doc_mask, float("nan"))
     out, grads = run_with_grads(
-        kernel_fn(ts_cpu.token_smoothing_cpu, softcap, doc_mask), h_in, weight, s_in, b, upstream
+        kernel_fn("cpu", softcap, doc_mask), h_in, weight, s_in, b, upstream
     )
     assert out.dtype == torch.float64 and out.shape == (B, T)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-9)
@@ -131,12 +120,14 @@ def test_cpu_float64_matches_reference(cpu_tiles, bias, softcap, mask):
 )
 @pytest.mark.parametrize("softcap", [None, 1.5], ids=["nocap", "softcap"])
 def test_cpu_gradcheck(cpu_tiles, softcap):
-    hidden, weight, scores, b, doc_mask = make_inputs(2, 3, 2, 3, 5, bias=True, mask=True)
+    hidden, weight, scores, b, doc_mask = make_token_smoothing(
+        2, 3, 2, 3, 5, bias=True, doc_mask=True
+    )
     opts = TokenSmoothingOptions(softcap=softcap)
     inputs = [x.requires_grad_(True) for x in (hidden, weight, scores, b)]
 
     def f(h, w, s, bb):
-        return ts_cpu.token_smoothing_cpu(h, w, s, bb, doc_mask, opts)
+        return token_smoothing_core(h, w, s, None, bb, doc_mask, opts, "cpu")[0]
 
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -148,17 +139,15 @@ def test_cpu_gradcheck(cpu_tiles, softcap):
 def test_cpu_zero_upstream_tokens_are_skipped(cpu_tiles):
     """Tokens with g = 0 (ignored) contribute no gradient, whatever their hidden rows hold."""
     B, K, T, H, V = 2, 3, 6, 5, 23
-    hidden, weight, scores, b, _ = make_inputs(B, K, T, H, V, bias=True)
+    hidden, weight, scores, b, _ = make_token_smoothing(B, K, T, H, V, bias=True)
     upstream = torch.rand(B, T, dtype=torch.float64) + 0.1
     upstream[0, 1] = 0.0
     upstream[1, 4:] = 0.0
     ignored = upstream == 0
     _, ref_grads = run_with_grads(reference_fn(None, None), hidden, weight, scores, b, upstream)
-    poisoned = hidden.clone()
-    poisoned.permute(0, 2, 1, 3)[ignored] = float("nan")
-    out, grads = run_with_grads(
-        kernel_fn(ts_cpu.token_smoothing_cpu, None, None), poisoned, weight, scores, b, upstream
-    )
+    h_poison = hidden.clone()
+    h_poison.permute(0, 2, 1, 3)[ignored] = float("nan")
+    out, grads = run_with_grads(kernel_fn("cpu", None, None), h_poison, weight, scores, b, upstream)
     assert torch.isnan(out[ignored]).all() and torch.isfinite(out[~ignored]).all()
     for name, g, rg in zip(
         ["hidden", "weight", "doc_scores", "bias"], grads, ref_grads, strict=False
@@ -173,8 +162,8 @@ def test_cpu_zero_upstream_tokens_are_skipped(cpu_tiles):
 @needs_cpu
 def test_cpu_fp32_error_within_twice_pytorch():
     B, K, T, H, V = 2, 4, 9, 33, 301
-    hidden, weight, scores, b, doc_mask = make_inputs(
-        B, K, T, H, V, bias=True, mask=True, scale=3.0
+    hidden, weight, scores, b, doc_mask = make_token_smoothing(
+        B, K, T, H, V, bias=True, doc_mask=True, hscale=3.0
     )
     upstream = torch.rand(B, T, dtype=torch.float64)
     softcap = 6.0
@@ -187,9 +176,7 @@ def test_cpu_fp32_error_within_twice_pytorch():
     try:
         for tiles in [(0, 0, 0, 0), (8, 64, 8, 64)]:
             ts_cpu.TILES = tiles
-            out, g = run_with_grads(
-                kernel_fn(ts_cpu.token_smoothing_cpu, softcap, doc_mask), *args32, upstream.float()
-            )
+            out, g = run_with_grads(kernel_fn("cpu", softcap, doc_mask), *args32, upstream.float())
             assert out.dtype == torch.float32
             for name, x, tx, rx in zip(
                 ["out", "hidden", "weight", "doc_scores", "bias"],
@@ -198,10 +185,7 @@ def test_cpu_fp32_error_within_twice_pytorch():
                 [truth, *truth_g],
                 strict=False,
             ):
-                err = (x.double() - rx).abs().max().item()
-                torch_err = (tx.double() - rx).abs().max().item()
-                scale = rx.abs().max().item()
-                assert err <= 2 * torch_err + 2e-6 * scale + 1e-6, (tiles, name, err, torch_err)
+                assert_close(x, rx, ref=tx, rtol=2e-6, atol=1e-6, name=f"{name} tiles={tiles}")
     finally:
         ts_cpu.TILES = old
 
@@ -210,7 +194,9 @@ def test_cpu_fp32_error_within_twice_pytorch():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cpu_low_precision_error_within_twice_pytorch(dtype):
     B, K, T, H, V = 2, 3, 7, 24, 157
-    hidden, weight, scores, b, doc_mask = make_inputs(B, K, T, H, V, bias=True, mask=True)
+    hidden, weight, scores, b, doc_mask = make_token_smoothing(
+        B, K, T, H, V, bias=True, doc_mask=True
+    )
     upstream = torch.rand(B, T, dtype=torch.float64)
     hl, wl, bl = (x.to(dtype) for x in (hidden, weight, b))
     scores = scores.float()
@@ -226,9 +212,7 @@ def test_cpu_low_precision_error_within_twice_pytorch(dtype):
     torch_out, torch_g = run_with_grads(
         reference_fn(None, doc_mask), hl, wl, scores, bl, upstream.float()
     )
-    out, g = run_with_grads(
-        kernel_fn(ts_cpu.token_smoothing_cpu, None, doc_mask), hl, wl, scores, bl, upstream.float()
-    )
+    out, g = run_with_grads(kernel_fn("cpu", None, doc_mask), hl, wl, scores, bl, upstream.float())
     assert out.dtype == torch.float32 and g[0].dtype == dtype and g[1].dtype == dtype
     for name, x, tx, rx in zip(
         ["out", "hidden", "weight", "doc_scores", "bias"],
@@ -237,20 +221,17 @@ def test_cpu_low_precision_error_within_twice_pytorch(dtype):
         [truth, *truth_g],
         strict=False,
     ):
-        err = (x.double() - rx).abs().max().item()
-        torch_err = (tx.double() - rx).abs().max().item()
-        scale = rx.abs().max().item()
-        assert err <= 2 * torch_err + 1e-5 * scale + 1e-5, (name, err, torch_err)
+        assert_close(x, rx, ref=tx, rtol=1e-5, atol=1e-5, name=name)
 
 
 @needs_cpu
 def test_cpu_partial_needs_and_outputs():
     """Only some inputs require grad; the op returns fp32 lse / wsum consistent with the math."""
     B, K, T, H, V = 1, 3, 4, 5, 11
-    hidden, weight, scores, b, _ = make_inputs(B, K, T, H, V, bias=True)
+    hidden, weight, scores, b, _ = make_token_smoothing(B, K, T, H, V, bias=True)
     scores.requires_grad_(True)
     opts = TokenSmoothingOptions()
-    out = ts_cpu.token_smoothing_cpu(hidden, weight, scores, b, None, opts)
+    out = token_smoothing_core(hidden, weight, scores, None, b, None, opts, "cpu")[0]
     out.sum().backward()
     ref = token_smoothing_reference(hidden, weight, scores.detach().clone().requires_grad_(True), b)
     s2 = scores.detach().clone().requires_grad_(True)
@@ -286,8 +267,8 @@ def logprob_reference(hidden, weight, target, bias, softcap, doc_mask):
 def check_with_logprob(fn, dtype, softcap, *, rtol, atol):
     """One call gives (out, lp); a weighted sum of both backpropagates like the reference."""
     B, K, T, H, V = 2, 3, 5, 7, 37
-    hidden, weight, scores, b, doc_mask = make_inputs(
-        B, K, T, H, V, bias=True, mask=True, scale=2.0
+    hidden, weight, scores, b, doc_mask = make_token_smoothing(
+        B, K, T, H, V, bias=True, doc_mask=True, hscale=2.0
     )
     target = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
     target[0, 2] = -100
@@ -308,7 +289,7 @@ def check_with_logprob(fn, dtype, softcap, *, rtol, atol):
     ((r_out * c_out).sum() + (r_lp * c_lp).sum()).backward()
     r_grads = [x.grad for x in leaves]
 
-    h_in = poison(hidden, doc_mask).to(dtype)
+    h_in = poisoned(hidden, ~doc_mask).to(dtype)
     kleaves = [
         x.detach().clone().requires_grad_(True)
         for x in (
@@ -342,9 +323,7 @@ def check_with_logprob(fn, dtype, softcap, *, rtol, atol):
 @pytest.mark.parametrize("cpu_tiles", TILES, ids=TILE_IDS, indirect=True)
 @pytest.mark.parametrize("softcap", [None, 2.5], ids=["nocap", "softcap"])
 def test_cpu_with_logprob_matches_reference(cpu_tiles, softcap):
-    check_with_logprob(
-        ts_cpu.token_smoothing_with_logprob_cpu, torch.float64, softcap, rtol=1e-9, atol=1e-9
-    )
+    check_with_logprob(kernel_with_logprob("cpu"), torch.float64, softcap, rtol=1e-9, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------------- Triton
@@ -370,8 +349,8 @@ def triton_blocks(request):
 )
 def test_triton_fp32_matches_float64_truth(triton_blocks, bias, softcap, mask):
     B, K, T, H, V = 2, 3, 5, 7, 37
-    hidden, weight, scores, b, doc_mask = make_inputs(
-        B, K, T, H, V, bias=bias, mask=mask, scale=2.0
+    hidden, weight, scores, b, doc_mask = make_token_smoothing(
+        B, K, T, H, V, bias=bias, doc_mask=mask, hscale=2.0
     )
     upstream = torch.rand(B, T, dtype=torch.float64) * 2 - 0.5
     upstream[1, 2] = 0.0
@@ -382,10 +361,10 @@ def test_triton_fp32_matches_float64_truth(triton_blocks, bias, softcap, mask):
     torch_out, torch_g = run_with_grads(reference_fn(softcap, doc_mask), *args32, upstream.float())
     h_in, s_in = args32[0], args32[2]
     if mask:
-        h_in = poison(h_in, doc_mask)
+        h_in = poisoned(h_in, ~doc_mask)
         s_in = s_in.masked_fill(~doc_mask, float("nan"))
     out, g = run_with_grads(
-        kernel_fn(ts_triton.token_smoothing_triton, softcap, doc_mask),
+        kernel_fn("triton", softcap, doc_mask),
         h_in,
         args32[1],
         s_in,
@@ -401,9 +380,7 @@ def test_triton_fp32_matches_float64_truth(triton_blocks, bias, softcap, mask):
         strict=False,
     ):
         assert torch.isfinite(x).all(), name
-        err = (x.double() - rx).abs().max().item()
-        torch_err = (tx.double() - rx).abs().max().item()
-        assert err <= 2 * torch_err + 2e-6 * rx.abs().max().item() + 1e-6, (name, err, torch_err)
+        assert_close(x, rx, ref=tx, rtol=2e-6, atol=1e-6, name=name)
     if mask:
         assert (g[0][~doc_mask] == 0).all()
 
@@ -412,7 +389,7 @@ def test_triton_fp32_matches_float64_truth(triton_blocks, bias, softcap, mask):
 def test_triton_vocab_splits_and_bf16():
     """Several vocab splits merged on the host; bf16 within twice plain PyTorch's error."""
     B, K, T, H, V = 1, 2, 3, 16, 45
-    hidden, weight, scores, b, _ = make_inputs(B, K, T, H, V, bias=True)
+    hidden, weight, scores, b, _ = make_token_smoothing(B, K, T, H, V, bias=True)
     opts = TokenSmoothingOptions()
     lp = torch.log_softmax(scores.float(), -1)
     ref = token_smoothing_reference(hidden, weight, scores, b)
@@ -436,7 +413,7 @@ def test_triton_vocab_splits_and_bf16():
         reference_fn(None, None), hl, wl, scores.float(), bl, upstream.float()
     )
     out, g = run_with_grads(
-        kernel_fn(ts_triton.token_smoothing_triton, None, None),
+        kernel_fn("triton", None, None),
         hl,
         wl,
         scores.float(),
@@ -450,23 +427,19 @@ def test_triton_vocab_splits_and_bf16():
         [truth, *truth_g],
         strict=False,
     ):
-        err = (x.double() - rx).abs().max().item()
-        torch_err = (tx.double() - rx).abs().max().item()
-        assert err <= 2 * torch_err + 1e-5 * rx.abs().max().item() + 1e-5, (name, err, torch_err)
+        assert_close(x, rx, ref=tx, rtol=1e-5, atol=1e-5, name=name)
 
 
 @needs_triton
 def test_triton_rejects_float64():
-    hidden, weight, scores, _, _ = make_inputs(1, 2, 2, 3, 5)
+    hidden, weight, scores, _, _ = make_token_smoothing(1, 2, 2, 3, 5)
     with pytest.raises(TypeError, match="float64"):
-        ts_triton.token_smoothing_triton(
-            hidden, weight, scores, None, None, TokenSmoothingOptions()
+        token_smoothing_core(
+            hidden, weight, scores, None, None, None, TokenSmoothingOptions(), "triton"
         )
 
 
 @needs_triton
 @pytest.mark.parametrize("softcap", [None, 2.5], ids=["nocap", "softcap"])
 def test_triton_with_logprob_matches_reference(softcap):
-    check_with_logprob(
-        ts_triton.token_smoothing_with_logprob_triton, torch.float32, softcap, rtol=1e-4, atol=1e-4
-    )
+    check_with_logprob(kernel_with_logprob("triton"), torch.float32, softcap, rtol=1e-4, atol=1e-4)

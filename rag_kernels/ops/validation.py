@@ -235,6 +235,8 @@ def check_lm_head(hidden: torch.Tensor, weight: object, bias: object) -> None:
 
 def autocast_dtype(ref: torch.Tensor) -> torch.dtype | None:
     """The autocast dtype in force for ``ref``'s device type, or None outside autocast."""
+    if not isinstance(ref, torch.Tensor):  # not validated yet: the checks name it
+        return None
     dev = ref.device.type
     if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
         return None
@@ -259,7 +261,9 @@ def autocast_inputs(ref: torch.Tensor, *xs: torch.Tensor | None) -> tuple[torch.
     if dt is None:
         return xs
     return tuple(
-        x if x is None or not x.is_floating_point() or x.dtype == torch.float64 else x.to(dt)
+        x
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == torch.float64
+        else x.to(dt)
         for x in xs
     )
 
