@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -943,3 +944,41 @@ def test_autocast_keeps_float64(case, impl):
     assert out.dtype == torch.float64, f"{case.name}/{impl}: fp64 inputs gave {out.dtype}"
     expected = case.call(t, "reference")
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------- references stay inside
+
+_PATH_RE = re.compile(
+    r"(?<![\w./-])((?:rag_kernels|csrc|tests|benchmarks|docs|examples)/[\w./-]*[\w/])"
+)
+
+
+def _tracked_text_files() -> list[Path]:
+    out = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.split()
+    exts = {".py", ".md", ".sh", ".toml", ".cpp", ".h", ".txt", ".cfg"}
+    return [ROOT / p for p in out if Path(p).suffix in exts or Path(p).name == "Makefile"]
+
+
+def test_no_reference_outside_the_repository():
+    """Docs and comments cite files of the repository only: no team notes (DESIGN.md), no
+    ../shared, and every repository path named in the docs exists."""
+    files = _tracked_text_files()
+    if not files:
+        pytest.skip("not a git checkout")
+    bad = []
+    for f in files:
+        if f == Path(__file__).resolve():
+            continue
+        text = f.read_text(encoding="utf-8", errors="replace")
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if "DESIGN.md" in line or "../shared" in line:
+                bad.append(f"{f.relative_to(ROOT)}:{lineno}: {line.strip()[:100]}")
+            if f.suffix == ".md":
+                for m in _PATH_RE.finditer(line):
+                    path = m.group(1).rstrip("/.")
+                    templated = line[m.end() : m.end() + 1] in ("<", "*", "{")
+                    if not templated and not (ROOT / path).exists():
+                        bad.append(f"{f.relative_to(ROOT)}:{lineno}: missing {path}")
+    assert not bad, "references outside the repository or to missing files:\n" + "\n".join(bad)

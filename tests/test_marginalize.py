@@ -1,5 +1,5 @@
 """rag_sequence_loss / rag_token_loss: C++ vs reference, gradcheck, the gradient identities of
-DESIGN.md §2, property tests, masking, and bad input."""
+docs/design.md §2.2, property tests, masking, and bad input."""
 
 import math
 
