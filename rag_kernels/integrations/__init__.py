@@ -1,11 +1,15 @@
 """Tier 3: glue to other libraries' models and trainers.
 
-* :mod:`.hf` — transformers RAG ``get_nll`` drop-ins computed from hidden states (``rk.hf``).
+* :mod:`.hf` — transformers: ``lm_head`` (a model's head as weight, bias, scale, softcap),
+  ``rag_nll`` (a RAG model's loss without logits) and the ``get_nll`` drop-ins computed from
+  hidden states (``rk.hf``);
+* :mod:`.sentence_transformers` — ``ContrastiveLoss`` / ``CachedContrastiveLoss`` for
+  ``SentenceTransformerTrainer`` (MNRL / CachedMNRL semantics, fused and B×M-free).
 
 Needs nothing beyond torch to import; the libraries it adapts to are imported where used.
 Imports :mod:`rag_kernels.ops` and :mod:`rag_kernels.losses` only (docs/design.md §5).
 """
 
-from . import hf
+from . import hf, sentence_transformers
 
-__all__ = ["hf"]
+__all__ = ["hf", "sentence_transformers"]
