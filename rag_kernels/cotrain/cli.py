@@ -4,6 +4,13 @@
   --train / --eval JSONL), printing and saving initial vs final metrics;
 * ``eval``: evaluate the models (from ``--output-dir``'s checkpoint with ``--resume``);
 * ``demo``: every RAG loss and retriever objective on a small model.
+
+Errors the user can fix (a bad option or config file, a missing or malformed input, a
+refused checkpoint, a busy or unwritable output directory, a model path that does not
+exist) print ONE line ``rag-kernels: error: <what is wrong>`` on stderr and exit 2;
+``--debug`` adds the traceback. Any other exception is a bug and keeps its traceback.
+Ctrl-C exits 130. Every option is validated before anything heavy (transformers, FAISS,
+the models) is imported; ``train`` then locks the output directory before loading models.
 """
 
 from __future__ import annotations
@@ -11,6 +18,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
+
+from .errors import UserError, one_line
 
 COMMANDS = {
     "train": "co-train the retriever and the generator; prints initial vs final metrics",
@@ -20,36 +30,56 @@ COMMANDS = {
 
 
 def _train(argv: list[str], evaluate_only: bool) -> int:
-    from .training import CoTrainer, build_parser, resolve_config
+    from .training.config import build_parser, resolve_config
+    from .training.files import RunLock
 
     prog = "rag-kernels " + ("eval" if evaluate_only else "train")
     args = build_parser(prog, COMMANDS["eval" if evaluate_only else "train"]).parse_args(argv)
-    cfg = resolve_config(args)
-    trainer = CoTrainer(cfg)
-    if evaluate_only:
-        trainer.refresh_index()
-        ckpt = os.path.join(cfg.output_dir, "checkpoint.pt")
-        if cfg.resume and os.path.exists(ckpt):
-            trainer.load_checkpoint(ckpt)
-        m = trainer.evaluate(trainer.data.test)
-        trainer._report("eval", m)
-        print(json.dumps(m))
-        return 0
-    metrics = trainer.fit()
+    cfg = resolve_config(args)  # validated: nothing heavy is imported before this returns
+    lock = None if evaluate_only else RunLock(cfg.output_dir).acquire()
+    try:
+        from .training.loop import CoTrainer
+
+        trainer = CoTrainer(cfg, for_eval=evaluate_only, run_lock=lock)
+        if evaluate_only:
+            trainer.refresh_index()
+            if cfg.resume and os.path.lexists(trainer.checkpoint_path):
+                trainer.load_checkpoint()
+            m = trainer.evaluate(trainer.data.test)
+            trainer._report("eval", m)
+            print(json.dumps(m))
+            return 0
+        metrics = trainer.fit()
+    finally:
+        if lock is not None:
+            lock.release()
     if trainer.rank == 0 and "initial" in metrics:
         print("\nmetric      initial   final")
-        for k in ("recall@1", "recall@5", "recall@20", "mrr@10", "em", "f1", "rougeL", "bleu", "grounding"):
+        for k in (
+            "recall@1",
+            "recall@5",
+            "recall@20",
+            "mrr@10",
+            "em",
+            "f1",
+            "rougeL",
+            "bleu",
+            "grounding",
+        ):
             a, b = metrics["initial"].get(k), metrics["final"].get(k)
             fmt = lambda x: "     n/a" if x is None else f"{x:8.3f}"
             print(f"{k:10s} {fmt(a)} {fmt(b)}")
-        print(f"outputs in {cfg.output_dir}/ (metrics.json, train_log.jsonl, curves.png, checkpoint.pt)")
+        print(
+            f"outputs in {cfg.output_dir}/ (metrics.json, train_log.jsonl, curves.png, checkpoint.pt)"
+        )
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: rag-kernels <command> [options]   (rag-kernels <command> --help)\n\ncommands:")
+        print(
+            "usage: rag-kernels <command> [options]   (rag-kernels <command> --help)\n\ncommands:"
+        )
         for name, text in COMMANDS.items():
             print(f"  {name:6s} {text}")
         return 0 if argv else 2
@@ -59,9 +89,32 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "demo":
         from .demo import main as demo
 
-        return demo(rest)
-    print(f"rag-kernels: unknown command {cmd!r}; choose from {sorted(COMMANDS)}", file=sys.stderr)
+        return demo([a for a in rest if a != "--debug"])
+    raise UserError(f"unknown command {cmd!r}; choose from {', '.join(sorted(COMMANDS))}")
+
+
+def _fail(message: str, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"rag-kernels: error: {one_line(message)}", file=sys.stderr, flush=True)
     return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        return _run(argv)
+    except UserError as e:
+        return _fail(str(e), debug)
+    except OSError as e:  # the environment (a path, the disk), not a bug
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(f"{where}{e.strerror or one_line(e)}", debug)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("rag-kernels: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

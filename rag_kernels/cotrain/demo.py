@@ -8,7 +8,6 @@ as it goes — then runs a few co-training steps and prints the losses.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -16,6 +15,8 @@ import torch
 import rag_kernels as rk
 from rag_kernels.losses import retriever as R
 from rag_kernels.losses.cotraining import CoTrainingLoss
+
+from .errors import ArgumentParser, UserError
 
 PASSAGES = [
     "The lighthouse of Varn Isle is painted teal and was built by Oskar Brell.",
@@ -58,9 +59,17 @@ def build(vocab: int = 211, hidden: int = 48, layers: int = 2, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(cfg), BowRetriever(vocab, 32)
 
@@ -97,11 +106,17 @@ def batch(generator, retriever, k: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="rag-kernels demo", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="rag-kernels demo", description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=3, help="documents retrieved per query (K)")
     ap.add_argument("--steps", type=int, default=20, help="co-training steps")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if not 1 <= args.docs <= len(PASSAGES):
+        raise UserError(f"--docs {args.docs}: must be in [1, {len(PASSAGES)}]")
+    if args.steps < 0:
+        raise UserError(f"--steps {args.steps}: must be >= 0")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed {args.seed}: must be in [0, 2**63)")
 
     generator, retriever = build(seed=args.seed)
     W = generator.lm_head.weight  # tied to the input embeddings
@@ -115,10 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("sequence", "token"):
         for eps in (0.0, 0.1):
             fast = rk.rag_loss(hidden, W, target, scores, mode=mode, label_smoothing=eps, impl=impl)
-            ref = rk.rag_loss(hidden.double(), W.double(), target, scores.double(), mode=mode,
-                              label_smoothing=eps, impl="reference")
-            print(f"rag_loss mode={mode:8s} eps={eps:.1f}: {fast.item():9.4f}  (float64 reference "
-                  f"{ref.item():9.4f}, |diff| {abs(fast.item() - ref.item()):.1e})")
+            ref = rk.rag_loss(
+                hidden.double(),
+                W.double(),
+                target,
+                scores.double(),
+                mode=mode,
+                label_smoothing=eps,
+                impl="reference",
+            )
+            print(
+                f"rag_loss mode={mode:8s} eps={eps:.1f}: {fast.item():9.4f}  (float64 reference "
+                f"{ref.item():9.4f}, |diff| {abs(fast.item() - ref.item()):.1e})"
+            )
 
     fb = rk.generator_feedback(hidden, W, target, impl=impl)  # no grad, no logits
     g, m, gbar = fb.token_logprobs, target != -100, fb.mean_logprob
@@ -138,15 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n-- {args.steps} co-training steps: rag_loss(sequence) + PDist, AdamW --")
     combine = CoTrainingLoss(balancing="fixed", retriever_weight=0.5)
     opt = torch.optim.AdamW(
-        [{"params": generator.parameters(), "lr": 3e-3}, {"params": retriever.parameters(), "lr": 3e-2}]
+        [
+            {"params": generator.parameters(), "lr": 3e-3},
+            {"params": retriever.parameters(), "lr": 3e-2},
+        ]
     )
     t0 = time.perf_counter()
     for step in range(args.steps):
         hidden, target, scores, top, *_ = batch(generator, retriever, args.docs)
         gen = rk.rag_loss(hidden, W, target, scores, mode="sequence", impl=impl)
         fb = rk.generator_feedback(hidden, W, target, impl=impl)
-        ret = R.pdist_loss(scores, fb.mean_logprob, retriever_temperature=1.0,
-                           generator_temperature=0.1)
+        ret = R.pdist_loss(
+            scores, fb.mean_logprob, retriever_temperature=1.0, generator_temperature=0.1
+        )
         out = combine(gen, ret, step=step)
         opt.zero_grad()
         out.loss.backward()
@@ -154,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
             hit = (top == gold[:, None]).any(-1).float().mean().item()
             logs = out.as_dict()
-            print(f"step {step:3d}  total {logs['loss']:8.4f}  generator {logs['generator']:8.4f}  "
-                  f"retriever {logs['retriever']:7.4f}  gold-in-top-{args.docs} {hit:.2f}")
+            print(
+                f"step {step:3d}  total {logs['loss']:8.4f}  generator {logs['generator']:8.4f}  "
+                f"retriever {logs['retriever']:7.4f}  gold-in-top-{args.docs} {hit:.2f}"
+            )
     print(f"done in {time.perf_counter() - t0:.1f}s")
     return 0
 

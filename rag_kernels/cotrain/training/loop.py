@@ -22,6 +22,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 
 import numpy as np
@@ -31,10 +32,18 @@ import rag_kernels as rk
 from rag_kernels.losses import retriever as R
 from rag_kernels.losses.cotraining import CoTrainingLoss
 
+from ..errors import UserError, one_line, warn
 from ..models import build_generator_batch, load_generator, prompt_ids
 from ..retrieval import DenseIndex, load_retriever
-
-from .config import TrainConfig
+from .checkpoint import (
+    data_fingerprints,
+    get_rng_state,
+    read_checkpoint,
+    set_rng_state,
+    write_checkpoint,
+)
+from .config import TrainConfig, resume_differences, validate
+from .files import RunLock, append_line, atomic_write, ensure_dir, read_bytes, remove_file
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -55,18 +64,43 @@ def setup_distributed() -> tuple[int, int]:
     return (d.get_rank(), d.get_world_size()) if d else (0, 1)
 
 
+def _load(flag: str, path: str, loader, **kw):
+    """``loader(path)``; a missing/unreadable file or a malformed line is a UserError."""
+    try:
+        return loader(path, **kw)
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{flag} {path}: is a directory, expected a JSONL file") from None
+    except OSError as e:
+        raise UserError(f"{flag} {path}: {e.strerror or one_line(e)}") from e
+    except ValueError as e:  # the loaders' "<path>, line <n>: <what is wrong>"
+        raise UserError(one_line(e)) from e
+
+
 def load_dataset(cfg: TrainConfig):
+    """The corpus and question splits of ``cfg``; every input problem is a UserError naming
+    the file (and line)."""
     from ..data import Dataset, load_corpus, load_default, load_qa
 
     if cfg.corpus is None:
         ds = load_default(seed=cfg.data_seed)
     else:
-        ds = Dataset(corpus=load_corpus(cfg.corpus), train=[], dev=[], test=[])
+        corpus = _load("--corpus", cfg.corpus, load_corpus)
+        if not corpus:
+            raise UserError(f"{cfg.corpus}: the corpus is empty (no passages)")
+        ds = Dataset(corpus=corpus, train=[], dev=[], test=[])
     ids = {p.id for p in ds.corpus}
     if cfg.train:
-        ds.train = load_qa(cfg.train, corpus_ids=ids)
+        ds.train = _load("--train", cfg.train, load_qa, corpus_ids=ids)
+        if not ds.train and cfg.steps > 0:
+            raise UserError(f"{cfg.train}: no training questions (the file is empty)")
     if cfg.eval:
-        ds.test = load_qa(cfg.eval, corpus_ids=ids)
+        ds.test = _load("--eval", cfg.eval, load_qa, corpus_ids=ids)
+        if not ds.test:
+            raise UserError(f"{cfg.eval}: no evaluation questions (the file is empty)")
     return ds
 
 
@@ -75,30 +109,85 @@ def passage_text(p) -> str:
 
 
 class CoTrainer:
-    def __init__(self, cfg: TrainConfig, dataset=None):
+    """The co-training run of ``cfg``. ``dataset`` (a :class:`~rag_kernels.cotrain.data.Dataset`)
+    replaces the files / embedded set of ``cfg``; ``for_eval`` checks a ``--resume``
+    checkpoint only for fitting the models (``rag-kernels eval``); ``run_lock`` is a held
+    :class:`~.files.RunLock` on the output directory (``fit`` takes one otherwise).
+
+    With ``cfg.resume`` and an existing checkpoint, the checkpoint is read, verified and
+    compared with ``cfg`` here, before any model is loaded (a problem is a UserError)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        dataset=None,
+        *,
+        for_eval: bool = False,
+        run_lock: RunLock | None = None,
+    ):
+        validate(cfg)
         self.cfg = cfg
+        self.for_eval = for_eval
+        self.run_lock = run_lock
         self.rank, self.world = setup_distributed()
-        self.device = torch.device("cuda", self.rank % max(1, torch.cuda.device_count())) \
-            if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", self.rank % max(1, torch.cuda.device_count()))
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
         self._seed_everything(cfg.seed)
         self.data = dataset if dataset is not None else load_dataset(cfg)
-        if not self.data.train and cfg.steps > 0:
-            raise ValueError("no training questions: pass --train or use the embedded default")
-        if cfg.retriever_objective == "contrastive" and any(not ex.positive_ids for ex in self.data.train):
-            raise ValueError("--retriever-objective contrastive needs positive_ids on every training question")
+        if not self.data.corpus:
+            raise UserError("the corpus is empty (no passages)")
+        if not self.data.train and cfg.steps > 0 and not for_eval:
+            raise UserError("no training questions: pass --train or use the embedded default")
+        if (
+            cfg.retriever_objective == "contrastive"
+            and not for_eval
+            and any(not ex.positive_ids for ex in self.data.train)
+        ):
+            raise UserError(
+                "--retriever-objective contrastive needs positive_ids on every training question"
+            )
+        self.fingerprints = data_fingerprints(self.data, self.world)
+        ensure_dir(cfg.output_dir)
+        self.checkpoint_path = os.path.join(cfg.output_dir, CHECKPOINT)
+        self._resume_state = None
+        if cfg.resume and os.path.lexists(self.checkpoint_path):
+            self._resume_state = self._read_checkpoint(self.checkpoint_path)
         self.texts = [passage_text(p) for p in self.data.corpus]
         self.pid_to_row = {p.id: i for i, p in enumerate(self.data.corpus)}
-        corpus_texts = self.texts + [ex.question + " " + " ".join(ex.answers) for ex in self.data.train]
+        corpus_texts = self.texts + [
+            ex.question + " " + " ".join(ex.answers) for ex in self.data.train
+        ]
 
         torch.manual_seed(cfg.seed)  # tiny-random models are built from this seed
-        self.generator, self.tokenizer = load_generator(cfg.generator, corpus_texts=corpus_texts)
+        try:
+            self.generator, self.tokenizer = load_generator(
+                cfg.generator, corpus_texts=corpus_texts
+            )
+        except (OSError, ValueError, ImportError) as e:
+            raise UserError(
+                f"--generator {cfg.generator or '(default SmolLM2-135M-Instruct)'}: "
+                f"cannot load the model: {one_line(e)[:300]}"
+            ) from e
         self.generator.to(self.device)
-        self.retriever = load_retriever(cfg.retriever, doc_encoder=cfg.doc_encoder,
-                                        corpus_texts=corpus_texts).to(self.device)
+        try:
+            retriever = load_retriever(
+                cfg.retriever, doc_encoder=cfg.doc_encoder, corpus_texts=corpus_texts
+            )
+        except (OSError, ValueError, ImportError) as e:
+            raise UserError(
+                f"--retriever {cfg.retriever or '(default all-MiniLM-L6-v2)'}: "
+                f"cannot load the model: {one_line(e)[:300]}"
+            ) from e
+        self.retriever = retriever.to(self.device)
         self._set_trainable()
         self.combine = CoTrainingLoss(
-            generator_weight=cfg.generator_weight, retriever_weight=cfg.retriever_weight,
-            balancing=cfg.balancing, retriever_freeze_steps=cfg.retriever_freeze_steps,
+            generator_weight=cfg.generator_weight,
+            retriever_weight=cfg.retriever_weight,
+            balancing=cfg.balancing,
+            retriever_freeze_steps=cfg.retriever_freeze_steps,
             retriever_warmup_steps=cfg.retriever_warmup_steps,
         ).to(self.device)
         groups = []
@@ -109,15 +198,21 @@ class CoTrainer:
         extra = list(self.combine.parameters())
         if extra:
             groups.append({"params": extra, "lr": cfg.lr_retriever, "name": "balancing"})
-        self.optimizer = torch.optim.AdamW(groups or [{"params": [torch.zeros(1, requires_grad=True)]}],
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            groups or [{"params": [torch.zeros(1, requires_grad=True)]}],
+            weight_decay=cfg.weight_decay,
+        )
         warm = max(1, cfg.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm)
+        )
         self.index = DenseIndex(kind=cfg.index, use_gpu=self.device.type == "cuda")
         self.step = 0
         self.cursor = 0  # questions consumed (global, across ranks): the data position
-        os.makedirs(cfg.output_dir, exist_ok=True)
         self.log_path = os.path.join(cfg.output_dir, "train_log.jsonl")
+        self._stop_requested = False  # set by the first Ctrl-C: stop at the step boundary
+        self._updating = False  # inside the optimizer update (a state not to checkpoint)
+        self._consistent = True
 
     # ------------------------------------------------------------------ setup helpers
     @staticmethod
@@ -135,7 +230,7 @@ class CoTrainer:
                 g.requires_grad_(True)
             else:
                 layers = g.model.layers
-                for layer in layers[len(layers) - cfg.generator_train_layers:]:
+                for layer in layers[len(layers) - cfg.generator_train_layers :]:
                     layer.requires_grad_(True)
                 g.model.norm.requires_grad_(True)
         self.gen_params = [p for p in g.parameters() if p.requires_grad]
@@ -146,7 +241,9 @@ class CoTrainer:
     def refresh_index(self) -> None:
         self.retriever.eval()
         with torch.no_grad():
-            emb = self.retriever.encode_docs(self.texts, progress=self.cfg.progress and self.rank == 0)
+            emb = self.retriever.encode_docs(
+                self.texts, progress=self.cfg.progress and self.rank == 0
+            )
         self.index.build(emb)
 
     # ------------------------------------------------------------------ retrieval
@@ -177,7 +274,9 @@ class CoTrainer:
         for j in range(self.rank * b, (self.rank + 1) * b):
             pos = self.cursor + j
             epoch, off = divmod(pos, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch))
+            perm = torch.randperm(
+                n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
+            )
             out.append(self.data.train[int(perm[off])])
         self.cursor += b * self.world
         return out
@@ -186,37 +285,63 @@ class CoTrainer:
         cfg = self.cfg
         K = min(cfg.docs, len(self.texts))
         retr_active = not cfg.freeze_retriever and self.combine.retriever_active(self.step)
-        rows, scores, q = self.retrieve([ex.question for ex in examples], K, grad=not cfg.freeze_retriever)
+        rows, scores, q = self.retrieve(
+            [ex.question for ex in examples], K, grad=not cfg.freeze_retriever
+        )
         docs = [[self.texts[i] for i in r] for r in rows.tolist()]
-        batch = build_generator_batch(self.tokenizer, [ex.question for ex in examples], docs,
-                                      [ex.answers[0] for ex in examples], max_doc_tokens=cfg.max_doc_tokens)
+        batch = build_generator_batch(
+            self.tokenizer,
+            [ex.question for ex in examples],
+            docs,
+            [ex.answers[0] for ex in examples],
+            max_doc_tokens=cfg.max_doc_tokens,
+        )
         dev = self.device
         target = batch.target.to(dev)
         weight = self.generator.lm_head.weight
-        rag_scores = scores if (retr_active and cfg.retriever_objective == "rag") else scores.detach()
+        rag_scores = (
+            scores if (retr_active and cfg.retriever_objective == "rag") else scores.detach()
+        )
         # bf16 autocast on CUDA: the generator and the fused LM head (rk ops follow autocast)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            out = self.generator.model(input_ids=batch.input_ids.to(dev),
-                                       attention_mask=batch.attention_mask.to(dev),
-                                       position_ids=batch.position_ids.to(dev))
+            out = self.generator.model(
+                input_ids=batch.input_ids.to(dev),
+                attention_mask=batch.attention_mask.to(dev),
+                position_ids=batch.position_ids.to(dev),
+            )
             hidden = out.last_hidden_state[:, :-1]
             B = len(examples)
             hidden = hidden.reshape(B, K, hidden.shape[1], hidden.shape[2])
-            gen_loss = rk.rag_loss(hidden, weight, target, rag_scores, mode=cfg.mode,
-                                   label_smoothing=cfg.label_smoothing)
+            gen_loss = rk.rag_loss(
+                hidden,
+                weight,
+                target,
+                rag_scores,
+                mode=cfg.mode,
+                label_smoothing=cfg.label_smoothing,
+            )
             ret_loss = None
             if not cfg.freeze_retriever and cfg.retriever_objective != "rag":
-                ret_loss = self._retriever_objective(hidden.detach(), weight, target, scores, q,
-                                                     examples)
-        res = self.combine(gen_loss, ret_loss, step=self.step,
-                           grad_wrt=[scores] if cfg.balancing == "gradnorm" else None)
+                ret_loss = self._retriever_objective(
+                    hidden.detach(), weight, target, scores, q, examples
+                )
+        res = self.combine(
+            gen_loss,
+            ret_loss,
+            step=self.step,
+            grad_wrt=[scores] if cfg.balancing == "gradnorm" else None,
+        )
         (res.loss / cfg.grad_accum).backward()
         logs = res.as_dict()
         gold = [set(self.pid_to_row.get(p, -1) for p in ex.positive_ids) for ex in examples]
         if any(gold):  # on this batch: gold passage ranked first / anywhere in the top K
             r = rows.tolist()
-            logs["retrieval_top1"] = float(np.mean([x[0] in g for g, x in zip(gold, r, strict=False)]))
-            logs["retrieval_hit"] = float(np.mean([bool(g & set(x)) for g, x in zip(gold, r, strict=False)]))
+            logs["retrieval_top1"] = float(
+                np.mean([x[0] in g for g, x in zip(gold, r, strict=False)])
+            )
+            logs["retrieval_hit"] = float(
+                np.mean([bool(g & set(x)) for g, x in zip(gold, r, strict=False)])
+            )
         return logs
 
     def _retriever_objective(self, hidden, weight, target, scores, q, examples):
@@ -225,15 +350,21 @@ class CoTrainer:
         m = target != -100
         tau_s, tau_g = cfg.retriever_temperature, cfg.generator_temperature
         if cfg.retriever_objective == "emdr2":
-            return R.emdr2_loss(scores, fb.token_logprobs, token_mask=m, level="token",
-                                retriever_temperature=tau_s)
+            return R.emdr2_loss(
+                scores, fb.token_logprobs, token_mask=m, level="token", retriever_temperature=tau_s
+            )
         if cfg.retriever_objective == "pdist":
-            return R.pdist_loss(scores, fb.mean_logprob, retriever_temperature=tau_s,
-                                generator_temperature=tau_g)
+            return R.pdist_loss(
+                scores, fb.mean_logprob, retriever_temperature=tau_s, generator_temperature=tau_g
+            )
         if cfg.retriever_objective == "lsr":
-            return R.lsr_loss(scores, fb.sum_logprob, retriever_temperature=tau_s, lm_temperature=tau_g)
+            return R.lsr_loss(
+                scores, fb.sum_logprob, retriever_temperature=tau_s, lm_temperature=tau_g
+            )
         # contrastive: in-batch negatives over the gold passages' (frozen-index) embeddings
-        pos_rows = torch.tensor([self.pid_to_row[ex.positive_ids[0]] for ex in examples], device=self.device)
+        pos_rows = torch.tensor(
+            [self.pid_to_row[ex.positive_ids[0]] for ex in examples], device=self.device
+        )
         d = self.index.embeddings.to(self.device)[pos_rows]
         ids = pos_rows
         return rk.contrastive_loss(q, d, None, scale=cfg.score_scale, similarity="dot", doc_ids=ids)
@@ -253,12 +384,18 @@ class CoTrainer:
             if ps:
                 clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                 norms[f"grad_norm_{name}"] = float(torch.nn.utils.clip_grad_norm_(ps, clip))
+        self._updating = True  # from here on the step cannot be rolled back
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        if cfg.refresh_every and self.retriever.doc_mode == "shared" and self.step % cfg.refresh_every == 0:
+        if (
+            cfg.refresh_every
+            and self.retriever.doc_mode == "shared"
+            and self.step % cfg.refresh_every == 0
+        ):
             self.refresh_index()
+        self._updating = False
         return norms
 
     def train_step(self) -> dict:
@@ -272,9 +409,13 @@ class CoTrainer:
         logs = {k: float(np.mean(v)) for k, v in acc.items()}
         logs.update(self.optimizer_step())
         dt = time.perf_counter() - t0
-        logs.update(step=self.step, seconds=dt,
-                    questions_per_s=self.cfg.batch_size * self.cfg.grad_accum * self.world / dt,
-                    lr_generator=self._lr("generator"), lr_retriever=self._lr("retriever"))
+        logs.update(
+            step=self.step,
+            seconds=dt,
+            questions_per_s=self.cfg.batch_size * self.cfg.grad_accum * self.world / dt,
+            lr_generator=self._lr("generator"),
+            lr_retriever=self._lr("retriever"),
+        )
         return logs
 
     def _lr(self, name: str) -> float | None:
@@ -299,124 +440,321 @@ class CoTrainer:
 
             chunks = tqdm(chunks, desc=desc, unit="batch", leave=False)
         for i in chunks:
-            part = examples[i:i + bs]
+            part = examples[i : i + bs]
             rows, _, _ = self.retrieve([ex.question for ex in part], k_eval, grad=False)
             for r in rows.tolist():
                 ranked.append([self.data.corpus[j].id for j in r])
                 retrieved_texts.append([self.texts[j] for j in r[: cfg.docs]])
-            predictions += self.generate([ex.question for ex in part], [self.texts[r[0]] for r in rows.tolist()])
+            predictions += self.generate(
+                [ex.question for ex in part], [self.texts[r[0]] for r in rows.tolist()]
+            )
         return evaluate_all(
-            ranked_ids=ranked, positive_ids=[ex.positive_ids for ex in examples],
-            predictions=predictions, answers=[ex.answers for ex in examples],
+            ranked_ids=ranked,
+            positive_ids=[ex.positive_ids for ex in examples],
+            predictions=predictions,
+            answers=[ex.answers for ex in examples],
             retrieved_texts=retrieved_texts,
         ) | {"n": len(examples)}
 
     def generate(self, questions: list[str], documents: list[str]) -> list[str]:
         tok = self.tokenizer
-        prompts = [prompt_ids(tok, q, d, max_doc_tokens=self.cfg.max_doc_tokens) for q, d in zip(questions, documents, strict=False)]
+        prompts = [
+            prompt_ids(tok, q, d, max_doc_tokens=self.cfg.max_doc_tokens)
+            for q, d in zip(questions, documents, strict=False)
+        ]
         L = max(len(p) for p in prompts)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         ids = torch.full((len(prompts), L), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):
-            ids[i, L - len(p):] = torch.tensor(p)
-            mask[i, L - len(p):] = 1
-        out = self.generator.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                      max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
-                                      pad_token_id=pad, eos_token_id=tok.eos_token_id)
+            ids[i, L - len(p) :] = torch.tensor(p)
+            mask[i, L - len(p) :] = 1
+        out = self.generator.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=self.cfg.max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+        )
         texts = tok.batch_decode(out[:, L:], skip_special_tokens=True)
         return [t.strip().split("\n")[0].strip() for t in texts]
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
+        """The training state as tensors and plain data (``torch.load(weights_only=True)``)."""
+
         # Frozen weights are reloaded from their source; only what trains is saved.
         def trainable(m):
             return {k: p.detach().clone() for k, p in m.named_parameters() if p.requires_grad}
 
         return {
-            "step": self.step, "cursor": self.cursor, "config": self.cfg.to_dict(),
-            "generator": trainable(self.generator), "retriever": trainable(self.retriever.query_model),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "cursor": self.cursor,
+            "config": self.cfg.to_dict(),
+            "data": dict(self.fingerprints),
+            "generator": trainable(self.generator),
+            "retriever": trainable(self.retriever.query_model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "combine": self.combine.state_dict(),
             "index": self.index.state_dict() if self.retriever.doc_mode == "shared" else None,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": get_rng_state(),
         }
 
     def save_checkpoint(self) -> str:
+        """Write ``<output-dir>/checkpoint.pt`` (rank 0; atomic, checksummed; see checkpoint.py).
+        Call it at a step boundary: it records ``step`` and the data ``cursor`` together."""
         if self.rank != 0:
             return ""
         path = os.path.join(self.cfg.output_dir, CHECKPOINT)
-        tmp = path + ".tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+        write_checkpoint(path, self.state_dict())
         return path
 
-    def load_checkpoint(self, path: str) -> None:
-        st = torch.load(path, map_location=self.device, weights_only=False)
-        self.generator.load_state_dict(st["generator"], strict=False)
-        self.retriever.query_model.load_state_dict(st["retriever"], strict=False)
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.scheduler.load_state_dict(st["scheduler"])
-        self.combine.load_state_dict(st["combine"])
-        if st["index"] is not None:
-            self.index.load_state_dict(st["index"])
-        self.step, self.cursor = st["step"], st["cursor"]
-        random.setstate(st["rng"]["python"])
-        np.random.set_state(st["rng"]["numpy"])
-        torch.set_rng_state(st["rng"]["torch"])
-        if st["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+    def _read_checkpoint(self, path: str) -> dict:
+        """Read and verify a checkpoint and check it against this run's configuration."""
+        st = read_checkpoint(path, map_location=self.device)
+        if not isinstance(st["config"], dict) or not isinstance(st["data"], dict):
+            raise UserError(f"{path}: corrupt checkpoint (no recorded configuration)")
+        cfg = self.cfg
+        unsafe, safe = resume_differences(
+            st["config"], cfg.to_dict(), st["data"], self.fingerprints, for_eval=self.for_eval
+        )
+        what = "evaluate" if self.for_eval else "resume"
+        if unsafe:
+            extra = ""
+            if safe:
+                extra = f"; also changed (safe with --resume-force): {', '.join(safe)}"
+            raise UserError(
+                f"{path}: cannot {what} with a different configuration: {', '.join(unsafe)}{extra}"
+                f" (these are refused even with --resume-force: use the checkpoint's options, "
+                f"or a new --output-dir)"
+            )
+        if safe and not cfg.resume_force:
+            raise UserError(
+                f"{path}: options differ from the checkpoint's: {', '.join(safe)}; "
+                "they are safe to change: add --resume-force to accept them"
+            )
+        if safe:
+            warn(f"resuming {path} with changed options (--resume-force): {', '.join(safe)}")
+        return st
+
+    def load_checkpoint(self, path: str | None = None) -> None:
+        """Restore the state of the checkpoint at ``path`` (default: the one read at
+        construction with ``cfg.resume``, else ``<output-dir>/checkpoint.pt``)."""
+        st = self._resume_state if path is None or path == self.checkpoint_path else None
+        path = path or self.checkpoint_path
+        if st is None:
+            st = self._read_checkpoint(path)
+        self._resume_state = None
+        self._apply_state(st, path)
+        set_rng_state(st["rng"])
+
+    def _apply_state(self, st: dict, path: str) -> None:
+        """Weights, optimizer, scheduler, balancing, index, step and cursor (not the RNG)."""
+        try:
+            for name, module in (
+                ("generator", self.generator),
+                ("retriever", self.retriever.query_model),
+            ):
+                res = module.load_state_dict(st[name], strict=False)
+                trainable = {k for k, p in module.named_parameters() if p.requires_grad}
+                missing = sorted(trainable & set(res.missing_keys))
+                if res.unexpected_keys or missing:
+                    bad = (res.unexpected_keys or missing)[:3]
+                    raise UserError(
+                        f"{path}: does not fit the {name} (parameters {bad} "
+                        f"{'unknown' if res.unexpected_keys else 'missing'})"
+                    )
+            self.optimizer.load_state_dict(st["optimizer"])
+            self.scheduler.load_state_dict(st["scheduler"])
+            self.combine.load_state_dict(st["combine"])
+            if st["index"] is not None:
+                self.index.load_state_dict(st["index"])
+        except UserError:
+            raise
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path}: does not fit the models: {one_line(e)[:300]}") from e
+        self.step, self.cursor = int(st["step"]), int(st["cursor"])
+
+    # ------------------------------------------------------------------ interruption
+    def _on_sigint(self, signum=None, frame=None) -> None:
+        """SIGINT handler during training: the first Ctrl-C stops at the end of the current
+        step (checkpoint, exit 130); a second one interrupts at once."""
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        print(
+            "\nCtrl-C: stopping after this step (press again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def request_stop(self) -> None:
+        """Stop at the end of the current step, as on Ctrl-C (without the message)."""
+        self._stop_requested = True
+
+    def _should_stop(self) -> bool:
+        stop = self._stop_requested
+        d = _dist()
+        if d is not None:  # every rank stops at the same step
+            t = torch.tensor([int(stop)], device=self.device)
+            d.all_reduce(t, op=d.ReduceOp.MAX)
+            stop = bool(t.item())
+        return stop
+
+    def _snapshot(self) -> dict:
+        """What a step changes before its optimizer update (to undo an interrupted step)."""
+        return {
+            "step": self.step,
+            "cursor": self.cursor,
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "combine": {k: v.detach().clone() for k, v in self.combine.state_dict().items()},
+        }
+
+    def _rollback(self, snap: dict) -> None:
+        """Undo a step interrupted before its optimizer update: cursor, RNG, balancing state
+        and gradients back to the step boundary. Interrupted during the update, the state is
+        inconsistent and ``_consistent`` turns False (no checkpoint may be written)."""
+        if self._updating:
+            self._consistent = False
+            return
+        if self.step != snap["step"]:
+            return  # the update completed: a consistent state at the next step
+        self.cursor = snap["cursor"]
+        random.setstate(snap["python"])
+        np.random.set_state(snap["numpy"])
+        torch.set_rng_state(snap["torch"])
+        if snap["cuda"] is not None:
+            torch.cuda.set_rng_state_all(snap["cuda"])
+        self.combine.load_state_dict(snap["combine"])
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ the log
+    def _log(self, logs: dict) -> None:
+        append_line(self.log_path, json.dumps(logs))
+
+    def _truncate_log(self, upto_step: int) -> None:
+        """Keep one line per step <= ``upto_step`` (the checkpoint's): a run killed after its
+        last checkpoint logged steps the resumed run will log again; a line torn by the
+        crash is dropped with a warning."""
+        if not os.path.lexists(self.log_path):
+            return
+        rows: dict[int, str] = {}
+        text = read_bytes(self.log_path).decode("utf-8", "replace")
+        for i, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            row = _parse_log_line(line)
+            if row is None:
+                warn(f"{self.log_path}, line {i}: unparsable (torn by a crash?): dropped")
+                continue
+            if row["step"] <= upto_step:
+                rows[row["step"]] = line
+        kept = "".join(rows[k] + "\n" for k in sorted(rows))
+        atomic_write(self.log_path, lambda fh: fh.write(kept.encode("utf-8")))
 
     # ------------------------------------------------------------------ the whole run
     def fit(self) -> dict:
+        """Train to ``cfg.steps`` (resuming if asked), evaluate, write the outputs. The output
+        directory is locked for the duration (rank 0). Ctrl-C: checkpoint at the end of the
+        current step, then ``SystemExit(130)``."""
+        lock = None
+        if self.rank == 0 and (self.run_lock is None or not self.run_lock.held):
+            lock = RunLock(self.cfg.output_dir).acquire()
+        try:
+            return self._fit()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
-        ckpt = os.path.join(cfg.output_dir, CHECKPOINT)
         metrics_path = os.path.join(cfg.output_dir, "metrics.json")
         metrics = {}
-        resumed = cfg.resume and os.path.exists(ckpt)
-        if resumed and os.path.exists(metrics_path):
-            with open(metrics_path) as fh:
-                metrics = json.load(fh)
-        if not resumed or self.index.embeddings is None:
-            self.refresh_index()
+        st = self._resume_state
+        self._resume_state = None
+        if st is None and cfg.resume and os.path.lexists(self.checkpoint_path):
+            st = self._read_checkpoint(self.checkpoint_path)  # appeared since construction
+        resumed = st is not None
+        if resumed and os.path.lexists(metrics_path):
+            metrics = _read_metrics(metrics_path)
         if resumed:
-            self.load_checkpoint(ckpt)
-            if self.index.embeddings is None:
-                self.refresh_index()
-        elif os.path.exists(self.log_path) and self.rank == 0:
-            os.remove(self.log_path)
+            self._apply_state(st, self.checkpoint_path)
+        if self.index.embeddings is None:
+            self.refresh_index()
+        if self.rank == 0:
+            if resumed:
+                self._truncate_log(self.step)
+            else:
+                remove_file(self.log_path)
         if not cfg.skip_initial_eval and "initial" not in metrics:
             metrics["initial"] = self.evaluate(self.data.test, desc="initial eval")
             self._report("initial", metrics["initial"])
             self._write_json(metrics_path, metrics)
+        if resumed:  # last, so that nothing between the checkpoint and the next step draws
+            set_rng_state(st["rng"])
         interrupted = False
-        previous = signal.getsignal(signal.SIGINT)
+        self._stop_requested, self._consistent = False, True
         try:
-            bar = range(self.step, cfg.steps)
+            previous = signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread: Ctrl-C raises KeyboardInterrupt as usual
+            previous = None
+        bar = None
+        try:
+            steps = range(self.step, cfg.steps)
             if cfg.progress and self.rank == 0:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(bar, desc="co-training", initial=self.step, total=cfg.steps, unit="step")
-            for _ in bar:
-                logs = self.train_step()
+                bar = tqdm(
+                    steps, desc="co-training", initial=self.step, total=cfg.steps, unit="step"
+                )
+                steps = bar
+            for _ in steps:
+                snap = self._snapshot()
+                try:
+                    logs = self.train_step()
+                except KeyboardInterrupt:
+                    self._rollback(snap)
+                    raise
                 if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                    with open(self.log_path, "a") as fh:
-                        fh.write(json.dumps(logs) + "\n")
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{logs['loss']:.3f}", top1=f"{logs.get('retrieval_top1', float('nan')):.2f}",
-                                    qps=f"{logs['questions_per_s']:.2f}")
+                    self._log(logs)
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{logs['loss']:.3f}",
+                        top1=f"{logs.get('retrieval_top1', float('nan')):.2f}",
+                        qps=f"{logs['questions_per_s']:.2f}",
+                    )
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
+                if self._should_stop():
+                    interrupted = True
+                    break
         except KeyboardInterrupt:
             interrupted = True
-            path = self.save_checkpoint()
-            print(f"\ninterrupted at step {self.step}: checkpoint written to {path}; "
-                  f"continue with --resume --output-dir {cfg.output_dir}")
         finally:
-            signal.signal(signal.SIGINT, previous)
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            if bar is not None:
+                bar.close()
         if interrupted:
+            if self._consistent:
+                path = self.save_checkpoint()
+                if self.rank == 0:
+                    print(
+                        f"\ninterrupted at step {self.step}: checkpoint written to {path}; "
+                        f"continue with --resume --output-dir {cfg.output_dir}",
+                        flush=True,
+                    )
+            elif self.rank == 0:
+                print(
+                    f"\ninterrupted inside the optimizer update of step {self.step + 1}: no "
+                    f"checkpoint written (the last one, if any, is kept)",
+                    flush=True,
+                )
             raise SystemExit(130)
         self.save_checkpoint()
         metrics["final"] = self.evaluate(self.data.test, desc="final eval")
@@ -429,29 +767,52 @@ class CoTrainer:
 
     def _write_json(self, path: str, obj) -> None:
         if self.rank == 0:
-            tmp = path + ".tmp"
-            with open(tmp, "w") as fh:
-                json.dump(obj, fh, indent=2)
-            os.replace(tmp, path)
+            text = json.dumps(obj, indent=2)
+            atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
     def _report(self, name: str, m: dict) -> None:
         if self.rank == 0:
-            keys = ["recall@1", "recall@5", "recall@20", "mrr@10", "em", "f1", "rougeL", "bleu", "grounding"]
-            print(f"[{name}] " + "  ".join(f"{k} {m[k]:.3f}" for k in keys if m.get(k) is not None), flush=True)
+            keys = [
+                "recall@1",
+                "recall@5",
+                "recall@20",
+                "mrr@10",
+                "em",
+                "f1",
+                "rougeL",
+                "bleu",
+                "grounding",
+            ]
+            print(
+                f"[{name}] " + "  ".join(f"{k} {m[k]:.3f}" for k in keys if m.get(k) is not None),
+                flush=True,
+            )
 
 
 def plot_curves(log_path: str, png_path: str) -> None:
     """Per-term losses, retrieval hit rate and gradient norms over steps."""
-    if not os.path.exists(log_path):
+    if not os.path.lexists(log_path):
         return
-    import matplotlib
+    rows = []
+    text = read_bytes(log_path).decode("utf-8", "replace")
+    for i, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            row = _parse_log_line(line)
+            if row is None:
+                warn(f"{log_path}, line {i}: unparsable (torn by a crash?): skipped in the plot")
+            else:
+                rows.append(row)
+    if not rows:
+        return
+    try:
+        import matplotlib
+    except ImportError:
+        warn(f"matplotlib is not installed: no {png_path}")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(log_path) if line.strip()]
-    if not rows:
-        return
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for key in ("loss", "generator", "retriever"):
@@ -463,7 +824,9 @@ def plot_curves(log_path: str, png_path: str) -> None:
         if key in rows[0]:
             vals = [r.get(key, math.nan) for r in rows]
             window = max(1, len(vals) // 10)  # moving average: batches are small
-            smooth = [float(np.mean(vals[max(0, i - window + 1): i + 1])) for i in range(len(vals))]
+            smooth = [
+                float(np.mean(vals[max(0, i - window + 1) : i + 1])) for i in range(len(vals))
+            ]
             axes[1].plot(steps, smooth, label=label)
     axes[1].set_title("retrieval on training batches (moving avg)")
     axes[1].legend()
@@ -476,8 +839,38 @@ def plot_curves(log_path: str, png_path: str) -> None:
     for ax in axes:
         ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(png_path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
+def _parse_log_line(line: str) -> dict | None:
+    """A train_log.jsonl row, or None if the line is not a JSON object with an int step."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    if (
+        not isinstance(row, dict)
+        or not isinstance(row.get("step"), int)
+        or isinstance(row["step"], bool)
+    ):
+        return None
+    return row
+
+
+def _read_metrics(path: str) -> dict:
+    try:
+        metrics = json.loads(read_bytes(path).decode("utf-8"))
+    except ValueError as e:
+        raise UserError(
+            f"{path}: not valid JSON ({one_line(e)[:160]}); remove it to recompute "
+            "the initial metrics"
+        ) from None
+    if not isinstance(metrics, dict):
+        raise UserError(f"{path}: expected a JSON object of metrics")
+    return metrics
 
 
 __all__ = ["CoTrainer", "TrainConfig", "plot_curves"]
