@@ -18,6 +18,7 @@ cpu on CPU tensors. Two fallbacks are deliberate and loud, none is silent:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
@@ -184,3 +185,9 @@ def kernels(name: str, impl: str) -> ModuleType:
     if mod is None:
         raise RuntimeError(f"impl={impl!r} of {name} cannot be used: {_op(name).errors[impl]}")
     return mod
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Kernel launches on ``t``'s GPU: Triton launches on the *current* device, which under
+    torchrun is GPU 0 for every rank unless the caller set it; the ops never rely on that."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

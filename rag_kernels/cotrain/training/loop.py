@@ -54,11 +54,18 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
+def local_device_index() -> int:
+    """This process's GPU under torchrun (LOCAL_RANK), wrapped to the visible devices."""
+    return int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
+
+
 def setup_distributed() -> tuple[int, int]:
     """Initialise torch.distributed when launched by torchrun (gloo on CPU, nccl on GPU)."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and _dist() is None:
         import torch.distributed as dist
 
+        if torch.cuda.is_available():  # every rank on its own GPU before NCCL starts
+            torch.cuda.set_device(local_device_index())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     d = _dist()
     return (d.get_rank(), d.get_world_size()) if d else (0, 1)
@@ -131,7 +138,7 @@ class CoTrainer:
         self.run_lock = run_lock
         self.rank, self.world = setup_distributed()
         self.device = (
-            torch.device("cuda", self.rank % max(1, torch.cuda.device_count()))
+            torch.device("cuda", local_device_index())
             if torch.cuda.is_available()
             else torch.device("cpu")
         )

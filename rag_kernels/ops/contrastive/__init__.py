@@ -80,7 +80,10 @@ class ContrastiveFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, d, scale, pos_index, pos_mask, cand_ids, id_table, kernels):
-        loss, lse, pos_lse = kernels.forward(q, d, scale, pos_index, pos_mask, cand_ids, id_table)
+        with registry.device_guard(q):
+            loss, lse, pos_lse = kernels.forward(
+                q, d, scale, pos_index, pos_mask, cand_ids, id_table
+            )
         ctx.save_for_backward(q, d, scale, pos_index, pos_mask, cand_ids, id_table, lse, pos_lse)
         ctx.kernels = kernels
         return loss
@@ -89,19 +92,20 @@ class ContrastiveFunction(torch.autograd.Function):
     def backward(ctx, grad):
         q, d, scale, pos_index, pos_mask, cand_ids, id_table, lse, pos_lse = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        dq, dd, dscale = ctx.kernels.backward(
-            q,
-            d,
-            scale,
-            pos_index,
-            pos_mask,
-            cand_ids,
-            id_table,
-            lse,
-            pos_lse,
-            grad.contiguous(),
-            needs,
-        )
+        with registry.device_guard(q):
+            dq, dd, dscale = ctx.kernels.backward(
+                q,
+                d,
+                scale,
+                pos_index,
+                pos_mask,
+                cand_ids,
+                id_table,
+                lse,
+                pos_lse,
+                grad.contiguous(),
+                needs,
+            )
         return (
             dq if needs[0] else None,
             dd if needs[1] else None,

@@ -15,7 +15,6 @@ uses IEEE fp32 products. Nothing of size ``B x M`` is stored. Runs on CPU tensor
 from __future__ import annotations
 
 import torch
-
 import triton
 import triton.language as tl
 
@@ -45,12 +44,12 @@ def _scores(
     for k0 in range(0, D, BLOCK_D):
         offs_d = k0 + tl.arange(0, BLOCK_D)
         qt = tl.load(
-            q_ptr + offs_b[:, None] * D + offs_d[None, :],
+            q_ptr + offs_b[:, None].to(tl.int64) * D + offs_d[None, :],
             mask=(offs_b[:, None] < B) & (offs_d[None, :] < D),
             other=0.0,
         )
         dt = tl.load(
-            d_ptr + offs_m[:, None] * D + offs_d[None, :],
+            d_ptr + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
             mask=(offs_m[:, None] < M) & (offs_d[None, :] < D),
             other=0.0,
         )
@@ -75,10 +74,20 @@ def _masks(
     """(is_pos, excluded) boolean tiles."""
     valid = (offs_b[:, None] < B) & (offs_m[None, :] < M)
     if MASK_MODE:
-        is_pos = tl.load(mask_ptr + offs_b[:, None] * M + offs_m[None, :], mask=valid, other=0) != 0
+        is_pos = (
+            tl.load(
+                mask_ptr + offs_b[:, None].to(tl.int64) * M + offs_m[None, :], mask=valid, other=0
+            )
+            != 0
+        )
         if HAS_IDS:
             cid = tl.load(ids_ptr + offs_m, mask=offs_m < M, other=0)
-            same = tl.load(table_ptr + offs_b[:, None] * U + cid[None, :], mask=valid, other=0) != 0
+            same = (
+                tl.load(
+                    table_ptr + offs_b[:, None].to(tl.int64) * U + cid[None, :], mask=valid, other=0
+                )
+                != 0
+            )
             excl = same & (~is_pos)
         else:
             excl = ~valid
@@ -262,11 +271,11 @@ def contrastive_bwd_dq_kernel(
         for k0 in range(0, D, BLOCK_D):
             offs_d = k0 + tl.arange(0, BLOCK_D)
             dt = tl.load(
-                d_ptr + offs_m[:, None] * D + offs_d[None, :],
+                d_ptr + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
                 mask=(offs_m[:, None] < M) & (offs_d[None, :] < D),
                 other=0.0,
             )
-            ptrs = dq_ptr + offs_b[:, None] * D + offs_d[None, :]
+            ptrs = dq_ptr + offs_b[:, None].to(tl.int64) * D + offs_d[None, :]
             msk = (offs_b[:, None] < B) & (offs_d[None, :] < D)
             acc = tl.load(ptrs, mask=msk, other=0.0)
             acc += tl.dot(ds.to(dt.dtype), dt, input_precision=PREC)
@@ -330,11 +339,11 @@ def contrastive_bwd_dd_kernel(
         for k0 in range(0, D, BLOCK_D):
             offs_d = k0 + tl.arange(0, BLOCK_D)
             qt = tl.load(
-                q_ptr + offs_b[:, None] * D + offs_d[None, :],
+                q_ptr + offs_b[:, None].to(tl.int64) * D + offs_d[None, :],
                 mask=(offs_b[:, None] < B) & (offs_d[None, :] < D),
                 other=0.0,
             )
-            ptrs = dd_ptr + offs_m[:, None] * D + offs_d[None, :]
+            ptrs = dd_ptr + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
             msk = (offs_m[:, None] < M) & (offs_d[None, :] < D)
             acc = tl.load(ptrs, mask=msk, other=0.0)
             acc += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PREC)

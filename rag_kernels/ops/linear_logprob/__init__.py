@@ -62,7 +62,8 @@ class LinearLogprobFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, target, bias, opts, kernels):
-        lp, lse, sum_lp = kernels.forward(hidden, weight, target, bias, opts)
+        with registry.device_guard(hidden):
+            lp, lse, sum_lp = kernels.forward(hidden, weight, target, bias, opts)
         ctx.save_for_backward(hidden, weight, target, bias, lse)
         ctx.opts, ctx.kernels = opts, kernels
         ctx.set_materialize_grads(False)
@@ -74,9 +75,10 @@ class LinearLogprobFunction(torch.autograd.Function):
         if grad_lp is None and grad_lse is None and grad_sum is None:
             return None, None, None, None, None, None
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
-        dh, dw, db = ctx.kernels.backward(
-            hidden, weight, target, bias, lse, grad_lp, grad_lse, grad_sum, ctx.opts, needs
-        )
+        with registry.device_guard(hidden):
+            dh, dw, db = ctx.kernels.backward(
+                hidden, weight, target, bias, lse, grad_lp, grad_lse, grad_sum, ctx.opts, needs
+            )
         return dh, dw, None, db, None, None
 
 

@@ -51,7 +51,8 @@ class MarginalizeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lp, scores, token_mask, doc_mask, opts: MarginalizeOptions, kernels):
-        loss, dlp, ds = kernels.forward(lp, scores, token_mask, doc_mask, opts.token_mode)
+        with registry.device_guard(lp):
+            loss, dlp, ds = kernels.forward(lp, scores, token_mask, doc_mask, opts.token_mode)
         ctx.save_for_backward(dlp, ds)
         return loss
 

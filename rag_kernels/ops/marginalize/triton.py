@@ -36,7 +36,7 @@ def marginalize_kernel(
     BLOCK_T: tl.constexpr,
     F64: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # b K T may exceed 2^31
     acc_t = tl.float64 if F64 else tl.float32
     offs_k = tl.arange(0, BLOCK_K)
     in_k = offs_k < K

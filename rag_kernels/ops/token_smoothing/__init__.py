@@ -58,7 +58,8 @@ class TokenSmoothingFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, log_prior, bias, target, opts, kernels):
-        out, lse, wsum, lp = kernels.forward(hidden, weight, log_prior, bias, target, opts)
+        with registry.device_guard(hidden):
+            out, lse, wsum, lp = kernels.forward(hidden, weight, log_prior, bias, target, opts)
         ctx.save_for_backward(hidden, weight, log_prior, bias, target, lse, wsum)
         ctx.opts, ctx.kernels = opts, kernels
         ctx.set_materialize_grads(False)
@@ -80,19 +81,11 @@ class TokenSmoothingFunction(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
         dh = dw = db = None
         if any(needs):
-            dh, dw, db = ctx.kernels.backward(
-                hidden,
-                weight,
-                log_prior,
-                bias,
-                target,
-                lse,
-                wsum,
-                grad_out,
-                grad_lp,
-                ctx.opts,
-                needs,
-            )
+            with registry.device_guard(hidden):
+                dh, dw, db = ctx.kernels.backward(
+                    hidden, weight, log_prior, bias, target, lse, wsum, grad_out, grad_lp,
+                    ctx.opts, needs,
+                )  # fmt: skip
         d_prior = None
         if ctx.needs_input_grad[2] and grad_out is not None:
             # Tokens with a zero upstream gradient (ignored positions) are left out exactly, so

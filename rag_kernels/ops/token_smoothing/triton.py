@@ -67,7 +67,7 @@ def _rows(pid_bt, K, T, NTB, pi_ptr, KP: tl.constexpr, BT: tl.constexpr):
     k_ok = k < K
     pi = tl.load(pi_ptr + b * K + k, mask=k_ok, other=float("-inf"))
     ok = k_ok & (t < T) & (pi > float("-inf"))
-    flat = ((b * K + k) * T + t).to(tl.int64)
+    flat = (b.to(tl.int64) * K + k) * T + t  # int64 before any product: B K T H > 2^31
     return b, t0, k, t, ok, pi, flat
 
 
@@ -262,9 +262,9 @@ def token_smoothing_fwd_kernel(
         acc += tl.sum(tl.where(valid, m + tl.log(s), 0.0), axis=1)
         r = tl.where(valid, 1.0 / s, 0.0)
         wacc += tl.sum(e * r[None, :, :], axis=2)
-    tl.store(out_ptr + (pid_s * B + b) * T + tt, acc, mask=t_ok)
+    tl.store(out_ptr + (pid_s.to(tl.int64) * B + b) * T + tt, acc, mask=t_ok)
     kk = tl.arange(0, KP)
-    w_off = (pid_s * B + b) * K * T + kk[:, None] * T + tt[None, :]
+    w_off = (pid_s.to(tl.int64) * B + b) * K * T + kk[:, None] * T + tt[None, :]
     tl.store(wsum_ptr + w_off, wacc, mask=(kk[:, None] < K) & t_ok[None, :])
 
 
