@@ -34,6 +34,17 @@ Two model-level helpers make them hard to use wrong:
   / ``RagTokenForGeneration``: the same question encoder + retriever path, the generator run
   to its last decoder hidden state only, the same defaults from the config.
 
+For causal LMs (Llama, Qwen, Gemma, GPT-2, ...) trained with retrieved documents:
+
+* :func:`build_rag_batch` turns B questions × K documents + B answers into a left-padded
+  :class:`RagBatch` (the tokenizer's chat template when it has one) whose answer tokens sit at
+  the same positions for the K documents of a query, so one ``target [B, L-1]`` serves all K;
+* :func:`rag_hidden` runs the model's base (no LM head, no logits) to ``hidden [B, K, L-1, H]``;
+* :func:`causal_rag_loss` is ``rk.rag_loss`` on them with the model's own head::
+
+      batch = rk.hf.build_rag_batch(tokenizer, questions, documents, answers)
+      loss = rk.hf.causal_rag_loss(model, batch, doc_scores, mode="sequence")  # [B, K] scores
+
 Usage::
 
     import rag_kernels as rk
@@ -60,10 +71,13 @@ Returns fp32 (fp64 for fp64 inputs).
 
 from __future__ import annotations
 
+import string
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 
+from ..losses.rag import rag_loss
 from ..ops import validation as V
 from ..ops.linear_logprob import linear_logprob_core, make_options, validate_linear_logprob_inputs
 from ..ops.marginalize import marginalize_core
@@ -659,3 +673,457 @@ def rag_nll(
 
 
 __all__ = ["LMHead", "lm_head", "rag_nll", "rag_sequence_get_nll", "rag_token_get_nll"]
+
+
+# ------------------------------------------------------------------------------------------
+# Causal-LM RAG: (question, document) prompts left-padded so the answers line up, the body's
+# hidden states without logits, and the loss with the model's own head
+# ------------------------------------------------------------------------------------------
+
+#: The default prompt (``{document}`` and ``{question}`` are filled in). With a chat template
+#: it is the user turn; without one, :data:`PLAIN_ANSWER_CUE` follows it and the BOS precedes.
+DEFAULT_RAG_PROMPT = "Context: {document}\nQuestion: {question}\nAnswer with a few words."
+PLAIN_ANSWER_CUE = "\nAnswer:"
+_PROMPT_FIELDS = ("question", "document")
+_RAG_LOSS_OPTIONS = ("mode", "label_smoothing", "doc_mask", "grad_skip_eps", "reduction", "impl")
+
+
+@dataclass
+class RagBatch:
+    """B queries × K documents for a causal LM, aligned so one ``target`` serves all K.
+
+    Row ``b*K + k`` of ``input_ids`` is ``prompt(question b, document k) + answer b (+ eos)``,
+    left-padded: the answer ends at the last position of every row, so ``hidden[:, :-1]``
+    (position t predicts token t+1) puts answer token j at the same position for the K
+    documents of query b. Build it with :func:`build_rag_batch`; feed it to
+    :func:`rag_hidden` / :func:`causal_rag_loss`.
+
+    Fields:
+        input_ids: ``[B*K, L]`` int64, left-padded with the pad id.
+        attention_mask: ``[B*K, L]`` int64, 0 on padding.
+        position_ids: ``[B*K, L]`` int64, 0 at each row's first real token (0 on padding).
+        target: ``[B, L-1]`` int64, the answer ids where ``hidden[:, :-1]`` predicts them,
+            ``ignore_index`` elsewhere (prompt, padding).
+        n_docs: K.
+        ignore_index: the id that marks the positions of ``target`` that do not count.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    target: torch.Tensor
+    n_docs: int
+    ignore_index: int = -100
+
+    @property
+    def num_queries(self) -> int:
+        """B."""
+        return self.target.shape[0]
+
+    def to(self, device) -> RagBatch:
+        """The batch with its tensors on ``device``."""
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            position_ids=self.position_ids.to(device),
+            target=self.target.to(device),
+        )
+
+
+def _token_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _check_prompt(prompt) -> None:
+    if prompt is None or callable(prompt):
+        return
+    if not isinstance(prompt, str):
+        raise TypeError(
+            "prompt must be None, a format string with {question} and {document}, or a "
+            f"callable (question, document) -> str, got {type(prompt).__name__}"
+        )
+    try:
+        fields_ = {f for _, f, _, _ in string.Formatter().parse(prompt) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"prompt is not a valid format string ({e}): {prompt!r}") from None
+    unknown = sorted(fields_ - set(_PROMPT_FIELDS))
+    missing = [f for f in _PROMPT_FIELDS if f not in fields_]
+    if unknown or missing:
+        raise ValueError(
+            "prompt must be a format string with the fields {question} and {document} only"
+            + (f"; unknown: {', '.join('{' + f + '}' for f in unknown)}" if unknown else "")
+            + (f"; missing: {', '.join('{' + f + '}' for f in missing)}" if missing else "")
+            + f" (got {prompt!r})"
+        )
+
+
+def _check_limit(name: str, value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+def rag_prompt_ids(
+    tokenizer,
+    question: str,
+    document: str,
+    *,
+    prompt=None,
+    chat_template: bool = True,
+    max_doc_tokens: int | None = 256,
+) -> list[int]:
+    """Token ids of the causal-LM prompt for one (question, document) pair; the answer follows.
+
+    The document is cut to its first ``max_doc_tokens`` tokens (decoded back to text; None:
+    no limit). ``prompt`` makes the text: None for :data:`DEFAULT_RAG_PROMPT`, a format
+    string with ``{question}`` and ``{document}``, or a callable ``(question, document) ->
+    str``. When ``chat_template`` and the tokenizer has a chat template, the text is the user
+    turn of ``apply_chat_template(..., add_generation_prompt=True)`` (so the answer becomes
+    the assistant turn); otherwise it is tokenized as is (with the default prompt:
+    :data:`PLAIN_ANSWER_CUE` appended), after the tokenizer's BOS if it has one. Use the same
+    arguments at generation time as in :func:`build_rag_batch`.
+    """
+    _check_prompt(prompt)
+    _check_bool("chat_template", chat_template)
+    _check_limit("max_doc_tokens", max_doc_tokens)
+    for name, value in (("question", question), ("document", document)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    if max_doc_tokens is not None:
+        doc_ids = _token_ids(tokenizer, document)
+        if len(doc_ids) > max_doc_tokens:
+            document = tokenizer.decode(doc_ids[:max_doc_tokens])
+    if prompt is None:
+        content = DEFAULT_RAG_PROMPT.format(question=question, document=document)
+    elif isinstance(prompt, str):
+        content = prompt.format(question=question, document=document)
+    else:
+        content = prompt(question, document)
+        if not isinstance(content, str):
+            raise TypeError(
+                f"prompt(question, document) must return a str, got {type(content).__name__}"
+            )
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        return _token_ids(tokenizer, text)
+    if prompt is None:
+        content += PLAIN_ANSWER_CUE
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return ([bos] if bos is not None else []) + _token_ids(tokenizer, content)
+
+
+def _check_str_list(name: str, value: object) -> None:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of str, got {type(value).__name__}")
+    for i, v in enumerate(value):
+        if not isinstance(v, str):
+            raise TypeError(f"{name}[{i}] must be a str, got {type(v).__name__}")
+
+
+def build_rag_batch(
+    tokenizer,
+    questions: list[str],
+    documents: list[list[str]],
+    answers: list[str],
+    *,
+    prompt=None,
+    chat_template: bool = True,
+    max_doc_tokens: int | None = 256,
+    max_answer_tokens: int | None = None,
+    ignore_index: int = -100,
+    add_eos: bool = True,
+    pad_token_id: int | None = None,
+) -> RagBatch:
+    """Causal-LM RAG batch: row ``b*K + k`` = prompt(question b, document k) + answer b.
+
+    Args:
+        tokenizer: a transformers tokenizer (``tokenizer(text, add_special_tokens=False)``,
+            ``decode``, ``apply_chat_template`` when it has a chat template).
+        questions: B questions. documents: B lists of K documents each (the same K for every
+            question; pad with dummy documents and pass ``doc_mask`` to the loss otherwise).
+        answers: B non-empty answers; the target. ``tokenizer(answer)`` + EOS is appended to
+            each of the query's K prompts (with a chat template: the assistant turn).
+        prompt, chat_template, max_doc_tokens: as :func:`rag_prompt_ids`.
+        max_answer_tokens: at most this many target tokens per query, EOS included; a longer
+            answer is cut and gets no EOS (it did not end there). None: no limit.
+        ignore_index: the id of the positions of ``target`` that do not count.
+        add_eos: append ``tokenizer.eos_token_id`` to each answer (the model learns to stop).
+        pad_token_id: the id to left-pad with; default ``tokenizer.pad_token_id``, else its
+            ``eos_token_id`` (padding is masked, so its id only needs to be a valid token).
+
+    Left padding (as ``tokenizer.pad(..., padding_side="left")`` would do) makes every row end
+    with its answer, so the answer tokens of a query sit at the same positions for its K
+    documents and one ``target [B, L-1]`` serves them all; ``position_ids`` count from each
+    row's first real token, so padding does not shift the positions the model sees.
+
+    Raises:
+        TypeError / ValueError naming the argument: mismatched lengths, a different number of
+        documents per question, an empty answer, no pad id, ``add_eos`` without an EOS, an
+        answer token equal to ``ignore_index``.
+    """
+    _check_str_list("questions", questions)
+    _check_str_list("answers", answers)
+    if isinstance(documents, str) or not isinstance(documents, (list, tuple)):
+        raise TypeError(
+            f"documents must be a list of B lists of str, got {type(documents).__name__}"
+        )
+    B = len(questions)
+    if B == 0:
+        raise ValueError("questions must hold at least one question, got an empty list")
+    if len(documents) != B or len(answers) != B:
+        raise ValueError(
+            "questions, documents and answers must have the same length B, got "
+            f"{B}, {len(documents)}, {len(answers)}"
+        )
+    for b, docs in enumerate(documents):
+        _check_str_list(f"documents[{b}]", docs)
+    K = len(documents[0])
+    if K == 0:
+        raise ValueError("documents[0] must hold at least one document, got an empty list")
+    bad = [b for b, docs in enumerate(documents) if len(docs) != K]
+    if bad:
+        raise ValueError(
+            f"documents must hold the same number K of documents for every question: "
+            f"documents[0] has {K}, documents[{bad[0]}] has {len(documents[bad[0]])} (pad with "
+            "dummy documents and pass doc_mask to the loss)"
+        )
+    _check_int("ignore_index", ignore_index)
+    _check_bool("add_eos", add_eos)
+    _check_limit("max_answer_tokens", max_answer_tokens)
+    _check_int("pad_token_id", pad_token_id, optional=True)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if add_eos and eos is None:
+        raise ValueError(
+            "add_eos=True but the tokenizer has no eos_token_id: set one, or pass add_eos=False"
+        )
+    if pad_token_id is None:
+        pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = eos
+        if pad_token_id is None:
+            raise ValueError(
+                "the tokenizer has no pad_token_id and no eos_token_id to pad with: set "
+                "tokenizer.pad_token, or pass pad_token_id"
+            )
+
+    rows, answer_ids = [], []
+    for b, (q, docs, a) in enumerate(zip(questions, documents, answers, strict=True)):
+        a_ids = _token_ids(tokenizer, a)
+        if not a_ids:
+            raise ValueError(f"answers[{b}] is empty (it tokenizes to no tokens): {a!r}")
+        if add_eos:
+            a_ids = a_ids + [eos]
+        if max_answer_tokens is not None:
+            a_ids = a_ids[:max_answer_tokens]
+        if ignore_index in a_ids:
+            raise ValueError(
+                f"answers[{b}] has a token id equal to ignore_index={ignore_index}; pass an "
+                "ignore_index outside the vocabulary (the default -100)"
+            )
+        answer_ids.append(a_ids)
+        for d in docs:
+            p = rag_prompt_ids(
+                tokenizer, q, d, prompt=prompt, chat_template=chat_template,
+                max_doc_tokens=max_doc_tokens,
+            )  # fmt: skip
+            rows.append(p + a_ids)
+    L = max(len(r) for r in rows)
+    ids = torch.full((B * K, L), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(B * K, L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, L - len(r) :] = 1
+    target = torch.full((B, L - 1), ignore_index, dtype=torch.long)
+    for b, a_ids in enumerate(answer_ids):
+        # hidden position t predicts token t+1: the answer is the last len(a) tokens of a row
+        target[b, L - 1 - len(a_ids) :] = torch.tensor(a_ids, dtype=torch.long)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return RagBatch(ids, mask, position_ids, target, K, ignore_index)
+
+
+def _check_batch(batch, what: str) -> tuple[int, int, int]:
+    """``(B, K, L)`` of a :class:`RagBatch`, its shapes checked."""
+    if not isinstance(batch, RagBatch):
+        raise TypeError(
+            f"{what}: batch must be a rk.hf.RagBatch (build_rag_batch), got {type(batch).__name__}"
+        )
+    V.check_index_tensor("batch.input_ids", batch.input_ids, ndim=2)
+    BK, L = batch.input_ids.shape
+    for name in ("attention_mask", "position_ids"):
+        t = getattr(batch, name)
+        V.check_tensor(f"batch.{name}", t, ndim=2, dtypes=None)
+        if tuple(t.shape) != (BK, L):
+            raise ValueError(
+                f"batch.{name} must have the shape of batch.input_ids {(BK, L)}, got {tuple(t.shape)}"
+            )
+    K = batch.n_docs
+    _check_int("batch.n_docs", K)
+    if K <= 0 or BK % K != 0:
+        raise ValueError(
+            f"batch.n_docs must be a positive divisor of batch.input_ids.shape[0] = {BK}, got {K}"
+        )
+    if L < 2:
+        raise ValueError(f"batch.input_ids must have at least 2 positions, got shape {(BK, L)}")
+    V.check_index_tensor("batch.target", batch.target, ndim=2)
+    if tuple(batch.target.shape) != (BK // K, L - 1):
+        raise ValueError(
+            f"batch.target must have shape (B, L-1) = {(BK // K, L - 1)} for batch.input_ids "
+            f"{(BK, L)} and n_docs={K}, got {tuple(batch.target.shape)}"
+        )
+    return BK // K, K, L
+
+
+def _unwrap(model):
+    """``(transformers model, DDP wrapper or None)``; DataParallel is unwrapped (one device)."""
+    ddp = None
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            ddp = ddp or model
+            model = model.module
+        elif isinstance(model, torch.nn.DataParallel):
+            model = model.module
+        else:
+            return model, ddp
+
+
+def _causal_body(model, what: str):
+    """``(head, body)``: the model's LM head and the module its forward feeds to it."""
+    _, family = _head_family(model, what)
+    head = lm_head(model)
+    if family in ("bart", "t5"):
+        raise ValueError(
+            f"{what}: {type(model).__name__} is an encoder-decoder model; this helper is for "
+            "causal LMs (for a RAG model use rk.hf.rag_nll)"
+        )
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    body = getattr(model, prefix, None) if prefix else None
+    if not isinstance(body, torch.nn.Module) or body is model:
+        get_decoder = getattr(model, "get_decoder", None)
+        body = get_decoder() if callable(get_decoder) else None
+    if not isinstance(body, torch.nn.Module) or body is model:
+        raise ValueError(
+            f"{what}: cannot find {type(model).__name__}'s base model (base_model_prefix="
+            f"{prefix!r}, get_decoder())"
+        )
+    return head, body
+
+
+def rag_hidden(model, batch: RagBatch) -> torch.Tensor:
+    """The hidden states ``[B, K, L-1, H]`` that ``model``'s LM head would turn into logits.
+
+    Runs the causal LM's base model (``model.<base_model_prefix>``: ``model.model`` for Llama,
+    ``model.transformer`` for GPT-2) on ``batch`` with its ``attention_mask`` and
+    ``position_ids``, without the LM head, and applies :func:`lm_head`'s ``hidden_scale``.
+    Position t of the result predicts ``batch.target[:, t]``. The batch's tensors are moved
+    to the model's input-embedding device.
+
+    ``model`` may be wrapped in ``DistributedDataParallel`` (as ``Trainer`` hands it to
+    ``compute_loss`` under torchrun): the call then goes through the wrapper's forward (with
+    ``logits_to_keep=1``, the base model's output taken by a forward hook) so DDP
+    synchronises the gradients; calling the inner model directly would silently skip that.
+    ``DataParallel`` is unwrapped (runs on one device). Run it under ``torch.autocast`` (or
+    ``accelerator.autocast()``) for mixed precision: the base model is called directly, not
+    through an autocast-patched top-level ``forward``.
+
+    Raises:
+        ValueError for a model whose head rk.hf.lm_head does not know, an encoder-decoder
+        model, or a batch whose shapes do not fit.
+    """
+    what = "rk.hf.rag_hidden"
+    inner, ddp = _unwrap(model)
+    head, body = _causal_body(inner, what)
+    B, K, L = _check_batch(batch, what)
+    device = inner.get_input_embeddings().weight.device
+    kwargs = dict(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        position_ids=batch.position_ids.to(device),
+        use_cache=False,
+    )
+    if ddp is None:
+        hidden = body(**kwargs)[0]
+    else:
+        import inspect
+
+        if "logits_to_keep" not in inspect.signature(type(inner).forward).parameters:
+            raise ValueError(
+                f"{what}: {type(inner).__name__}.forward has no logits_to_keep argument, so a "
+                "DDP-wrapped call would form the full logits; upgrade transformers"
+            )
+        captured: list[torch.Tensor] = []
+        handle = body.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
+        try:
+            ddp(**kwargs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"{what}: the base model ran {len(captured)} times in one forward")
+        hidden = captured[0]
+    hidden = hidden[:, :-1]
+    if head.hidden_scale != 1.0:
+        hidden = hidden * head.hidden_scale
+    return hidden.reshape(B, K, L - 1, hidden.shape[-1])
+
+
+def causal_rag_loss(
+    model, batch: RagBatch, doc_scores: torch.Tensor, **rag_loss_kwargs
+) -> torch.Tensor:
+    """``rk.rag_loss`` of a transformers causal LM on a :class:`RagBatch`, without logits.
+
+    :func:`rag_hidden` + :func:`lm_head` + :func:`rag_kernels.rag_loss`: the LM head's
+    ``weight``, ``bias`` and ``softcap`` come from the model, and ``ignore_index`` from the
+    batch, so none of them can be forgotten or mismatched. ``doc_scores [B, K]`` are the
+    retriever scores (differentiable: the retriever gets the RAG gradient), moved to the
+    hidden states' device. ``rag_loss_kwargs``: ``mode`` ("sequence" | "token"),
+    ``label_smoothing``, ``doc_mask``, ``grad_skip_eps``, ``reduction`` ("mean" over queries
+    by default, "sum", "none"), ``impl``. ``model`` may be DDP-wrapped (see
+    :func:`rag_hidden`). Under ``torch.autocast`` the body and the fused head run in the
+    autocast dtype (fp32 loss).
+    """
+    what = "rk.hf.causal_rag_loss"
+    fixed = {"bias", "softcap", "weight", "ignore_index", "hidden", "target"} & set(rag_loss_kwargs)
+    if fixed:
+        raise TypeError(
+            f"{what}: {', '.join(sorted(fixed))} come from the model (rk.hf.lm_head) and the "
+            "batch, not from arguments; call rk.rag_loss directly to override them"
+        )
+    unknown = sorted(set(rag_loss_kwargs) - set(_RAG_LOSS_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"{what}: unexpected argument(s) {', '.join(unknown)}; rag_loss options are "
+            f"{', '.join(_RAG_LOSS_OPTIONS)}"
+        )
+    V.check_tensor("doc_scores", doc_scores, ndim=2)
+    B, K, _ = _check_batch(batch, what)
+    if tuple(doc_scores.shape) != (B, K):
+        raise ValueError(
+            f"{what}: doc_scores must have shape (B, n_docs) = {(B, K)} for this batch, got "
+            f"{tuple(doc_scores.shape)}"
+        )
+    hidden = rag_hidden(model, batch)
+    head = lm_head(_unwrap(model)[0])
+    doc_mask = rag_loss_kwargs.pop("doc_mask", None)
+    return rag_loss(
+        hidden,
+        head.weight,
+        batch.target.to(hidden.device),
+        doc_scores.to(hidden.device),
+        bias=head.bias,
+        softcap=head.softcap,
+        ignore_index=batch.ignore_index,
+        doc_mask=None if doc_mask is None else doc_mask.to(hidden.device),
+        **rag_loss_kwargs,
+    )
+
+
+__all__ += [
+    "DEFAULT_RAG_PROMPT",
+    "PLAIN_ANSWER_CUE",
+    "RagBatch",
+    "build_rag_batch",
+    "causal_rag_loss",
+    "rag_hidden",
+    "rag_prompt_ids",
+]
