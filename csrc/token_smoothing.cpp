@@ -96,6 +96,16 @@ RK_INLINE T row_max(const T* z, int64_t n) {
   return mx;
 }
 
+// Any NaN among n logits (a NaN in the hidden row or the weight): max reductions drop NaN
+// and the fast exp / log give finite garbage on it, so NaN is detected and propagated here.
+template <typename T>
+RK_INLINE bool has_nan(const T* z, int64_t n) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t v = 0; v < n; ++v) bad |= (z[v] != z[v]);
+  return bad != 0;
+}
+
 template <typename T>
 RK_INLINE T row_sum_exp(const T* z, int64_t n, T m) {
   T s = 0;
@@ -126,7 +136,7 @@ template <typename T, bool kBias, bool kCap>
 RK_INLINE void lse_row(T* z, const T* b, int64_t n, T cap, T* mx, T* se) {
   prep_row<T, kBias, kCap>(z, b, n, cap);
   *mx = row_max(z, n);
-  *se = row_sum_exp(z, n, *mx);
+  *se = has_nan(z, n) ? std::numeric_limits<T>::quiet_NaN() : row_sum_exp(z, n, *mx);
 }
 
 // Pass 2, one token: ka rows of n logits (raw GEMM output) at z; c_k = pi_k - lse_k, or, when
@@ -141,16 +151,24 @@ RK_INLINE double fwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const
   for (int64_t k = 0; k < ka; ++k) prep_row<T, kBias, kCap>(z + k * n, b, n, cap);
   if (y >= 0 && y < n)
     for (int64_t k = 0; k < ka; ++k) zy[k] = static_cast<double>(z[k * n + y]);
+  bool nan_tok = false;
+  for (int64_t k = 0; k < ka; ++k) nan_tok = has_nan(z + k * n, n) || nan_tok;
   for (int64_t k = 0; k < ka; ++k) {
     double lse;
     if (lse_out) {
       const T m = row_max(z + k * n, n);
       lse = static_cast<double>(m) + std::log(static_cast<double>(row_sum_exp(z + k * n, n, m)));
+      if (nan_tok && has_nan(z + k * n, n)) lse = std::numeric_limits<double>::quiet_NaN();
       lse_out[k] = lse;
     } else {
       lse = lse_in[k];
     }
     c[k] = static_cast<T>(pi[k] - lse);
+  }
+  if (nan_tok) {  // the token's statistic and every document's posterior mass are NaN
+    const double q = std::numeric_limits<double>::quiet_NaN();
+    for (int64_t k = 0; k < ka; ++k) wsum[k] = q;
+    return q;
   }
   max_over_docs(z, ka, n, c, mx);
 #pragma omp simd
@@ -499,7 +517,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_smoothing_fwd(
       has[i] = y[(row / (K * T)) * T + row % T] >= 0 ? 1.0 : 0.0;
     }
     auto has_t = at::from_blob(has.data(), {Na}, dopts).clone();
-    lp.view(-1).index_copy_(0, idx, ((zy_a - lse_a) * has_t).to(acc));
+    // where, not a product: an ignored row's lse may be NaN (whatever it holds stays out)
+    lp.view(-1).index_copy_(0, idx, at::where(has_t.gt(0), zy_a - lse_a, 0.0).to(acc));
   }
   return {out, lse, wsum, lp};
 }

@@ -281,6 +281,7 @@ def check_with_logprob(fn, dtype, softcap, *, rtol, atol):
     def ref(h, w, s, bb):
         h_clean = torch.where(doc_mask[:, :, None, None], h, torch.zeros((), dtype=h.dtype))
         out = token_smoothing_reference(h, w, s, bb, softcap, doc_mask)
+        out = torch.where(target >= 0, out, 0.0)  # with a target: 0 at ignored positions
         lp = logprob_reference(h_clean, w, target, bb, softcap, doc_mask)
         return out, lp
 

@@ -286,7 +286,7 @@ def rag_token_get_nll(
     if epsilon != 0:
         # One pass over the vocabulary gives the smoothing statistic and the target log-probs.
         # Padded rows are zeroed first so whatever they hold (NaN included) stays out of dW.
-        h = hidden.reshape(B, K, T, -1)
+        h = hidden.reshape(B, K, T, hidden.shape[-1])
         h = torch.where(keep[:, None, :, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
         opts = TokenSmoothingOptions(softcap=None if softcap is None else float(softcap))
         marg, lp = token_smoothing_core(

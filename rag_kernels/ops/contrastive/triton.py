@@ -14,9 +14,13 @@ uses IEEE fp32 products. Nothing of size ``B x M`` is stored. Runs on CPU tensor
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def available() -> bool:
@@ -375,18 +379,28 @@ def _common(q, d, pos_index, pos_mask, cand_ids, id_table):
     return args, U, flags
 
 
+def _operands(q, d):
+    """The embeddings as the kernels read them. The CPU interpreter mis-computes ``tl.dot`` on
+    16-bit operands, so there they are upcast (exactly) to fp32: the same products, fp32
+    accumulation, as on the tensor cores (``dS`` is then not rounded to 16 bits)."""
+    if _INTERPRET and q.dtype in (torch.float16, torch.bfloat16):
+        return q.float(), d.float()
+    return q, d
+
+
 def forward(q, d, scale, pos_index, pos_mask, cand_ids, id_table):
     B, D = q.shape
     M = d.shape[0]
-    args, U, flags = _common(q, d, pos_index, pos_mask, cand_ids, id_table)
+    qk, dk = _operands(q, d)
+    args, U, flags = _common(qk, dk, pos_index, pos_mask, cand_ids, id_table)
     cfg = _config(q, D)
     loss = torch.empty(B, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(loss)
     plse = torch.empty_like(loss)
     grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
     contrastive_fwd_kernel[grid](
-        q,
-        d,
+        qk,
+        dk,
         scale.detach().float().contiguous(),
         *args,
         loss,
@@ -405,7 +419,8 @@ def forward(q, d, scale, pos_index, pos_mask, cand_ids, id_table):
 def backward(q, d, scale, pos_index, pos_mask, cand_ids, id_table, lse, pos_lse, grad, needs):
     B, D = q.shape
     M = d.shape[0]
-    args, U, flags = _common(q, d, pos_index, pos_mask, cand_ids, id_table)
+    qk, dk = _operands(q, d)
+    args, U, flags = _common(qk, dk, pos_index, pos_mask, cand_ids, id_table)
     cfg = _config(q, D)
     s32 = scale.detach().float().contiguous()
     g = grad.float().contiguous()
@@ -415,14 +430,14 @@ def backward(q, d, scale, pos_index, pos_mask, cand_ids, id_table, lse, pos_lse,
         dq32 = torch.zeros(B, D, dtype=torch.float32, device=q.device)
         parts = torch.empty(n_prog, dtype=torch.float32, device=q.device)
         contrastive_bwd_dq_kernel[(n_prog,)](
-            q, d, s32, *args, lse, pos_lse, g, dq32, parts, B, M, D, U, **flags, **cfg
+            qk, dk, s32, *args, lse, pos_lse, g, dq32, parts, B, M, D, U, **flags, **cfg
         )
         dq = (dq32 * s32).to(q.dtype)
         dscale = parts.sum().to(scale.dtype)
     if needs[1]:
         dd32 = torch.zeros(M, D, dtype=torch.float32, device=q.device)
         contrastive_bwd_dd_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-            q, d, s32, *args, lse, pos_lse, g, dd32, B, M, D, U, **flags, **cfg
+            qk, dk, s32, *args, lse, pos_lse, g, dd32, B, M, D, U, **flags, **cfg
         )
         dd = (dd32 * s32).to(d.dtype)
     return dq, dd, dscale

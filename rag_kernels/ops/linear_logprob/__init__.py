@@ -93,7 +93,8 @@ def _target_layout(target: torch.Tensor, lead: torch.Size) -> torch.Tensor:
     pairs = list(zip(shape, lead, strict=True)) if fits else []
     bcast = [i for i, (t, h) in enumerate(pairs) if t == 1 and h != 1]
     fits = fits and all(t in (h, 1) for t, h in pairs)
-    if not fits or (bcast and bcast != list(range(bcast[0], bcast[-1] + 1))):
+    # size-1 dims of hidden inside the run are neutral: (1, 1, 1) fits hidden (3, 1, 5, H)
+    if not fits or (bcast and any(shape[i] != 1 for i in range(bcast[0], bcast[-1] + 1))):
         raise ValueError(
             f"target must have shape {lead} (hidden without its last dim), or that shape with "
             f"size 1 over one run of dims to share ids across them (e.g. [B, 1, T] for hidden "

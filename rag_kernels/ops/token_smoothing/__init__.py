@@ -128,7 +128,7 @@ def token_smoothing_core(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(out[B,T], lp[B,K,T] or None)`` on validated inputs (no checks, no host sync).
 
-    ``target [B,T]`` (negative = no target: lp 0) or None. Fused impls produce both from one
+    ``target [B,T]`` (negative = ignored: out and lp 0 there) or None. Fused impls produce both from one
     vocabulary pass; the reference computes ``lp`` with the reference LM-head op.
     """
     with V.autocast_disabled(hidden):
@@ -158,7 +158,8 @@ def token_smoothing_core(
             if target is None:
                 return out, None
             lp_opts = make_options(ignore_index=-1, softcap=opts.softcap)
-            return out, linear_logprob_core(hidden, weight, tgt, bias, lp_opts, "reference", False)
+            lp = linear_logprob_core(hidden, weight, tgt, bias, lp_opts, "reference", False)
+            return _zero_ignored(out, target), lp
         out_dt = compute_dtype(hidden, doc_scores)
         # fp64 scores keep an fp64 prior (the kernels read it as double / fp32).
         log_prior = log_prior_of(doc_scores, doc_mask, out_dt)
@@ -171,7 +172,15 @@ def token_smoothing_core(
             opts,
             registry.kernels(OP, impl),
         )
-        return out.to(out_dt), (None if target is None else lp)
+        if target is None:
+            return out.to(out_dt), None
+        return _zero_ignored(out.to(out_dt), target), lp
+
+
+def _zero_ignored(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """With a target, ``out`` is 0 at ignored positions (like ``lp``), in every implementation:
+    what their rows hold is not part of any result (NaN policy)."""
+    return torch.where(target >= 0, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
 def token_smoothing(
@@ -236,7 +245,8 @@ def token_smoothing_with_logprob(
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token_smoothing(...) [B,T], lp [B,K,T])`` where ``lp`` is each document's target
-    log-prob (0 at ``ignore_index``): all the LM-head work of a label-smoothed RAG-Token loss
+    log-prob; both are 0 at ``ignore_index`` positions, whatever the hidden rows there hold
+    (masked documents' lp too): all the LM-head work of a label-smoothed RAG-Token loss
     in one pass over the vocabulary (fused impls); the reference computes the two separately."""
     hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
     checks = V.ValueChecks()

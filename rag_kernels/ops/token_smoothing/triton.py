@@ -194,8 +194,9 @@ def _doc_softmax(z, c, ok, t_ok, v_ok, KP: tl.constexpr, BT: tl.constexpr, BLOCK
     e = tl.exp(a3 - m_safe[None, :, :])
     s = tl.sum(e, axis=0)
     # s >= 1 wherever a document is kept; elsewhere (padding, skipped tokens) make it 1 so
-    # the selected-away branches stay finite.
-    s = tl.where(s > 0.0, s, 1.0)
+    # the selected-away branches stay finite. `s == 0`, not `s > 0`: a NaN (from NaN in an
+    # active row or the weight) must propagate to the output.
+    s = tl.where(s == 0.0, 1.0, s)
     valid = t_ok[:, None] & v_ok[None, :]
     return m, e, s, valid
 
