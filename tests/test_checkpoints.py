@@ -68,7 +68,7 @@ def config(out, **kw) -> TrainConfig:
         eval_batch_size=4,
         lr_generator=1e-3,
         lr_retriever=1e-3,
-        warmup_steps=1,
+        warmup_steps=0,  # full LR from the first step
         generator_train_layers=-1,
         skip_initial_eval=True,
     )
@@ -193,26 +193,11 @@ def test_malicious_checkpoint_cli_one_line(tmp_path, capsys, command):
     out = tmp_path / "run"
     out.mkdir()
     _evil_files(marker)["forged-trailer"](ckpt_path(out))
-    rc = main(
-        [
-            command,
-            "--resume",
-            "--generator",
-            "tiny-random",
-            "--retriever",
-            "tiny-random",
-            "--output-dir",
-            str(out),
-            "--progress",
-            "false",
-            "--corpus",
-            data["corpus"],
-            "--train",
-            data["train"],
-            "--eval",
-            data["eval"],
-        ]
-    )
+    argv = [command, "--resume", "--output-dir", str(out), "--progress", "false"]
+    if command == "train":  # eval takes the models and data from the run (the checkpoint)
+        argv += [*("--generator", "tiny-random", "--retriever", "tiny-random")]
+        argv += ["--corpus", data["corpus"], "--train", data["train"], "--eval", data["eval"]]
+    rc = main(argv)
     assert rc == 2
     line = one_error_line(capsys)
     assert ckpt_path(out) in line and "refused" in line
@@ -437,8 +422,12 @@ SAFE = [
     ("checkpoint_every", 1),
     ("eval_limit", 1),
     ("max_new_tokens", 2),
+    ("eval_decoding", "top1"),
     ("eval_batch_size", 1),
     ("skip_initial_eval", False),
+    ("eval_every", 1),
+    ("best_metric", "em"),
+    ("gradient_checkpointing", True),
 ]
 
 

@@ -348,7 +348,9 @@ def test_nonexistent_model_paths(no_models, capsys, tmp_path, flag):
     )
     f = tmp_path / "weights.bin"
     f.write_bytes(b"x")
-    assert "is a file" in run_cli(capsys, "eval", flag, str(f))
+    assert "is a file" in run_cli(capsys, "train", flag, str(f))
+    # eval takes the models from the run (its config.json): a model flag is refused
+    assert f"eval does not take training options: {flag}" in run_cli(capsys, "eval", flag, str(f))
 
 
 def test_unknown_hub_model_is_one_line(monkeypatch, capsys, tmp_path):

@@ -41,7 +41,7 @@ def config(tmp_path, **kw) -> TrainConfig:
         eval_batch_size=4,
         lr_generator=1e-3,
         lr_retriever=1e-3,
-        warmup_steps=1,
+        warmup_steps=0,  # full LR from the first step
         generator_train_layers=-1,
     )
     base.update(kw)
@@ -203,7 +203,7 @@ def _ddp_worker(rank, world, port, out_dir):
             skip_initial_eval=True,
             lr_generator=1e-3,
             lr_retriever=1e-3,
-            warmup_steps=1,
+            warmup_steps=0,  # full LR from the first step
             generator_train_layers=-1,
         )
         tr = CoTrainer(cfg, dataset=tiny_dataset())

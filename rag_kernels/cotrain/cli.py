@@ -2,7 +2,8 @@
 
 * ``train``: co-train retriever and generator on the embedded default data (or --corpus /
   --train / --eval JSONL), printing and saving initial vs final metrics;
-* ``eval``: evaluate the models (from ``--output-dir``'s checkpoint with ``--resume``);
+* ``eval``: evaluate the run in ``--output-dir`` with its saved configuration and
+  checkpoint (eval options only; see :mod:`.eval.command`); writes predictions.jsonl;
 * ``demo``: every RAG loss and retriever objective on a small model.
 
 Errors the user can fix (a bad option or config file, a missing or malformed input, a
@@ -15,8 +16,6 @@ the models) is imported; ``train`` then locks the output directory before loadin
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import traceback
 
@@ -29,30 +28,20 @@ COMMANDS = {
 }
 
 
-def _train(argv: list[str], evaluate_only: bool) -> int:
+def _train(argv: list[str]) -> int:
     from .training.config import build_parser, resolve_config
     from .training.files import RunLock
 
-    prog = "rag-kernels " + ("eval" if evaluate_only else "train")
-    args = build_parser(prog, COMMANDS["eval" if evaluate_only else "train"]).parse_args(argv)
+    args = build_parser("rag-kernels train", COMMANDS["train"]).parse_args(argv)
     cfg = resolve_config(args)  # validated: nothing heavy is imported before this returns
-    lock = None if evaluate_only else RunLock(cfg.output_dir).acquire()
+    lock = RunLock(cfg.output_dir).acquire()
     try:
         from .training.loop import CoTrainer
 
-        trainer = CoTrainer(cfg, for_eval=evaluate_only, run_lock=lock)
-        if evaluate_only:
-            trainer.refresh_index()
-            if cfg.resume and os.path.lexists(trainer.checkpoint_path):
-                trainer.load_checkpoint()
-            m = trainer.evaluate(trainer.data.test)
-            trainer._report("eval", m)
-            print(json.dumps(m))
-            return 0
+        trainer = CoTrainer(cfg, run_lock=lock)
         metrics = trainer.fit()
     finally:
-        if lock is not None:
-            lock.release()
+        lock.release()
     if trainer.rank == 0 and "initial" in metrics:
         print("\nmetric      initial   final")
         for k in (
@@ -83,9 +72,18 @@ def _run(argv: list[str]) -> int:
         for name, text in COMMANDS.items():
             print(f"  {name:6s} {text}")
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from rag_kernels import __version__
+
+        print(f"rag-kernels {__version__}")
+        return 0
     cmd, rest = argv[0], argv[1:]
-    if cmd in ("train", "eval"):
-        return _train(rest, evaluate_only=cmd == "eval")
+    if cmd == "train":
+        return _train(rest)
+    if cmd == "eval":  # its own parser: evaluation options only, the rest from the run
+        from .eval.command import main as evaluate
+
+        return evaluate(rest)
     if cmd == "demo":
         from .demo import main as demo
 

@@ -43,7 +43,9 @@ class Passage:
 
 @dataclass
 class QAExample:
-    """A question, its reference answers (at least one) and the ids of its gold passages."""
+    """A question, its reference answers and the ids of its gold passages. ``answers`` has at
+    least one answer, except for retrieval-only data (BEIR queries without answers, see
+    :mod:`.formats`): such questions can be evaluated (retrieval metrics) but not trained on."""
 
     id: str
     question: str

@@ -1,7 +1,9 @@
 """FAISS index over document embeddings (inner product on normalised vectors = cosine).
 
 ``kind="flat"`` (``IndexFlatIP``, exact, the default) or ``kind="ivf"`` (``IndexIVFFlat``
-for large corpora; ``nlist`` cells, ``nprobe`` searched). A GPU index is used when faiss was
+for large corpora; ``nlist`` cells, at most the number of vectors (fewer are used, with a
+warning, on a smaller corpus); ``nprobe`` cells searched per query, ``0`` = ``min(8, nlist)``;
+``nprobe = nlist`` searches every cell and returns what the flat index returns). A GPU index is used when faiss was
 built with GPU support and ``device`` is CUDA. The index keeps the embedding matrix it was
 built from, so a training step can read retrieved documents' embeddings without
 re-encoding (frozen document encoder), and a checkpoint can store it.
@@ -33,10 +35,15 @@ class DenseIndex:
             index = faiss.IndexFlatIP(D)
         else:
             quantizer = faiss.IndexFlatIP(D)
-            index = faiss.IndexIVFFlat(quantizer, D, min(self.nlist, max(1, len(x) // 39)),
-                                       faiss.METRIC_INNER_PRODUCT)
+            nlist = min(self.nlist, len(x))
+            if nlist < self.nlist and not getattr(self, "_warned", False):
+                from ..errors import warn
+
+                self._warned = True
+                warn(f"IVF index: {self.nlist} cells for {len(x)} passages; using {nlist}")
+            index = faiss.IndexIVFFlat(quantizer, D, nlist, faiss.METRIC_INNER_PRODUCT)
             index.train(x)
-            index.nprobe = self.nprobe
+            index.nprobe = min(self.nprobe or 8, nlist)
         if self.use_gpu and hasattr(faiss, "StandardGpuResources"):
             self._res = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._res, 0, index)
@@ -56,7 +63,12 @@ class DenseIndex:
         return 0 if self.embeddings is None else self.embeddings.shape[0]
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "nlist": self.nlist, "nprobe": self.nprobe, "embeddings": self.embeddings}
+        return {
+            "kind": self.kind,
+            "nlist": self.nlist,
+            "nprobe": self.nprobe,
+            "embeddings": self.embeddings,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.kind, self.nlist, self.nprobe = state["kind"], state["nlist"], state["nprobe"]

