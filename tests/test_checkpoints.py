@@ -29,32 +29,19 @@ import pytest
 import torch
 
 from rag_kernels.cotrain.cli import main
-from rag_kernels.cotrain.data import Dataset, Passage, QAExample, write_corpus, write_qa
+from rag_kernels.cotrain.data import write_corpus, write_qa
 from rag_kernels.cotrain.errors import UserError
 from rag_kernels.cotrain.training import CoTrainer, TrainConfig, loop
 from rag_kernels.cotrain.training import checkpoint as ck
 from rag_kernels.cotrain.training.config import RESUME_FORCE_SAFE
 from rag_kernels.cotrain.training.files import RunLock, atomic_write
 from rag_kernels.cotrain.training.loop import plot_curves
+from toolkit import tiny_dataset
 
 pytest.importorskip("faiss")
 
 
 # ------------------------------------------------------------------------------ helpers
-def tiny_dataset() -> Dataset:
-    names = ["Varn", "Hesk", "Dorrow", "Quellen", "Sotha", "Ilva", "Brell", "Maribet"]
-    makers = ["Oskar", "Teodor", "Lina", "Mirza", "Pell", "Ruun", "Aska", "Bo"]
-    corpus = [
-        Passage(f"p{i}", n, f"The tower of {n} was built by {m} in spring.")
-        for i, (n, m) in enumerate(zip(names, makers, strict=True))
-    ]
-    qa = [
-        QAExample(f"q{i}", f"Who built the tower of {n}?", [m], [f"p{i}"])
-        for i, (n, m) in enumerate(zip(names, makers, strict=True))
-    ]
-    return Dataset(corpus=corpus, train=qa[:6], dev=[], test=qa[4:])
-
-
 def config(out, **kw) -> TrainConfig:
     base = dict(
         generator="tiny-random",

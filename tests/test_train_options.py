@@ -17,7 +17,6 @@ import torch
 
 import rag_kernels as rk
 from rag_kernels.cotrain.cli import main
-from rag_kernels.cotrain.data import Dataset, Passage, QAExample
 from rag_kernels.cotrain.errors import UserError
 from rag_kernels.cotrain.prompts import DEFAULT_PROMPT_TEMPLATE, format_prompt, template_problem
 from rag_kernels.cotrain.training import CoTrainer, TrainConfig, build_parser, resolve_config
@@ -30,6 +29,7 @@ from rag_kernels.cotrain.training.feedback import (
     passage_token_mask,
 )
 from rag_kernels.cotrain.training.options_table import BEGIN, END, options_table, readme_table
+from toolkit import tiny_dataset as toolkit_tiny_dataset
 
 faiss = pytest.importorskip("faiss")
 transformers = pytest.importorskip("transformers")
@@ -38,18 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--generator", "tiny-random", "--retriever", "tiny-random"]
 
 
-def tiny_dataset(dev: bool = True) -> Dataset:
-    names = ["Varn", "Hesk", "Dorrow", "Quellen", "Sotha", "Ilva", "Brell", "Maribet"]
-    makers = ["Oskar", "Teodor", "Lina", "Mirza", "Pell", "Ruun", "Aska", "Bo"]
-    corpus = [
-        Passage(f"p{i}", n, f"The tower of {n} was built by {m} in spring.")
-        for i, (n, m) in enumerate(zip(names, makers, strict=True))
-    ]
-    qa = [
-        QAExample(f"q{i}", f"Who built the tower of {n}?", [m], [f"p{i}"])
-        for i, (n, m) in enumerate(zip(names, makers, strict=True))
-    ]
-    return Dataset(corpus=corpus, train=qa[:6], dev=qa[5:8] if dev else [], test=qa[6:])
+def tiny_dataset(dev: bool = True):
+    return toolkit_tiny_dataset(dev=dev)
 
 
 def config(out, **kw) -> TrainConfig:

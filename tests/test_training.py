@@ -8,24 +8,10 @@ import socket
 import pytest
 import torch
 
-from rag_kernels.cotrain.data import Dataset, Passage, QAExample
 from rag_kernels.cotrain.training import CoTrainer, TrainConfig, build_parser, resolve_config
+from toolkit import tiny_dataset
 
 pytest.importorskip("faiss")
-
-
-def tiny_dataset() -> Dataset:
-    names = ["Varn", "Hesk", "Dorrow", "Quellen", "Sotha", "Ilva", "Brell", "Maribet"]
-    makers = ["Oskar", "Teodor", "Lina", "Mirza", "Pell", "Ruun", "Aska", "Bo"]
-    corpus = [
-        Passage(f"p{i}", n, f"The tower of {n} was built by {m} in spring.")
-        for i, (n, m) in enumerate(zip(names, makers, strict=False))
-    ]
-    qa = [
-        QAExample(f"q{i}", f"Who built the tower of {n}?", [m], [f"p{i}"])
-        for i, (n, m) in enumerate(zip(names, makers, strict=False))
-    ]
-    return Dataset(corpus=corpus, train=qa[:6], dev=[], test=qa[4:])
 
 
 def config(tmp_path, **kw) -> TrainConfig:

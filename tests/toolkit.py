@@ -453,3 +453,23 @@ def make_rag(
     if K > 2:
         doc_mask[-1, -1] = False
     return RagCase(hidden.to(dtype), weight.to(dtype), target, scores.to(dtype), doc_mask)
+
+
+def tiny_dataset(*, dev: bool = False):
+    """Eight fictional towers and their builders: a corpus, 6 training questions and a test
+    split (with ``dev``: a dev split too) for the tiny-random co-training runs of the tests."""
+    from rag_kernels.cotrain.data import Dataset, Passage, QAExample
+
+    names = ["Varn", "Hesk", "Dorrow", "Quellen", "Sotha", "Ilva", "Brell", "Maribet"]
+    makers = ["Oskar", "Teodor", "Lina", "Mirza", "Pell", "Ruun", "Aska", "Bo"]
+    corpus = [
+        Passage(f"p{i}", n, f"The tower of {n} was built by {m} in spring.")
+        for i, (n, m) in enumerate(zip(names, makers, strict=True))
+    ]
+    qa = [
+        QAExample(f"q{i}", f"Who built the tower of {n}?", [m], [f"p{i}"])
+        for i, (n, m) in enumerate(zip(names, makers, strict=True))
+    ]
+    if dev:
+        return Dataset(corpus=corpus, train=qa[:6], dev=qa[5:8], test=qa[6:])
+    return Dataset(corpus=corpus, train=qa[:6], dev=[], test=qa[4:])

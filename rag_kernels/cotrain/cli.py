@@ -44,17 +44,9 @@ def _train(argv: list[str]) -> int:
         lock.release()
     if trainer.rank == 0 and "initial" in metrics:
         print("\nmetric      initial   final")
-        for k in (
-            "recall@1",
-            "recall@5",
-            "recall@20",
-            "mrr@10",
-            "em",
-            "f1",
-            "rougeL",
-            "bleu",
-            "grounding",
-        ):
+        from .eval.metrics import METRIC_KEYS
+
+        for k in METRIC_KEYS:
             a, b = metrics["initial"].get(k), metrics["final"].get(k)
             fmt = lambda x: "     n/a" if x is None else f"{x:8.3f}"
             print(f"{k:10s} {fmt(a)} {fmt(b)}")

@@ -1020,17 +1020,9 @@ class CoTrainer:
 
     def _report(self, name: str, m: dict) -> None:
         if self.rank == 0:
-            keys = [
-                "recall@1",
-                "recall@5",
-                "recall@20",
-                "mrr@10",
-                "em",
-                "f1",
-                "rougeL",
-                "bleu",
-                "grounding",
-            ]
+            from ..eval.metrics import METRIC_KEYS
+
+            keys = list(METRIC_KEYS)
             print(
                 f"[{name}] " + "  ".join(f"{k} {m[k]:.3f}" for k in keys if m.get(k) is not None),
                 flush=True,
