@@ -967,7 +967,7 @@ _OUTSIDE_REFS = ("DESIGN" + ".md", "../" + "shared")
 
 def test_no_reference_outside_the_repository():
     """Docs and comments cite files of the repository only: no outside team notes, no
-    ../shared, and every repository path named in the docs exists."""
+    the shared notes folder, and every repository path named in the docs exists."""
     files = _tracked_text_files()
     if not files:
         pytest.skip("not a git checkout")
