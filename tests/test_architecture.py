@@ -966,8 +966,8 @@ _OUTSIDE_REFS = ("DESIGN" + ".md", "../" + "shared")
 
 
 def test_no_reference_outside_the_repository():
-    """Docs and comments cite files of the repository only: no outside team notes, no
-    the shared notes folder, and every repository path named in the docs exists."""
+    """Docs and comments cite files of the repository only (no team notes kept outside it),
+    and every repository path named in the docs exists."""
     files = _tracked_text_files()
     if not files:
         pytest.skip("not a git checkout")
