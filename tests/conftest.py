@@ -24,3 +24,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def no_models(monkeypatch, tmp_path):
+    """Fail the test if a model is loaded (validation must come first); run in tmp_path."""
+    from rag_kernels.cotrain.training import loop as loop_module
+
+    monkeypatch.chdir(tmp_path)
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the error was reported")
+
+    monkeypatch.setattr(loop_module, "load_generator", boom)
+    monkeypatch.setattr(loop_module, "load_retriever", boom)

@@ -16,33 +16,13 @@ from rag_kernels.cotrain.data import Passage, QAExample, write_corpus, write_qa
 from rag_kernels.cotrain.errors import UserError
 from rag_kernels.cotrain.training import build_parser, resolve_config
 from rag_kernels.cotrain.training import loop as loop_module
+from toolkit import cli_error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--generator", "tiny-random", "--retriever", "tiny-random"]
 
 
-@pytest.fixture
-def no_models(monkeypatch, tmp_path):
-    """Fail the test if a model is loaded (validation must come first); run in tmp_path."""
-    monkeypatch.chdir(tmp_path)
-
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded before the error was reported")
-
-    monkeypatch.setattr(loop_module, "load_generator", boom)
-    monkeypatch.setattr(loop_module, "load_retriever", boom)
-
-
-def run_cli(capsys, *argv) -> str:
-    """Run the CLI; assert exit 2 and exactly one error line; return it."""
-    rc = main(list(argv))
-    out = capsys.readouterr()
-    lines = [ln for ln in out.err.splitlines() if ln.strip()]
-    assert rc == 2, (rc, out.err)
-    assert len(lines) == 1, out.err
-    assert lines[0].startswith("rag-kernels: error: ")
-    assert "Traceback" not in out.err
-    return lines[0]
+run_cli = cli_error_line
 
 
 def tiny_files(d) -> dict:

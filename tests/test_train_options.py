@@ -29,6 +29,7 @@ from rag_kernels.cotrain.training.feedback import (
     passage_token_mask,
 )
 from rag_kernels.cotrain.training.options_table import BEGIN, END, options_table, readme_table
+from toolkit import cli_error_line
 from toolkit import tiny_dataset as toolkit_tiny_dataset
 
 faiss = pytest.importorskip("faiss")
@@ -69,27 +70,7 @@ def read_log(out) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
-@pytest.fixture
-def no_models(monkeypatch, tmp_path):
-    """Fail the test if a model is loaded (validation must come first); run in tmp_path."""
-    monkeypatch.chdir(tmp_path)
-
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded before the error was reported")
-
-    monkeypatch.setattr(loop_module, "load_generator", boom)
-    monkeypatch.setattr(loop_module, "load_retriever", boom)
-
-
-def error_line(capsys, *argv) -> str:
-    """Run the CLI; assert exit 2 and exactly one error line, no traceback; return it."""
-    rc = main(list(argv))
-    out = capsys.readouterr()
-    lines = [ln for ln in out.err.splitlines() if ln.strip()]
-    assert rc == 2, (rc, out.err)
-    assert len(lines) == 1 and lines[0].startswith("rag-kernels: error: "), out.err
-    assert "Traceback" not in out.err
-    return lines[0]
+error_line = cli_error_line
 
 
 # ------------------------------------------------------------------ 1. parse-time validation

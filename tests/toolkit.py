@@ -473,3 +473,17 @@ def tiny_dataset(*, dev: bool = False):
     if dev:
         return Dataset(corpus=corpus, train=qa[:6], dev=qa[5:8], test=qa[6:])
     return Dataset(corpus=corpus, train=qa[:6], dev=[], test=qa[4:])
+
+
+def cli_error_line(capsys, *argv) -> str:
+    """Run the CLI; assert exit 2 and exactly one error line, no traceback; return it."""
+    from rag_kernels.cotrain.cli import main
+
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    lines = [ln for ln in out.err.splitlines() if ln.strip()]
+    assert rc == 2, (rc, out.err)
+    assert len(lines) == 1, out.err
+    assert lines[0].startswith("rag-kernels: error: "), out.err
+    assert "Traceback" not in out.err
+    return lines[0]

@@ -31,7 +31,7 @@ from ..ops.linear_logprob import (
     make_options,
     validate_linear_logprob_inputs,
 )
-from ..ops.marginalize import REDUCTIONS, marginalize_core, posterior_core, reduce_loss
+from ..ops.marginalize import marginalize_core, posterior_core
 from ..ops.token_smoothing import (
     TokenSmoothingOptions,
     kernel_target,
@@ -176,7 +176,7 @@ def rag_loss(
         hidden, weight, target, doc_scores, bias, ignore_index, softcap, doc_mask, checks
     )
     V.check_choice("mode", mode, MODES)
-    V.check_choice("reduction", reduction, REDUCTIONS)
+    V.check_choice("reduction", reduction, V.REDUCTIONS)
     if not isinstance(grad_skip_eps, (int, float)) or not 0.0 <= grad_skip_eps < 1.0:
         raise ValueError(f"grad_skip_eps must be a float in [0, 1), got {grad_skip_eps!r}")
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
@@ -207,7 +207,7 @@ def rag_loss_core(
         lp = _skip_small_posterior(lp, doc_scores, token_mask, doc_mask, mode, grad_skip_eps)
         smooth = -torch.where(token_mask, per_token, torch.zeros_like(per_token)).sum(dim=-1)
         nll = marginalize_core(lp, doc_scores, token_mask, doc_mask, True, sub)
-        return reduce_loss((1.0 - eps) * nll + (eps / vocab) * smooth, reduction)
+        return V.reduce_loss((1.0 - eps) * nll + (eps / vocab) * smooth, reduction)
     opts = make_options(ignore_index, softcap)
     # target [B, 1, T]: shared by the K documents, no K-fold copy. Masked documents' rows are
     # ignored rows instead (a [B, K, T] id copy): never computed, whatever they hold.
@@ -221,7 +221,7 @@ def rag_loss_core(
     if eps > 0:  # sequence mode: the per-row sum of log-probs suffices
         smooth = marginalize_core(stats.sum_logprob, doc_scores, token_mask, doc_mask, False, sub)
         loss = (1.0 - eps) * loss + (eps / vocab) * smooth
-    return reduce_loss(loss, reduction)
+    return V.reduce_loss(loss, reduction)
 
 
 def _skip_small_posterior(lp, doc_scores, token_mask, doc_mask, mode, grad_skip_eps):

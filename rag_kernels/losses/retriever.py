@@ -103,6 +103,13 @@ def _check_scores_pair(
     V.check_mask("doc_mask", doc_mask, doc_scores.shape, doc_scores)
 
 
+def _check_doc_scores(doc_scores: torch.Tensor, doc_mask: torch.Tensor | None) -> None:
+    """The doc-score value checks of one objective call (one host synchronisation)."""
+    checks = V.ValueChecks()
+    V.check_doc_scores(checks, "doc_scores", doc_scores, doc_mask)
+    checks.run()
+
+
 def _masked_log_softmax(
     x: torch.Tensor, doc_mask: torch.Tensor | None, temperature: float, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -155,9 +162,7 @@ def _target_kl(
     tau_s = _check_temperature("retriever_temperature", retriever_temperature)
     tau_g = _check_temperature("generator_temperature", generator_temperature)
     V.check_choice("reduction", reduction, KL_REDUCTIONS)
-    checks = V.ValueChecks()
-    V.check_doc_scores(checks, "doc_scores", doc_scores, doc_mask)
-    checks.run()
+    _check_doc_scores(doc_scores, doc_mask)
     dt = compute_dtype(doc_scores, target_scores)
     log_p = _masked_log_softmax(target_scores.detach(), doc_mask, tau_g, dt)
     log_q = _masked_log_softmax(doc_scores, doc_mask, tau_s, dt)
@@ -233,9 +238,7 @@ def emdr2_loss(
     V.check_choice("level", level, EMDR2_LEVELS)
     V.check_choice("reduction", reduction, EMDR2_REDUCTIONS)
     tau_s = _check_temperature("retriever_temperature", retriever_temperature)
-    checks = V.ValueChecks()
-    V.check_doc_scores(checks, "doc_scores", doc_scores, doc_mask)
-    checks.run()
+    _check_doc_scores(doc_scores, doc_mask)
 
     dt = compute_dtype(doc_scores, gen_logprobs)
     s = doc_scores.to(dt) / tau_s
@@ -364,9 +367,7 @@ def lsr_loss(
     beta = _check_temperature("lm_temperature", lm_temperature)
     V.check_choice("direction", direction, LSR_DIRECTIONS)
     V.check_choice("reduction", reduction, KL_REDUCTIONS)
-    checks = V.ValueChecks()
-    V.check_doc_scores(checks, "doc_scores", doc_scores, doc_mask)
-    checks.run()
+    _check_doc_scores(doc_scores, doc_mask)
     dt = compute_dtype(doc_scores, lm_logprobs)
     log_r = _masked_log_softmax(doc_scores, doc_mask, gamma, dt)
     log_lm = _masked_log_softmax(lm_logprobs.detach(), doc_mask, beta, dt)

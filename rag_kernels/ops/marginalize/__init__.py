@@ -33,8 +33,6 @@ from .reference import (
 )
 
 OP = registry.register("marginalize", __name__)
-REDUCTIONS = V.REDUCTIONS
-reduce_loss = V.reduce_loss
 
 
 @dataclass(frozen=True)
@@ -83,7 +81,7 @@ def validate_marginalize_inputs(
     V.check_same_device("doc_scores", doc_scores, token_logprobs, "token_logprobs")
     V.check_mask("token_mask", token_mask, (B, T), token_logprobs)
     V.check_mask("doc_mask", doc_mask, (B, K), token_logprobs)
-    V.check_choice("reduction", reduction, REDUCTIONS)
+    V.check_choice("reduction", reduction, V.REDUCTIONS)
     V.check_doc_scores(checks, "doc_scores", doc_scores, doc_mask)
 
 
@@ -109,7 +107,7 @@ def _marginalize(token_logprobs, doc_scores, token_mask, doc_mask, reduction, im
     validate_marginalize_inputs(token_logprobs, doc_scores, token_mask, doc_mask, reduction, checks)
     checks.run()
     per_query = marginalize_core(token_logprobs, doc_scores, token_mask, doc_mask, token_mode, impl)
-    return reduce_loss(per_query, reduction)
+    return V.reduce_loss(per_query, reduction)
 
 
 def rag_sequence_loss(
@@ -181,7 +179,6 @@ __all__ = [
     "document_posterior",
     "marginalize_core",
     "posterior_core",
-    "reduce_loss",
     "MarginalizeFunction",
     "MarginalizeOptions",
 ]
