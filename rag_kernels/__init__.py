@@ -3,6 +3,7 @@
 Public API (docs/design.md §3)::
 
     rk.linear_logprob(hidden, weight, target, ...)          # fused LM-head log-prob
+    rk.linear_logprob(..., vocab_group=pg, vocab_start=s)   # the head sharded by vocabulary
     rk.rag_sequence_loss(token_logprobs, doc_scores, ...)   # marginalisation over docs
     rk.rag_token_loss(token_logprobs, doc_scores, ...)
     rk.rag_loss(hidden, weight, target, doc_scores, ...)    # end to end from hidden states

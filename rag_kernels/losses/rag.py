@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from ..ops import validation as V
+from ..ops import vocab_parallel
 from ..ops.linear_logprob import (
     linear_logprob_core,
     make_options,
@@ -66,11 +67,12 @@ class GeneratorFeedback(NamedTuple):
 
 
 def validate_rag_inputs(
-    hidden, weight, target, doc_scores, bias, ignore_index, softcap, doc_mask, checks
-) -> tuple[int, int, int]:
+    hidden, weight, target, doc_scores, bias, ignore_index, softcap, doc_mask, checks,
+    vocab_sharded: bool = False,
+) -> tuple[int, int, int]:  # fmt: skip
     """Every check of a RAG loss from hidden states, once: ``hidden [B,K,T,H]``, the LM head,
-    ``target [B,T]``, ``doc_scores [B,K]``, ``doc_mask``; value checks go to ``checks``.
-    Returns ``(B, K, T)``."""
+    ``target [B,T]``, ``doc_scores [B,K]``, ``doc_mask``; value checks go to ``checks``
+    (``vocab_sharded``: ``weight`` is one vocabulary shard). Returns ``(B, K, T)``."""
     V.check_tensor("hidden", hidden, ndim=4)
     V.check_tensor("doc_scores", doc_scores, ndim=2)
     V.check_index_tensor("target", target, ndim=2)
@@ -82,7 +84,7 @@ def validate_rag_inputs(
         )
     V.check_shape("target", target, (B, T))
     validate_linear_logprob_inputs(
-        hidden, weight, target[:, None, :], bias, ignore_index, softcap, checks
+        hidden, weight, target[:, None, :], bias, ignore_index, softcap, checks, vocab_sharded
     )
     validate_token_smoothing_inputs(hidden, weight, doc_scores, bias, softcap, doc_mask, checks)
     return B, K, T
@@ -97,24 +99,34 @@ def generator_feedback(
     ignore_index: int = -100,
     softcap: float | None = None,
     impl: str = "auto",
+    vocab_group=None,
+    vocab_start: int | None = None,
 ) -> GeneratorFeedback:
     """Per-document answer log-likelihoods from hidden states ``[B,K,T,H]`` and target ``[B,T]``,
     computed under ``no_grad`` with the fused LM-head op (no logits): feed them to
     ``rk.retriever.*`` (``emdr2_loss`` takes ``token_logprobs``; ``pdist_loss`` takes
-    ``mean_logprob``; ``lsr_loss`` takes ``sum_logprob``)."""
+    ``mean_logprob``; ``lsr_loss`` takes ``sum_logprob``). ``vocab_group`` / ``vocab_start``:
+    ``weight`` / ``bias`` are this rank's rows of a vocabulary-sharded head (as in
+    ``rk.linear_logprob``; one all-gather, the values are the unsharded ones on every rank)."""
     hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+    shard = vocab_parallel.vocab_shard(vocab_group, vocab_start)
     V.check_tensor("hidden", hidden, ndim=4)
     V.check_index_tensor("target", target, ndim=2)
     B, K, T, _ = hidden.shape
     V.check_shape("target", target, (B, T))
     checks = V.ValueChecks()
     validate_linear_logprob_inputs(
-        hidden, weight, target[:, None, :], bias, ignore_index, softcap, checks
+        hidden, weight, target[:, None, :], bias, ignore_index, softcap, checks, shard is not None
     )
     checks.run()
     opts = make_options(ignore_index, softcap)
     with torch.no_grad():
-        g = linear_logprob_core(hidden, weight, target[:, None, :], bias, opts, impl, False)
+        if shard is None:
+            g = linear_logprob_core(hidden, weight, target[:, None, :], bias, opts, impl, False)
+        else:
+            g = vocab_parallel.sharded_linear_logprob(
+                linear_logprob_core, hidden, weight, target[:, None, :], bias, opts, impl, shard
+            ).logprob
         m = target != ignore_index
         total = torch.where(m[:, None, :], g, torch.zeros_like(g)).sum(-1)
         mean = mean_token_logprob(g, m)
@@ -142,6 +154,9 @@ def rag_loss(
     grad_skip_eps: float = 0.0,
     reduction: str = "mean",
     impl: str = "auto",
+    vocab_group=None,
+    vocab_start: int | None = None,
+    reduce_hidden_grad: bool = True,
 ) -> torch.Tensor:
     """RAG-Sequence or RAG-Token loss straight from hidden states, without ``[B,K,T,V]`` logits.
 
@@ -165,16 +180,29 @@ def rag_loss(
             to ``dL/dW`` its outer product with ``h_r``. Default 0: exact gradients.
         reduction: ``"none"`` -> ``[B]``, ``"sum"``, ``"mean"`` over queries.
         impl: ``"auto" | "triton" | "cpu" | "reference"``.
+        vocab_group: a ``torch.distributed`` process group over which the LM head's rows are
+            sharded (docs/design.md §2.8): ``weight`` / ``bias`` are this rank's contiguous rows,
+            ``vocab_start`` the global id of its first row; ``hidden``, ``target``,
+            ``doc_scores`` and ``doc_mask`` are the same on every rank, and every rank gets the
+            unsharded loss, its own rows' ``dW`` / ``db``, and the whole ``dh`` and
+            ``d doc_scores``. Forward collectives: one all-gather of ``[B K T + 1, 4]`` float64
+            per rank; token mode with label smoothing adds one all-reduce of ``[B, T]``.
+            Backward: one all-reduce of ``dh`` (unless ``reduce_hidden_grad=False``), and in
+            token mode with label smoothing one of ``[B, K, T]``.
+        reduce_hidden_grad: with ``vocab_group``, False leaves ``dh`` each shard's own part.
 
     Under ``torch.autocast`` the LM-head matmuls run in the autocast dtype (fp32 accumulation,
     fp32 log-probs and loss); outside it ``hidden``, ``weight`` and ``bias`` must share a dtype.
-    Validates once and reads the value checks with one host synchronisation.
+    Validates once and reads the value checks with one host synchronisation (with
+    ``vocab_group``, a second one after the all-gather checks the shard layout and targets).
     """
     hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+    shard = vocab_parallel.vocab_shard(vocab_group, vocab_start, reduce_hidden_grad)
     checks = V.ValueChecks()
     validate_rag_inputs(
-        hidden, weight, target, doc_scores, bias, ignore_index, softcap, doc_mask, checks
-    )
+        hidden, weight, target, doc_scores, bias, ignore_index, softcap, doc_mask, checks,
+        shard is not None,
+    )  # fmt: skip
     V.check_choice("mode", mode, MODES)
     V.check_choice("reduction", reduction, V.REDUCTIONS)
     if not isinstance(grad_skip_eps, (int, float)) or not 0.0 <= grad_skip_eps < 1.0:
@@ -184,15 +212,16 @@ def rag_loss(
     checks.run()
     return rag_loss_core(
         hidden, weight, target, doc_scores, mode, bias, ignore_index, float(label_smoothing),
-        doc_mask, softcap, grad_skip_eps, reduction, impl,
+        doc_mask, softcap, grad_skip_eps, reduction, impl, shard,
     )  # fmt: skip
 
 
 def rag_loss_core(
     hidden, weight, target, doc_scores, mode, bias, ignore_index, label_smoothing, doc_mask,
-    softcap, grad_skip_eps, reduction, impl,
+    softcap, grad_skip_eps, reduction, impl, shard: vocab_parallel.VocabShard | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """:func:`rag_loss` on validated inputs (no checks, no host synchronisation)."""
+    """:func:`rag_loss` on validated inputs (no checks, no host synchronisation but the
+    vocab-parallel layout check); ``shard``: ``weight`` is one shard of a vocab-parallel head."""
     token_mask = target != ignore_index
     sub = _sub_impl(impl)
     token_mode = mode == "token"
@@ -201,9 +230,15 @@ def rag_loss_core(
         # One vocabulary pass gives both the smoothing statistic and the target log-probs.
         opts = TokenSmoothingOptions(softcap=None if softcap is None else float(softcap))
         tgt = kernel_target(target, ignore_index)
-        per_token, lp = token_smoothing_core(
-            hidden, weight, doc_scores, tgt, bias, doc_mask, opts, impl
-        )
+        if shard is None:
+            per_token, lp = token_smoothing_core(
+                hidden, weight, doc_scores, tgt, bias, doc_mask, opts, impl
+            )
+        else:
+            per_token, lp, vocab = vocab_parallel.sharded_token_smoothing(
+                token_smoothing_core, linear_logprob_core, hidden, weight, doc_scores, tgt,
+                bias, doc_mask, opts, make_options(-1, softcap), impl, shard,
+            )  # fmt: skip
         lp = _skip_small_posterior(lp, doc_scores, token_mask, doc_mask, mode, grad_skip_eps)
         smooth = -torch.where(token_mask, per_token, torch.zeros_like(per_token)).sum(dim=-1)
         nll = marginalize_core(lp, doc_scores, token_mask, doc_mask, True, sub)
@@ -214,7 +249,14 @@ def rag_loss_core(
     rows_target = target[:, None, :]
     if doc_mask is not None:
         rows_target = torch.where(doc_mask[:, :, None], rows_target, ignore_index)
-    stats = linear_logprob_core(hidden, weight, rows_target, bias, opts, impl, eps > 0)
+    if shard is None:
+        stats = linear_logprob_core(hidden, weight, rows_target, bias, opts, impl, eps > 0)
+    else:
+        stats = vocab_parallel.sharded_linear_logprob(
+            linear_logprob_core, hidden, weight, rows_target, bias, opts, impl, shard
+        )
+        vocab = stats.vocab_size  # the whole vocabulary (a 0-d tensor: no host sync)
+        stats = stats if eps > 0 else stats.logprob
     lp = stats.logprob if eps > 0 else stats
     lp = _skip_small_posterior(lp, doc_scores, token_mask, doc_mask, mode, grad_skip_eps)
     loss = marginalize_core(lp, doc_scores, token_mask, doc_mask, token_mode, sub)

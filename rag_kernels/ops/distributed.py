@@ -8,6 +8,19 @@ losses built on them.
   With each rank's loss a mean over its local queries and DDP averaging parameter gradients
   over ranks, the update equals the single-process gradient of the mean loss over the
   concatenated global batch (``tests/test_contrastive_distributed.py`` checks this).
+
+For computations that every rank of a group carries out identically on replicated tensors
+(the vocabulary-parallel LM head, :mod:`rag_kernels.ops.vocab_parallel`), the scale differs:
+each rank evaluates the *same* loss, so a gradient must not be summed over ranks where every
+rank already holds it in full, and must be summed where each rank holds only its part:
+
+* :func:`all_gather_replicated` — ``[world, *x.shape]`` of a same-shaped tensor from every
+  rank; backward returns this rank's slice of the (replicated) gradient, no collective.
+* :func:`copy_to_group` — identity forward; backward all-reduces (sums) the gradient: a
+  replicated tensor that enters rank-local computation (the hidden states entering a
+  vocabulary shard) gets the parts of its gradient that every rank computed.
+* :func:`sum_over_group` — all-reduce (sum) forward; backward is the identity: each rank's
+  partial sum gets the replicated gradient of the replicated total.
 """
 
 from __future__ import annotations
@@ -18,7 +31,16 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_with_grad", "all_gather_no_grad", "gather_candidates", "world_info"]
+__all__ = [
+    "all_gather_with_grad",
+    "all_gather_no_grad",
+    "all_gather_replicated",
+    "copy_to_group",
+    "gather_candidates",
+    "group_info",
+    "sum_over_group",
+    "world_info",
+]
 
 
 def world_info() -> tuple[int, int]:
@@ -132,3 +154,78 @@ def gather_candidates(
         all_q = all_gather_with_grad(queries, q_sizes)
         all_p = all_gather_no_grad(pos_index, q_sizes)
     return GatheredCandidates(all_docs, pos_index, pos_mask, all_ids, all_q, all_p, q_off)
+
+
+# ------------------------------------------------------------------------------------------
+# Collectives for computations replicated over a process group (every rank, the same loss)
+# ------------------------------------------------------------------------------------------
+
+
+def group_info(group) -> tuple[int, int]:
+    """``(rank in group, group size)``; ``(-1, size)`` when this process is not a member."""
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class _AllGatherReplicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        rank, world = group_info(group)
+        ctx.rank = rank
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x, group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # The loss is replicated: every rank holds the whole gradient of the gathered tensor,
+        # so this rank's piece gets its slice as is (summing over ranks would scale by world).
+        return grad[ctx.rank], None
+
+
+def all_gather_replicated(x: torch.Tensor, group) -> torch.Tensor:
+    """``[world, *x.shape]``: ``x`` (same shape on every rank) from every rank of ``group``,
+    in group-rank order. Backward (for a loss every rank computes identically): this rank's
+    slice of the gradient, no collective."""
+    return _AllGatherReplicated.apply(x, group)
+
+
+class _CopyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()  # the incoming buffer may be shared: reduce a copy
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
+    """Identity forward; backward all-reduces (sums over ``group``) the gradient of ``x``.
+
+    For a tensor replicated on every rank that feeds rank-local computation: each rank's
+    backward yields only its own part of the gradient, and the sum is the whole of it, the
+    same on every rank. One all-reduce of ``x.shape`` in ``x``'s dtype, in the backward."""
+    return _CopyToGroup.apply(x, group)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        y = x.contiguous().clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sum_over_group(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the ranks of ``group`` of each rank's partial ``x`` (one all-reduce); the
+    total is replicated, and the backward passes its (replicated) gradient to every rank's
+    part unchanged."""
+    return _SumOverGroup.apply(x, group)

@@ -20,11 +20,21 @@ from typing import NamedTuple
 
 import torch
 
-from .. import registry
+from .. import registry, vocab_parallel
 from .. import validation as V
 from .reference import linear_logprob_reference
 
 OP = registry.register("linear_logprob", __name__)
+
+# The Triton backward variants of this op and token_smoothing (ops/triton_utils.py).
+TRITON_BACKWARDS = ("deterministic", "atomic")
+
+
+def check_triton_backward(value, name: str = "triton_backward") -> str | None:
+    """``value`` if it is None or one of :data:`TRITON_BACKWARDS`, else a ``ValueError``."""
+    if value is not None and value not in TRITON_BACKWARDS:
+        raise ValueError(f"{name} must be one of {TRITON_BACKWARDS} or None, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,10 @@ class LinearLogprobOptions:
     # Backward only (Triton): skip vocab tiles whose softmax is below this everywhere
     # (error bound in triton.py). None = exact.
     filter_eps: float | None = None
+    # Backward only (Triton): "deterministic" (chunked dz + cuBLAS GEMMs, bitwise
+    # reproducible) or "atomic" (one kernel, fp32 atomics); None = $RAG_KERNELS_TRITON_BACKWARD
+    # or "deterministic" (linear_logprob/triton.py).
+    triton_backward: str | None = None
 
 
 class LogprobStats(NamedTuple):
@@ -107,9 +121,11 @@ def _target_layout(target: torch.Tensor, lead: torch.Size) -> torch.Tensor:
 
 
 def validate_linear_logprob_inputs(
-    hidden, weight, target, bias, ignore_index, softcap, checks: V.ValueChecks
-) -> None:
-    """Structural checks (raise now) and the target-range value check (added to ``checks``)."""
+    hidden, weight, target, bias, ignore_index, softcap, checks: V.ValueChecks,
+    vocab_sharded: bool = False,
+) -> None:  # fmt: skip
+    """Structural checks (raise now) and the target-range value check (added to ``checks``;
+    with ``vocab_sharded`` only ``>= 0`` here, ``< V`` after the vocab-parallel all-gather)."""
     V.check_tensor("hidden", hidden)
     if hidden.dim() < 1:
         raise ValueError(f"hidden must have shape [..., H], got {tuple(hidden.shape)}")
@@ -120,7 +136,10 @@ def validate_linear_logprob_inputs(
     V.check_softcap(softcap)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    V.check_targets(checks, "target", target, weight.shape[0], ignore_index)
+    if vocab_sharded:
+        vocab_parallel.check_shard_targets(checks, "target", target, ignore_index)
+    else:
+        V.check_targets(checks, "target", target, weight.shape[0], ignore_index)
 
 
 def linear_logprob_core(
@@ -154,7 +173,10 @@ def linear_logprob_core(
         return LogprobStats(lp.view(shape), lse.view(shape), s.view(shape))
 
 
-def make_options(ignore_index=-100, softcap=None, filter_eps=None) -> LinearLogprobOptions:
+def make_options(
+    ignore_index=-100, softcap=None, filter_eps=None, triton_backward=None
+) -> LinearLogprobOptions:
+    check_triton_backward(triton_backward)
     if filter_eps is not None and not (
         isinstance(filter_eps, (int, float))
         and not isinstance(filter_eps, bool)
@@ -165,6 +187,7 @@ def make_options(ignore_index=-100, softcap=None, filter_eps=None) -> LinearLogp
         ignore_index=ignore_index,
         softcap=None if softcap is None else float(softcap),
         filter_eps=None if filter_eps is None else float(filter_eps),
+        triton_backward=triton_backward,
     )
 
 
@@ -179,6 +202,9 @@ def linear_logprob(
     impl: str = "auto",
     return_stats: bool = False,
     filter_eps: float | None = None,
+    vocab_group=None,
+    vocab_start: int | None = None,
+    reduce_hidden_grad: bool = True,
 ) -> torch.Tensor | LogprobStats:
     """Log-probability of each row's target through the LM head, without the logits.
 
@@ -196,6 +222,20 @@ def linear_logprob(
         filter_eps: Triton backward only: skip vocabulary tiles where every softmax entry is
             below this (each skipped logit-gradient entry is < (|g| + |g_lse|) * eps; never
             skips with label smoothing). None (default) = exact; other impls ignore it.
+        vocab_group: a ``torch.distributed`` process group over which the head's rows are
+            sharded (vocabulary parallelism, :mod:`rag_kernels.ops.vocab_parallel`): ``weight``
+            (and ``bias``) are then this rank's contiguous rows ``[V_r, H]`` of the full head,
+            ``target`` holds global ids, and ``hidden`` / ``target`` are the same on every
+            rank. Every rank returns the unsharded op's ``lp`` (and ``lse``, ``sum_logprob``);
+            the backward gives each rank the gradient of its own rows and the whole ``dh``.
+            Forward: one all-gather of ``[N + 1, 4]`` float64 per rank (per-row local
+            ``(lse, lp, sum_logprob, target)`` and the shard layout), nothing else; backward:
+            one all-reduce of ``dh [N, H]``. A group of one rank is the plain op.
+        vocab_start: with ``vocab_group``, the global id of this rank's first row; the
+            shards must tile ``[0, V)`` (checked after the all-gather, with the targets).
+        reduce_hidden_grad: with ``vocab_group``, all-reduce ``dh`` over the group (default);
+            False leaves each rank's ``dh`` its own shard's part, for a framework that
+            reduces it itself (a tensor-parallel region's backward).
 
     Under ``torch.autocast`` the matmul operands are cast to the autocast dtype (fp32
     accumulation, fp32 outputs, gradients in each input's own dtype), as ``F.linear`` would.
@@ -203,10 +243,18 @@ def linear_logprob(
     Returns: ``hidden.shape[:-1]`` fp32 log-probs (fp64 for fp64 inputs), or :class:`LogprobStats`.
     """
     hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+    shard = vocab_parallel.vocab_shard(vocab_group, vocab_start, reduce_hidden_grad)
     checks = V.ValueChecks()
-    validate_linear_logprob_inputs(hidden, weight, target, bias, ignore_index, softcap, checks)
+    validate_linear_logprob_inputs(
+        hidden, weight, target, bias, ignore_index, softcap, checks, shard is not None
+    )
     opts = make_options(ignore_index, softcap, filter_eps)
     checks.run()
+    if shard is not None:
+        st = vocab_parallel.sharded_linear_logprob(
+            linear_logprob_core, hidden, weight, target, bias, opts, impl, shard
+        )
+        return LogprobStats(st.logprob, st.lse, st.sum_logprob) if return_stats else st.logprob
     return linear_logprob_core(hidden, weight, target, bias, opts, impl, return_stats)
 
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import registry
+from .. import registry, vocab_parallel
 from .. import validation as V
-from ..linear_logprob import linear_logprob_core, make_options
+from ..linear_logprob import check_triton_backward, linear_logprob_core, make_options
 from .reference import compute_dtype, token_smoothing_reference
 
 OP = registry.register("token_smoothing", __name__)
@@ -43,6 +43,13 @@ class TokenSmoothingOptions:
     """Non-tensor options of the token-smoothing op."""
 
     softcap: float | None = None
+    # Backward only (Triton): "deterministic" (chunked dz + cuBLAS GEMMs, bitwise
+    # reproducible) or "atomic" (one kernel, fp32 atomics); None = $RAG_KERNELS_TRITON_BACKWARD
+    # or "deterministic" (token_smoothing/triton.py).
+    triton_backward: str | None = None
+
+    def __post_init__(self):
+        check_triton_backward(self.triton_backward)
 
 
 class TokenSmoothingFunction(torch.autograd.Function):
@@ -192,6 +199,9 @@ def token_smoothing(
     softcap: float | None = None,
     doc_mask: torch.Tensor | None = None,
     impl: str = "auto",
+    vocab_group=None,
+    vocab_start: int | None = None,
+    reduce_hidden_grad: bool = True,
 ) -> torch.Tensor:
     """``sum_v log sum_k exp(pi_bk + log p_bkt(v))`` for every query b and position t.
 
@@ -205,26 +215,42 @@ def token_smoothing(
         doc_mask: ``[B, K]`` bool, True for real documents; masked documents (whatever their
             hidden states and scores hold) are left out of the prior and the sum over k.
         impl: ``"auto" | "triton" | "cpu" | "reference"``.
+        vocab_group, vocab_start, reduce_hidden_grad: a vocabulary-sharded head, as in
+            ``rk.linear_logprob`` (:mod:`rag_kernels.ops.vocab_parallel`: the same kernels on
+            the shard with a per-token shifted prior; forward one all-gather of
+            ``[B K T + 1, 4]`` float64 and one all-reduce of ``[B, T]``; backward one
+            all-reduce of ``[B, K, T]`` and, unless ``reduce_hidden_grad=False``, of ``dh``).
 
     Returns: ``[B, T]`` fp32 (fp64 when ``hidden`` or ``doc_scores`` is fp64), differentiable
     with respect to ``hidden``, ``weight``, ``bias`` and ``doc_scores``.
     """
     hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+    shard = vocab_parallel.vocab_shard(vocab_group, vocab_start, reduce_hidden_grad)
     checks = V.ValueChecks()
     validate_token_smoothing_inputs(hidden, weight, doc_scores, bias, softcap, doc_mask, checks)
     checks.run()
     opts = TokenSmoothingOptions(softcap=None if softcap is None else float(softcap))
+    if shard is not None:
+        return vocab_parallel.sharded_token_smoothing(
+            token_smoothing_core, linear_logprob_core, hidden, weight, doc_scores, None, bias,
+            doc_mask, opts, make_options(-1, softcap), impl, shard,
+        )[0]  # fmt: skip
     return token_smoothing_core(hidden, weight, doc_scores, None, bias, doc_mask, opts, impl)[0]
 
 
-def validate_target(target, hidden, weight, ignore_index, checks: V.ValueChecks) -> None:
+def validate_target(
+    target, hidden, weight, ignore_index, checks: V.ValueChecks, vocab_sharded: bool = False
+) -> None:
     B, K, T, _ = hidden.shape
     V.check_index_tensor("target", target, ndim=2)
     V.check_shape("target", target, (B, T))
     V.check_same_device("target", target, hidden, "hidden")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    V.check_targets(checks, "target", target, weight.shape[0], ignore_index)
+    if vocab_sharded:  # the upper bound is checked after the vocab-parallel all-gather
+        vocab_parallel.check_shard_targets(checks, "target", target, ignore_index)
+    else:
+        V.check_targets(checks, "target", target, weight.shape[0], ignore_index)
 
 
 def kernel_target(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -243,18 +269,30 @@ def token_smoothing_with_logprob(
     doc_mask: torch.Tensor | None = None,
     ignore_index: int = -100,
     impl: str = "auto",
+    vocab_group=None,
+    vocab_start: int | None = None,
+    reduce_hidden_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token_smoothing(...) [B,T], lp [B,K,T])`` where ``lp`` is each document's target
     log-prob; both are 0 at ``ignore_index`` positions, whatever the hidden rows there hold
     (masked documents' lp too): all the LM-head work of a label-smoothed RAG-Token loss
-    in one pass over the vocabulary (fused impls); the reference computes the two separately."""
+    in one pass over the vocabulary (fused impls); the reference computes the two separately.
+    ``vocab_group`` / ``vocab_start`` / ``reduce_hidden_grad``: as in :func:`token_smoothing`
+    (``target`` holds global ids; two local passes over the shard, the LM-head one first)."""
     hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+    shard = vocab_parallel.vocab_shard(vocab_group, vocab_start, reduce_hidden_grad)
     checks = V.ValueChecks()
     validate_token_smoothing_inputs(hidden, weight, doc_scores, bias, softcap, doc_mask, checks)
-    validate_target(target, hidden, weight, ignore_index, checks)
+    validate_target(target, hidden, weight, ignore_index, checks, shard is not None)
     checks.run()
     opts = TokenSmoothingOptions(softcap=None if softcap is None else float(softcap))
     tgt = kernel_target(target, ignore_index)
+    if shard is not None:
+        out, lp, _ = vocab_parallel.sharded_token_smoothing(
+            token_smoothing_core, linear_logprob_core, hidden, weight, doc_scores, tgt, bias,
+            doc_mask, opts, make_options(-1, softcap), impl, shard,
+        )  # fmt: skip
+        return out, lp
     return token_smoothing_core(hidden, weight, doc_scores, tgt, bias, doc_mask, opts, impl)
 
 
