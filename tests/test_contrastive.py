@@ -328,6 +328,284 @@ def test_half_precision_inputs(impl, dtype):
     torch.testing.assert_close(gd.float(), rd.float(), rtol=5e-2, atol=5e-2)
 
 
+# ------------------------------------------------------------------ Triton kernels (interpreter)
+# The Triton path on its own: fp32 and bf16 against float64 under the tolerance rule, odd
+# shapes, several backward chunks and forward splits (module knobs shrunk), determinism,
+# padding past the ends of the inputs poisoned with NaN.
+
+TRITON_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+@pytest.fixture
+def tk():
+    """The Triton kernel module (skipped with the reason where it cannot run)."""
+    require_impl("contrastive", "triton")
+    from rag_kernels.ops import registry
+
+    return registry.kernels("contrastive", "triton")
+
+
+@pytest.fixture
+def tiny_chunks(tk, monkeypatch):
+    """Backward chunks of one interpreter tile (16 columns) and three forward splits."""
+    monkeypatch.setattr(tk, "BWD_BUDGET_FRACTION", 0.0)
+    monkeypatch.setattr(tk, "BWD_MIN_BUDGET_BYTES", 0)
+    monkeypatch.setattr(tk, "FWD_SPLITS", 3)
+    return tk
+
+
+def _positive_args(positives, B):
+    """``contrastive_core``'s ``(pos_index, pos_mask)`` for a public ``positives``."""
+    if positives is None:
+        return torch.arange(B), None
+    if positives.dtype == torch.bool:
+        return None, positives
+    return positives.long(), None
+
+
+def _plain_16bit(q, d, s, dtype, similarity="cos", positives=None, doc_ids=None, symmetric=False):
+    """Plain PyTorch in ``dtype``: the op's fp32 normalisation, then the materialised
+    ``[B, M]`` scores, log-sum-exps and autograd backward all in ``dtype``."""
+    from rag_kernels.ops.contrastive.reference import (
+        contrastive_loss_reference,
+        similarity_inputs,
+    )
+
+    qn = similarity_inputs(q.float(), similarity).to(dtype)
+    dn = similarity_inputs(d.float(), similarity).to(dtype)
+    pos_index, pos_mask = _positive_args(positives, q.shape[0])
+    return contrastive_loss_reference(
+        qn,
+        dn,
+        s.to(dtype),
+        similarity="dot",
+        pos_index=pos_index,
+        pos_mask=pos_mask,
+        cand_ids=doc_ids,
+        symmetric=symmetric,
+    ).float()
+
+
+def _loss_and_grads(impl, q64, d64, w, dtype, scale, kw, plain=False):
+    """``[loss, dq, dd, dscale]`` in float64 for inputs cast to ``dtype`` (the scale is an fp32
+    leaf for 16-bit inputs, so its gradient is not rounded to 16 bits)."""
+    q = q64.to(dtype).requires_grad_(True)
+    d = d64.to(dtype).requires_grad_(True)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    s = torch.tensor(scale, dtype=sdt, requires_grad=True)
+    if plain and dtype in (torch.bfloat16, torch.float16):
+        loss = _plain_16bit(q, d, s, dtype, **kw)
+    else:
+        loss = contrastive_loss(q, d, scale=s, reduction="none", impl=impl, **kw)
+    grads = torch.autograd.grad((loss * w.to(loss.dtype)).sum(), [q, d, s])
+    return [loss.detach().double(), *[g.double() for g in grads]]
+
+
+def _triton_case(name, B, D):
+    """A FUSED_CASES mode at ``B`` queries, ``D`` dims: float64 inputs and the op's kwargs."""
+    kw = dict(FUSED_CASES[name])
+    M = kw.pop("M")
+    scale = kw.pop("scale", 20.0)
+    q64, d64, pos, ids, w = make_contrastive(
+        B, M, D, positives=kw.pop("positives", None), doc_ids=kw.pop("doc_ids", False)
+    )
+    kw.update(positives=pos, doc_ids=ids)
+    return q64, d64, w, scale, kw
+
+
+# bf16: the normalised embeddings are rounded to bf16 before the products (as in plain
+# PyTorch), an error of up to ~2^-8 of each quantity's scale that the two paths draw
+# differently; on a tiny problem plain PyTorch can be luckily close, hence the rtol.
+_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2**-8, atol=1e-3)}
+
+
+def _check_vs_float64(ours, q64, d64, w, dtype, scale, kw, label=""):
+    to64 = lambda x: x.to(dtype).double()  # the ground truth sees the same rounded inputs
+    exact = _loss_and_grads("reference", to64(q64), to64(d64), w, torch.float64, scale, kw)
+    plain = _loss_and_grads("reference", q64, d64, w, dtype, scale, kw, plain=True)
+    for name, o, e, p in zip(["loss", "dq", "dd", "dscale"], ours, exact, plain, strict=True):
+        assert torch.isfinite(o).all(), f"{label}{name}"
+        assert_close(o, e, ref=p, name=f"{label}{name}", **_TOL[dtype])
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES), ids=list(FUSED_CASES))
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+def test_triton_matches_float64(tk, case, dtype, nan_empty):
+    """Every mode (cos / dot, scale, symmetric, index / mask positives, doc ids), fp32 and bf16,
+    B = 21, D = 19 (padded to 32 inside), several tiles each way: values and all gradients."""
+    q64, d64, w, scale, kw = _triton_case(case, B=21, D=19)
+    ours = _loss_and_grads("triton", q64, d64, w, dtype, scale, kw)
+    _check_vs_float64(ours, q64, d64, w, dtype, scale, kw)
+
+
+ODD_SHAPES = [
+    pytest.param(1, 1, 1, id="B1-M1-D1"),
+    pytest.param(3, 5, 7, id="B3-M5-D7"),
+    pytest.param(17, 33, 16, id="B17-M33-D16"),
+    pytest.param(40, 100, 48, id="B40-M100-D48"),
+]
+
+
+@pytest.mark.parametrize("B,M,D", ODD_SHAPES)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("mode", ["index_ids", "mask_ids"])
+def test_triton_odd_shapes(tk, B, M, D, dtype, mode, nan_empty):
+    """Shapes that are not multiples of the 16-wide interpreter tiles (and a single row /
+    column), in both positive modes with doc ids (index mode also symmetric)."""
+    q64, d64, pos, ids, w = make_contrastive(
+        B, M, D, positives="index" if mode == "index_ids" else "mask", doc_ids=True
+    )
+    kw = dict(positives=pos, doc_ids=ids, symmetric=mode == "index_ids")
+    ours = _loss_and_grads("triton", q64, d64, w, dtype, 7.0, kw)
+    _check_vs_float64(ours, q64, d64, w, dtype, 7.0, kw)
+
+
+CHUNK_CASES = ["cos_hardneg_ids", "dot_index", "symmetric_ids_dupindex", "multi_pos_ids"]
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+def test_triton_chunks_and_splits_equal_one_pass(tk, case, dtype, monkeypatch, nan_empty):
+    """Backward in 32-column chunks (tiny budget) and the forward in three candidate splits
+    give the one-chunk / one-split results (to rounding) and stay within the tolerance rule."""
+    q64, d64, w, scale, kw = _triton_case(case, B=21, D=19)
+    one = _loss_and_grads("triton", q64, d64, w, dtype, scale, kw)
+    M = d64.shape[0]
+    assert tk.chunk_columns(21, M, 4) == M  # the default budget: one chunk here
+    # 32-column chunks: two interpreter tiles each, the last chunk holds M % 32 columns
+    elsize = torch.finfo(dtype).bits // 8
+    monkeypatch.setattr(tk, "BWD_BUDGET_FRACTION", 0.0)
+    monkeypatch.setattr(tk, "BWD_MIN_BUDGET_BYTES", 21 * 32 * elsize)
+    monkeypatch.setattr(tk, "FWD_SPLITS", 3)
+    assert tk.chunk_columns(21, M, elsize) == 32 < M
+    many = _loss_and_grads("triton", q64, d64, w, dtype, scale, kw)
+    _check_vs_float64(many, q64, d64, w, dtype, scale, kw, label="chunked ")
+    # fp32: the split merge and the chunked sums round differently; bf16 gradients come back
+    # in bf16, so a last-bit difference before that rounding moves them by one bf16 step.
+    rtol = 1e-5 if dtype == torch.float32 else 2**-7
+    for name, a, b in zip(["loss", "dq", "dd", "dscale"], many, one, strict=True):
+        assert_close(a, b, rtol=rtol, atol=1e-7, name=f"chunked vs one pass: {name}")
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("case", ["multi_pos_ids", "symmetric_ids_dupindex"])
+def test_triton_backward_is_deterministic(tiny_chunks, case, dtype):
+    """Two runs (several chunks and splits, learnable scale) are bitwise equal."""
+    q64, d64, w, scale, kw = _triton_case(case, B=21, D=19)
+    first = _loss_and_grads("triton", q64, d64, w, dtype, scale, kw)
+    second = _loss_and_grads("triton", q64, d64, w, dtype, scale, kw)
+    for name, a, b in zip(["loss", "dq", "dd", "dscale"], first, second, strict=True):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("needs", ["q", "d", "scale", "q_scale"])
+def test_triton_partial_gradients_equal_full(tiny_chunks, needs):
+    """Asking for a subset of (queries, docs, scale) gives the same numbers as all three."""
+    q64, d64, w, scale, kw = _triton_case("multi_pos_ids", B=21, D=19)
+    full = _loss_and_grads("triton", q64, d64, w, torch.float32, scale, kw)
+    q = q64.float().requires_grad_("q" in needs)
+    d = d64.float().requires_grad_(needs == "d")
+    s = torch.tensor(scale, requires_grad="scale" in needs)
+    loss = contrastive_loss(q, d, scale=s, reduction="none", impl="triton", **kw)
+    want = [
+        t
+        for t, on in zip(
+            [q, d, s], [q.requires_grad, d.requires_grad, s.requires_grad], strict=True
+        )
+        if on
+    ]
+    grads = iter(torch.autograd.grad((loss * w.float()).sum(), want))
+    for name, t, f in zip(["dq", "dd", "dscale"], [q, d, s], full[1:], strict=True):
+        if t.requires_grad:
+            assert torch.equal(next(grads).double(), f), name
+
+
+@pytest.mark.parametrize("where", ["query", "doc"])
+@pytest.mark.parametrize("mode", ["index", "mask", "symmetric"])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+def test_triton_nan_inputs_propagate(tiny_chunks, where, mode, dtype):
+    """A NaN in an active embedding reaches the losses and gradients the reference's do
+    (through the split merge and every chunk), never dropped by a max or a guard."""
+    B, M, D = 21, 37, 19
+    q64, d64, pos, _, w = make_contrastive(B, M, D, positives="mask" if mode == "mask" else None)
+    (q64 if where == "query" else d64)[4, 3] = float("nan")
+    kw = dict(positives=pos, symmetric=mode == "symmetric")
+    ours = _loss_and_grads("triton", q64, d64, w, dtype, 20.0, kw)
+    ref = _loss_and_grads("reference", q64, d64, w, torch.float64, 20.0, kw)
+    assert torch.isnan(ours[0]).any()
+    for name, a, b in zip(["loss", "dq", "dd", "dscale"], ours, ref, strict=True):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{name}: NaN pattern differs"
+
+
+def _after(x: torch.Tensor, pad_rows: int, fill) -> torch.Tensor:
+    """``x`` copied into the first rows of a larger buffer whose remaining rows hold ``fill``:
+    a contiguous view, so a kernel reading past its last row reads ``fill``."""
+    buf = torch.full((x.shape[0] + pad_rows, *x.shape[1:]), fill, dtype=x.dtype)
+    buf[: x.shape[0]] = x
+    return buf[: x.shape[0]]
+
+
+@pytest.mark.parametrize("D", [32, 19], ids=["D32-in-place", "D19-padded"])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("mode", ["index_ids", "mask_ids"])
+def test_triton_never_reads_past_the_inputs(tiny_chunks, D, dtype, mode, nan_empty):
+    """NaN rows right after queries and docs, True after the positives mask and id table,
+    out-of-range ids after the positives / doc ids: the kernel module's outputs are bitwise
+    those of clean inputs (the tile padding is masked, never read), and finite."""
+    tk = tiny_chunks
+    from rag_kernels.ops.contrastive.reference import positive_id_table
+
+    B, M = 21, 37
+    q64, d64, pos, ids, w = make_contrastive(
+        B, M, D, positives="index" if mode == "index_ids" else "mask", doc_ids=True
+    )
+    q, d = F.normalize(q64, dim=-1).to(dtype), F.normalize(d64, dim=-1).to(dtype)
+    scale = torch.tensor(20.0)
+    pos_index, pos_mask = _positive_args(pos, B)
+    table = None
+    if pos_mask is not None:
+        table, ids = positive_id_table(pos_mask, ids)
+    grad = w.float()
+
+    def run(q, d, pos_index, pos_mask, ids, table):
+        loss, lse, plse = tk.forward(q, d, scale, pos_index, pos_mask, ids, table)
+        grads = tk.backward(
+            q, d, scale, pos_index, pos_mask, ids, table, lse, plse, grad, (True, True, True)
+        )
+        return [loss, lse, plse, *grads]
+
+    clean = run(q, d, pos_index, pos_mask, ids, table)
+    nan = float("nan")
+    dirty = run(
+        _after(q, 16, nan),
+        _after(d, 16, nan),
+        None if pos_index is None else _after(pos_index, 16, M + 5),
+        None if pos_mask is None else _after(pos_mask, 16, True),
+        _after(ids, 16, 10**6),
+        None if table is None else _after(table, 16, True),
+    )
+    names = ["loss", "lse", "plse", "dq", "dd", "dscale"]
+    for name, a, b in zip(names, dirty, clean, strict=True):
+        assert torch.isfinite(a.float()).all(), name
+        assert torch.equal(a, b), f"{name}: padding past the inputs changed the result"
+
+
+def test_chunk_columns_budget(tk):
+    """The backward buffer [B, Mc] holds at most max(1 % of B x M, 256 MiB) and as many
+    columns as fit, in multiples of the alignment (128 on CUDA, 16 in the interpreter) with a
+    floor of one multiple, never more columns than M."""
+    mib = 2**20
+    align = tk._ALIGN
+    for B, M, elsize in [(65536, 65536, 2), (65536, 65536, 4), (512, 10**7, 4), (4096, 4096, 4)]:
+        mc = tk.chunk_columns(B, M, elsize)
+        budget = max(0.01 * B * M * elsize, 256 * mib)
+        assert mc <= M and (mc == M or mc % align == 0)
+        assert B * mc * elsize <= budget
+        assert mc == M or B * (mc + align) * elsize > budget  # as many columns as fit
+    assert tk.chunk_columns(4096, 4096, 4) == 4096  # 64 MiB: one chunk
+    assert tk.chunk_columns(2**22, 1000, 4) == align  # over budget only by the floor
+
+
 def test_cpu_multi_tile_matches_reference():
     """Shapes beyond one 128 x 1024 block of the C++ kernel (tile edges, several threads)."""
     require_impl("contrastive", "cpu")

@@ -1,7 +1,10 @@
 """Triton linear_logprob kernels (run on CPU under TRITON_INTERPRET=1) vs the float64 reference.
 
-Every test runs with the kernels' fp32 scratch buffers NaN-filled, so a partial result the
-forward kernel forgot to write shows up as NaN.
+Every test runs with the kernels' scratch buffers (fp32 partials, the backward's dz chunk)
+NaN-filled, so an element a kernel forgot to write shows up as NaN. Backward tests run both
+variants (``RAG_KERNELS_TRITON_BACKWARD``): the default deterministic one (dz chunks + ATen
+GEMMs) and the atomic one. The offline sm_90 compile of every config is in
+tests/test_triton_compile.py.
 """
 
 import os
@@ -22,12 +25,26 @@ _WHY = registry.unavailable_reason("linear_logprob", "triton")
 if _WHY:
     pytest.skip(f"linear_logprob impl='triton': {_WHY}", allow_module_level=True)
 
+from rag_kernels.ops import triton_utils as tu  # noqa: E402
+from rag_kernels.ops.linear_logprob import make_options  # noqa: E402
 from rag_kernels.ops.linear_logprob import triton as tk  # noqa: E402
+
+VARIANTS = ["deterministic", "atomic"]
 
 
 @pytest.fixture(autouse=True)
 def _nan_scratch(monkeypatch):
     nan_scratch(monkeypatch, tk)
+    monkeypatch.setattr(
+        tk, "_empty_dz", lambda shape, device, dtype: torch.full(shape, float("nan"), dtype=dtype)
+    )
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request, monkeypatch):
+    """Run the test with each backward variant, selected through the environment variable."""
+    monkeypatch.setenv(tu.BACKWARD_ENV, request.param)
+    return request.param
 
 
 def run(impl, h, w, y, b, ups, softcap=None, grads=(True, True, True), stats=True):
@@ -75,8 +92,15 @@ def _check_against_reference(shape, opt, splits, monkeypatch):
 
 @pytest.mark.parametrize("opt", list(OPTIONS), ids=list(OPTIONS))
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
-def test_fp32_matches_float64_reference(shape, opt, monkeypatch):
+def test_fp32_matches_float64_reference(shape, opt, variant, monkeypatch):
     _check_against_reference(SHAPES[shape], OPTIONS[opt], 1, monkeypatch)
+
+
+@pytest.mark.parametrize("opt", ["plain", "bias_softcap"])
+def test_multi_chunk_backward_matches_reference(opt, monkeypatch):
+    # 32-column chunks: 5 chunks of V = 131, the last one 3 columns (a ragged tile).
+    monkeypatch.setattr(tk, "CHUNK_COLUMNS", 32)
+    _check_against_reference((37, 50, 131), OPTIONS[opt], 1, monkeypatch)
 
 
 @pytest.mark.parametrize("opt", ["plain", "bias_softcap"])
@@ -85,7 +109,7 @@ def test_vocab_splits_combine(opt, monkeypatch):
     _check_against_reference((37, 50, 131), OPTIONS[opt], 3, monkeypatch)
 
 
-def test_only_logprob_used_and_partial_needs():
+def test_only_logprob_used_and_partial_needs(variant):
     h, w, y, b, ups = make_linear_logprob(
         23, 20, 70, bias=True, dtype=torch.float32, n_ignore=4, wscale=2.0
     )
@@ -100,7 +124,7 @@ def test_only_logprob_used_and_partial_needs():
                 assert got is None
 
 
-def test_zero_upstream_rows_skipped_exactly():
+def test_zero_upstream_rows_skipped_exactly(variant):
     h, w, y, _, ups = make_linear_logprob(40, 12, 45, dtype=torch.float32, n_ignore=3, wscale=2.0)
     zero_rows = torch.zeros(40, dtype=torch.bool)
     zero_rows[5:30] = True  # active rows interleaved: the kernel reorders them
@@ -112,7 +136,7 @@ def test_zero_upstream_rows_skipped_exactly():
     assert_close(g[1], g_ref[1], rtol=1e-5, name="d_weight")
 
 
-def test_all_rows_ignored():
+def test_all_rows_ignored(variant):
     h, w, y, _, ups = make_linear_logprob(6, 8, 21, dtype=torch.float32, n_ignore=6, wscale=2.0)
     out, g = run("triton", h, w, y, None, ups)
     for o in out:
@@ -135,7 +159,7 @@ def test_float64_rejected_with_clear_error():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_low_precision_within_twice_torch_error(dtype):
+def test_low_precision_within_twice_torch_error(dtype, variant):
     # Ground truth: float64 on the rounded inputs. Plain PyTorch: the reference run in `dtype`.
     h, w, y, b, ups = make_linear_logprob(
         37, 50, 131, dtype=dtype, bias=True, n_ignore=4, wscale=2.0
@@ -166,8 +190,10 @@ def _filter_case():
     return h, w, y, b, ups
 
 
-def _bwd(h, w, y, b, ups, filter_eps, with_sum=False):
-    opts = SimpleNamespace(ignore_index=IGN, softcap=None, filter_eps=filter_eps)
+def _bwd(h, w, y, b, ups, filter_eps, with_sum=False, variant=None):
+    opts = SimpleNamespace(
+        ignore_index=IGN, softcap=None, filter_eps=filter_eps, triton_backward=variant
+    )
     _, lse, _ = tk.forward(h, w, y, b, opts)
     g = [u.float() for u in ups]
     return tk.backward(
@@ -175,11 +201,12 @@ def _bwd(h, w, y, b, ups, filter_eps, with_sum=False):
     )
 
 
-def test_filter_eps_error_within_documented_bound():
+@pytest.mark.parametrize("which", VARIANTS)
+def test_filter_eps_error_within_documented_bound(which):
     h, w, y, b, ups = _filter_case()
     eps = 1e-3
-    exact = _bwd(h, w, y, b, ups, None)
-    filt = _bwd(h, w, y, b, ups, eps)
+    exact = _bwd(h, w, y, b, ups, None, variant=which)
+    filt = _bwd(h, w, y, b, ups, eps, variant=which)
     # The filter did skip something: whole tiles of dW are exactly zero.
     assert (filt[1][32:96] == 0).all() and (exact[1][32:96] != 0).any()
     keep = (y != IGN).double()
@@ -200,87 +227,98 @@ def test_filter_eps_error_within_documented_bound():
     assert_close(filt[1][96:128], exact[1][96:128].double(), rtol=1e-2, name="target tile")
 
 
-def test_filter_eps_never_skips_with_label_smoothing_gradient():
+@pytest.mark.parametrize("which", VARIANTS)
+def test_filter_eps_never_skips_with_label_smoothing_gradient(which):
     h, w, y, b, ups = _filter_case()
-    exact = _bwd(h, w, y, b, ups, None, with_sum=True)
-    filt = _bwd(h, w, y, b, ups, 1e-3, with_sum=True)
+    exact = _bwd(h, w, y, b, ups, None, with_sum=True, variant=which)
+    filt = _bwd(h, w, y, b, ups, 1e-3, with_sum=True, variant=which)
     for f, e in zip(filt, exact, strict=False):
         torch.testing.assert_close(f, e, rtol=1e-6, atol=1e-6)
 
 
-# ------------------------------------------------------------------- H100 compile check
-
-_AOT = r"""
-import json, os, re, subprocess, sys, tempfile
-import triton
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError as exc:
-    print("SKIP", exc); sys.exit(0)
-from rag_kernels.ops.linear_logprob import triton as tk
-
-tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-if not os.path.exists(os.path.join(tools, "ptxas")):
-    print("SKIP no ptxas in the triton wheel"); sys.exit(0)
-common = dict(h_ptr="*{dt}", w_ptr="*{dt}", b_ptr="*{dt}", y_ptr="*i64", rows_ptr="*i64",
-              nact_ptr="*i64")
-FWD = dict(common, m_ptr="*fp32", s_ptr="*fp32", zt_ptr="*fp32", zs_ptr="*fp32", N="i32",
-           V="i32", D="i32", Y_INNER="i32", Y_GROUP="i32", split_len="i32", softcap="fp32",
-           N_KEY="i32")
-BWD = dict(common, lse_ptr="*fp32", glp_ptr="*fp32", glse_ptr="*fp32", gs_ptr="*fp32",
-           dh_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32", N="i32", V="i32", D="i32",
-           Y_INNER="i32", Y_GROUP="i32", softcap="fp32", filter_eps="fp32", N_KEY="i32")
-for dt, bits in (("bf16", 16), ("fp32", 32)):
-    prec = "ieee" if bits == 32 else "tf32"
-    for name, kern, sig, cfg, consts in (
-        ("fwd", tk.linear_logprob_fwd_kernel, FWD, getattr(tk, f"_FWD_CONFIGS_{bits}")[0],
-         dict(HAS_BIAS=True, SOFTCAP=True)),
-        ("bwd", tk.linear_logprob_bwd_kernel, BWD, getattr(tk, f"_BWD_CONFIGS_{bits}")[0],
-         dict(HAS_BIAS=True, SOFTCAP=True, HAS_GLSE=True, HAS_GS=True, NEED_DH=True,
-              NEED_DW=True, NEED_DB=True, FILTER=True)),
-    ):
-        sig = {k: v.format(dt=dt) for k, v in sig.items()}
-        consts = dict(consts, INPUT_PRECISION=prec, UPCAST=False, **cfg.kwargs)
-        sig.update({k: "constexpr" for k in consts})
-        names = list(kern.arg_names)
-        # what a launch specializes on for 16-divisible sizes and aligned tensors
-        attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
-                 if v.startswith("*") or k in ("N", "V", "D", "split_len", "N_KEY")}
-        try:
-            src = ASTSource(kern, sig, consts, attrs)
-        except TypeError as exc:
-            print("SKIP", exc); sys.exit(0)
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"]); f.flush()
-            use = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage",
-                                  f.name], capture_output=True, text=True).stdout
-        m = re.search(r"REG:(\d+) STACK:(\d+)", use)
-        print(json.dumps(dict(kernel=name, dtype=dt, regs=int(m.group(1)),
-                              stack=int(m.group(2)), smem=k.metadata.shared)))
-"""
+# ------------------------------------------------------------- deterministic backward
 
 
-@pytest.mark.slow
-def test_default_configs_compile_for_h100():
-    """Compile the default configs for sm_90 offline: fit shared memory, bf16 spills nothing."""
-    import subprocess
-    import sys
+def _grads(h, w, y, b, ups, softcap=None, variant=None):
+    """``tk.backward`` directly (dh, dW, db) after ``tk.forward``; upstream of all three outputs."""
+    opts = make_options(IGN, softcap, None, variant)
+    _, lse, _ = tk.forward(h, w, y, b, opts)
+    g = [u.float() for u in ups]
+    return tk.backward(h, w, y, b, lse, g[0], g[1], g[2], opts, (True, True, b is not None))
 
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=600
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_deterministic_backward_is_bitwise_reproducible(dtype):
+    h, w, y, b, ups = make_linear_logprob(
+        29, 24, 70, dtype=dtype, bias=True, n_ignore=5, wscale=2.0
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    if proc.stdout.startswith("SKIP"):
-        pytest.skip(proc.stdout.strip())
-    import json
+    first = _grads(h, w, y, b, ups, softcap=2.0, variant="deterministic")
+    second = _grads(h, w, y, b, ups, softcap=2.0, variant="deterministic")
+    for a, c in zip(first, second, strict=True):
+        assert torch.equal(a, c)
 
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4, proc.stdout
-    for r in rows:
-        assert r["smem"] <= 232448, r  # H100: 227 KiB of shared memory per block
-        if r["dtype"] == "bf16":
-            assert r["stack"] == 0, r  # no register spills on the tensor-core path
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cols", [32, 64], ids=["chunk32", "chunk64"])
+def test_chunked_backward_matches_one_chunk(dtype, cols, monkeypatch):
+    """Several vocabulary chunks give one chunk's result, up to the fp32 summation order (the
+    cross-chunk dh sum, the GEMM library's blocking for other shapes): same dz, same sums."""
+    h, w, y, b, ups = make_linear_logprob(
+        37, 50, 131, dtype=dtype, bias=True, n_ignore=4, wscale=2.0
+    )
+    one = _grads(h, w, y, b, ups, softcap=2.0, variant="deterministic")
+    monkeypatch.setattr(tk, "CHUNK_COLUMNS", cols)
+    many = _grads(h, w, y, b, ups, softcap=2.0, variant="deterministic")
+    # fp32: summation order only; bf16: at most one rounding step of the 16-bit results
+    tol = 1e-6 if dtype == torch.float32 else 2**-7
+    for name, a, c in zip(("dh", "dW", "db"), many, one, strict=True):
+        torch.testing.assert_close(a.float(), c.float(), rtol=tol, atol=tol, msg=name)
+    assert (many[0][y == IGN] == 0).all()
+
+
+def test_bf16_softcap_multi_chunk_within_twice_torch_error(variant, monkeypatch):
+    monkeypatch.setattr(tk, "CHUNK_COLUMNS", 32)
+    h, w, y, b, ups = make_linear_logprob(
+        37, 50, 131, dtype=torch.bfloat16, bias=True, n_ignore=4, wscale=2.0
+    )
+    out64, g64 = run("reference", h.double(), w.double(), y, b.double(), ups, softcap=2.0)
+    out_pt, g_pt = run("reference", h, w, y, b, ups, softcap=2.0)
+    out_tk, g_tk = run("triton", h, w, y, b, ups, softcap=2.0)
+    names = ("lp", "lse", "sum_logprob", "d_hidden", "d_weight", "d_bias")
+    for name, got, pt, want in zip(names, out_tk + g_tk, out_pt + g_pt, out64 + g64, strict=True):
+        assert got.dtype == pt.dtype, name
+        assert_close(got, want, ref=pt, rtol=1e-4, name=name)
+
+
+def test_variant_option_and_env_var_checked(monkeypatch):
+    with pytest.raises(ValueError, match="triton_backward"):
+        make_options(triton_backward="fast")
+    h, w, y, _, _ = make_linear_logprob(6, 8, 21, dtype=torch.float32, wscale=2.0)
+    monkeypatch.setenv(tu.BACKWARD_ENV, "fast")
+    lp = rk.linear_logprob(h.requires_grad_(), w, y, impl="triton")
+    with pytest.raises(ValueError, match=tu.BACKWARD_ENV):
+        lp.sum().backward()
+    # the option wins over the environment
+    assert tu.backward_variant("atomic") == "atomic"
+    monkeypatch.setenv(tu.BACKWARD_ENV, "atomic")
+    assert tu.backward_variant(None) == "atomic"
+    monkeypatch.delenv(tu.BACKWARD_ENV)
+    assert tu.backward_variant(None) == "deterministic"
+
+
+@pytest.mark.parametrize(
+    "n_total,n_rows,vocab,elem,want",
+    [
+        pytest.param(16384, 16384, 128256, 2, 8192, id="N16k-V128k-bf16-256MiB"),
+        pytest.param(16384, 4000, 128256, 2, 33536, id="N16k-4000active"),
+        pytest.param(2**20, 2**20, 128256, 2, 1280, id="N1M-1pct"),
+        pytest.param(64, 64, 1000, 4, 1000, id="small-V-one-chunk"),
+        pytest.param(2**24, 2**24, 5000, 2, 128, id="floor-128"),
+    ],
+)
+def test_chunk_columns_within_budget(n_total, n_rows, vocab, elem, want):
+    cols = tu.chunk_columns(n_total, n_rows, vocab, elem)
+    assert cols == want
+    budget = max(tu.CHUNK_FRACTION * n_total * vocab * elem, tu.CHUNK_MIN_BYTES)
+    if cols > tu.CHUNK_ALIGN:  # the 128-column floor is the documented exception
+        assert n_rows * cols * elem <= budget

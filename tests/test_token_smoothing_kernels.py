@@ -330,6 +330,28 @@ def test_cpu_with_logprob_matches_reference(cpu_tiles, softcap):
 # ---------------------------------------------------------------------------------- Triton
 
 
+VARIANTS = ["deterministic", "atomic"]
+
+
+@pytest.fixture
+def variant(request, monkeypatch):
+    """Each Triton backward variant (through the environment variable), with the
+    deterministic backward's dz chunk buffer NaN-filled (an unwritten element shows)."""
+    from rag_kernels.ops import triton_utils as tu
+
+    monkeypatch.setenv(tu.BACKWARD_ENV, request.param)
+    monkeypatch.setattr(
+        ts_triton,
+        "_empty_dz",
+        lambda shape, device, dtype: torch.full(shape, float("nan"), dtype=dtype, device=device),
+    )
+    return request.param
+
+
+def triton_variants(fn):
+    return pytest.mark.parametrize("variant", VARIANTS, indirect=True)(fn)
+
+
 @pytest.fixture
 def triton_blocks(request):
     rows, bv, bh = request.param
@@ -348,7 +370,8 @@ def triton_blocks(request):
     [(False, None, False), (True, 2.5, True)],
     ids=["plain", "bias-softcap-mask"],
 )
-def test_triton_fp32_matches_float64_truth(triton_blocks, bias, softcap, mask):
+@triton_variants
+def test_triton_fp32_matches_float64_truth(triton_blocks, bias, softcap, mask, variant):
     B, K, T, H, V = 2, 3, 5, 7, 37
     hidden, weight, scores, b, doc_mask = make_token_smoothing(
         B, K, T, H, V, bias=bias, doc_mask=mask, hscale=2.0
@@ -387,7 +410,8 @@ def test_triton_fp32_matches_float64_truth(triton_blocks, bias, softcap, mask):
 
 
 @needs_triton
-def test_triton_vocab_splits_and_bf16():
+@triton_variants
+def test_triton_vocab_splits_and_bf16(variant):
     """Several vocab splits merged on the host; bf16 within twice plain PyTorch's error."""
     B, K, T, H, V = 1, 2, 3, 16, 45
     hidden, weight, scores, b, _ = make_token_smoothing(B, K, T, H, V, bias=True)
@@ -432,6 +456,40 @@ def test_triton_vocab_splits_and_bf16():
 
 
 @needs_triton
+@triton_variants
+def test_triton_bf16_softcap_mask_multi_chunk_within_twice_pytorch(variant, monkeypatch):
+    """bf16 with bias, softcap, masked (NaN-poisoned) documents and three vocab chunks."""
+    monkeypatch.setattr(ts_triton, "CHUNK_COLUMNS", 16)
+    B, K, T, H, V = 2, 3, 5, 16, 37
+    hidden, weight, scores, b, doc_mask = make_token_smoothing(
+        B, K, T, H, V, bias=True, doc_mask=True, hscale=2.0
+    )
+    upstream = torch.rand(B, T, dtype=torch.float64)
+    hl, wl, bl = (x.bfloat16() for x in (hidden, weight, b))
+    scores = scores.float()
+    truth, truth_g = run_with_grads(
+        reference_fn(2.5, doc_mask), hl.double(), wl.double(), scores.double(), bl.double(),
+        upstream,
+    )  # fmt: skip
+    torch_out, torch_g = run_with_grads(
+        reference_fn(2.5, doc_mask), hl, wl, scores, bl, upstream.float()
+    )
+    out, g = run_with_grads(
+        kernel_fn("triton", 2.5, doc_mask), poisoned(hl, ~doc_mask), wl, scores, bl,
+        upstream.float(),
+    )  # fmt: skip
+    assert g[0].dtype == torch.bfloat16 and (g[0][~doc_mask] == 0).all()
+    for name, x, tx, rx in zip(
+        ["out", "hidden", "weight", "doc_scores", "bias"],
+        [out, *g],
+        [torch_out, *torch_g],
+        [truth, *truth_g],
+        strict=True,
+    ):
+        assert_close(x, rx, ref=tx, rtol=1e-5, atol=1e-5, name=name)
+
+
+@needs_triton
 def test_triton_rejects_float64():
     hidden, weight, scores, _, _ = make_token_smoothing(1, 2, 2, 3, 5)
     with pytest.raises(TypeError, match="float64"):
@@ -441,6 +499,80 @@ def test_triton_rejects_float64():
 
 
 @needs_triton
+@triton_variants
 @pytest.mark.parametrize("softcap", [None, 2.5], ids=["nocap", "softcap"])
-def test_triton_with_logprob_matches_reference(softcap):
+def test_triton_with_logprob_matches_reference(softcap, variant):
     check_with_logprob(kernel_with_logprob("triton"), torch.float32, softcap, rtol=1e-4, atol=1e-4)
+
+
+def _triton_grads(hidden, weight, scores, b, target, doc_mask, c_out, c_lp, softcap=None):
+    """Gradients (hidden, weight, doc_scores, bias) of ``sum c_out out + sum c_lp lp``."""
+    leaves = [x.detach().clone().requires_grad_(True) for x in (hidden, weight, scores, b)]
+    opts = TokenSmoothingOptions(softcap=softcap)
+    out, lp = token_smoothing_core(*leaves[:3], target, leaves[3], doc_mask, opts, "triton")
+    ((out * c_out).sum() + (lp * c_lp).sum()).backward()
+    return [x.grad for x in leaves]
+
+
+def _nan_rows_case(dtype):
+    """Masked documents, an ignored target position and a zero-upstream token, all three
+    with NaN hidden rows; returns the inputs and a float64 truth computed on clean rows."""
+    B, K, T, H, V = 2, 3, 5, 7, 37
+    hidden, weight, scores, b, doc_mask = make_token_smoothing(
+        B, K, T, H, V, bias=True, doc_mask=True, hscale=2.0
+    )
+    target = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    target[0, 2] = -1
+    c_out = torch.rand(B, T, dtype=torch.float64)
+    c_out[0, 2] = c_out[1, 3] = 0.0  # token (0, 2) ignored; (1, 3) has zero upstream
+    c_lp = torch.rand(B, K, T, dtype=torch.float64)
+    c_lp[1, :, 3] = 0.0
+    dead = ~doc_mask[:, :, None].expand(B, K, T).clone()
+    dead[0, :, 2] = dead[1, :, 3] = True
+    hidden = hidden.to(dtype)
+    weight, b = weight.to(dtype), b.to(dtype)
+    return hidden, weight, scores.float(), b, target, doc_mask, c_out, c_lp, dead
+
+
+@needs_triton
+@triton_variants
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_nan_rows_never_read(dtype, variant, monkeypatch):
+    """NaN in masked documents', ignored and zero-upstream tokens' rows reaches no gradient,
+    with one and several vocabulary chunks, and the result matches the clean-input run."""
+    hidden, weight, scores, b, target, doc_mask, c_out, c_lp, dead = _nan_rows_case(dtype)
+    args = (weight, scores, b, target, doc_mask, c_out.float(), c_lp.float())
+    clean = _triton_grads(torch.where(dead[..., None], 0.0, hidden).to(dtype), *args)
+    for cols in (None, 16):
+        monkeypatch.setattr(ts_triton, "CHUNK_COLUMNS", cols)
+        got = _triton_grads(poisoned(hidden, dead), *args)
+        for name, x, c in zip(["hidden", "weight", "doc_scores", "bias"], got, clean, strict=True):
+            assert torch.isfinite(x).all(), f"{name} chunk={cols}"
+            torch.testing.assert_close(x, c, rtol=1e-5, atol=1e-5, msg=f"{name} chunk={cols}")
+        assert (got[0][dead] == 0).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_chunked_backward_deterministic_and_matches_one_chunk(dtype, monkeypatch):
+    """Two deterministic runs are bitwise equal; 16-column chunks (3 of V = 37, the last one
+    ragged) give the one-chunk result up to fp32 summation order (bf16: one rounding)."""
+    hidden, weight, scores, b, target, doc_mask, c_out, c_lp, _ = _nan_rows_case(dtype)
+    args = (hidden, weight, scores, b, target, doc_mask, c_out.float(), c_lp.float())
+    monkeypatch.setenv("RAG_KERNELS_TRITON_BACKWARD", "deterministic")
+    one = _triton_grads(*args, softcap=2.5)
+    again = _triton_grads(*args, softcap=2.5)
+    for x, y in zip(one, again, strict=True):
+        assert torch.equal(x, y)
+    monkeypatch.setattr(ts_triton, "CHUNK_COLUMNS", 16)
+    many = _triton_grads(*args, softcap=2.5)
+    tol = 1e-6 if dtype == torch.float32 else 2**-7
+    for name, x, y in zip(["hidden", "weight", "doc_scores", "bias"], many, one, strict=True):
+        torch.testing.assert_close(x.float(), y.float(), rtol=tol, atol=tol, msg=name)
+
+
+@needs_triton
+def test_triton_backward_option_checked():
+    with pytest.raises(ValueError, match="triton_backward"):
+        TokenSmoothingOptions(triton_backward="fast")
+    assert TokenSmoothingOptions(triton_backward="atomic").triton_backward == "atomic"

@@ -14,13 +14,19 @@ cpu on CPU tensors. Two fallbacks are deliberate and loud, none is silent:
   the ``[N, V]`` logits, an out-of-memory on a real model) with the import error and the fix;
   pass ``impl="reference"`` to run it anyway. Ops without a fused kernel worth the name on a
   dtype (e.g. float64 contrastive) choose the reference explicitly through ``auto_reference``.
+
+:func:`launcher_op` registers a Triton host launcher as an opaque torch op
+(``torch.ops.rag_kernels.<op>_<phase>_triton``), so ``torch.compile`` traces the Triton path
+without a graph break (docs/design.md §4.2).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -78,6 +84,25 @@ def _op(name: str) -> _Op:
     return _OPS[name]
 
 
+def _import(module: str) -> str | None:
+    """Import ``module``: None, or why it failed (triton missing, a broken install).
+
+    Under ``torch.compile`` dynamo calls this eagerly while tracing and keeps its (constant)
+    result: ``importlib`` cannot be traced, and this way the first call of an op may come from
+    inside a compiled ``fullgraph=True`` function. The mark is what
+    ``torch.compiler.assume_constant_result`` sets, set directly so that ``import
+    rag_kernels`` does not import ``torch._dynamo``.
+    """
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+_import._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def _load(name: str, impl: str) -> ModuleType | None:
     """The kernel module, or None (reason in ``errors``) when it cannot run in this process."""
     op = _op(name)
@@ -91,11 +116,11 @@ def _load(name: str, impl: str) -> ModuleType | None:
     if impl == "cpu" and _C is None:
         op.errors[impl] = f"the C++ extension did not load ({_C_ERROR})"
         return None
-    try:
-        mod = importlib.import_module(f"{op.package}.{impl}")
-    except Exception as exc:  # triton missing, or a broken install: keep the reason
-        op.errors[impl] = f"importing {op.package}.{impl} failed: {type(exc).__name__}: {exc}"
+    error = _import(f"{op.package}.{impl}")
+    if error is not None:
+        op.errors[impl] = f"importing {op.package}.{impl} failed: {error}"
         return None
+    mod = getattr(sys.modules[op.package], impl)  # an attribute of its package once imported
     if impl == "cpu" and not mod.available():
         op.errors[impl] = (
             f"the C++ extension does not register {name!r}: rebuild it with "
@@ -191,3 +216,37 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Kernel launches on ``t``'s GPU: Triton launches on the *current* device, which under
     torchrun is GPU 0 for every rank unless the caller set it; the ops never rely on that."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+LIBRARY = "rag_kernels"  # the torch op namespace of the C++ ops and the Triton launchers
+
+
+def launcher_op(name: str):
+    """Register a Triton host launcher as the opaque torch op ``rag_kernels::<name>``.
+
+    Decorator for a function annotated with torch types (the schema is inferred from them,
+    ``mutates_args=()``: the launcher allocates its outputs and never writes its inputs).
+    Returns ``torch.library.custom_op``'s op object; the op module registers its fake
+    (output shapes and dtypes from input shapes) next to it with ``@op.register_fake``, and
+    calls it as ``torch.ops.rag_kernels.<name>``.
+
+    Why an opaque ``custom_op`` (docs/design.md §4.2): ``torch.compile`` then records one graph
+    node per launch and never traces the launcher's body, so everything in it that needs real
+    sizes or values (block sizes, ``bit_length`` autotune buckets, grids, chunk loops, the
+    active-row partition, the SM count) runs on real tensors, also under ``dynamic=True``.
+    The body runs under :func:`device_guard` of its first tensor argument.
+    """
+    qualname = f"{LIBRARY}::{name}"
+
+    def wrap(fn):
+        schema = torch.library.infer_schema(fn, mutates_args=())
+
+        @functools.wraps(fn)
+        def launch(*args, **kwargs):
+            ref = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+            with device_guard(ref):
+                return fn(*args, **kwargs)
+
+        return torch.library.custom_op(qualname, launch, mutates_args=(), schema=schema)
+
+    return wrap

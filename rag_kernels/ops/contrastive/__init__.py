@@ -26,9 +26,13 @@ to ``pos(i)``); ``dq_i = scale * sum_j dS_ij d_j``, ``dd_j = scale * sum_i dS_ij
 Implementations: ``reference.py`` (materialises ``[B, M]``), ``cpu.py`` (C++, csrc/
 contrastive.cpp) and ``triton.py`` (GPU): both stream ``[B-tile, M-tile]`` blocks, keep only
 per-query statistics (row log-sum-exp, positive log-sum-exp) and recompute the tiles in the
-backward, so memory is O((B + M) D), never B x M. The symmetric column direction is the same
-row kernel applied to the transposed problem (positive documents as queries, queries as
-candidates), which streams the ``[B, B]`` block of positive columns the same way.
+backward, so memory is O((B + M) D), never B x M. The Triton backward is deterministic (no
+atomics): per chunk of candidates a kernel writes ``scale dS [B, Mc]`` in the compute dtype
+and cuBLAS does ``dd = (scale dS)^T q``, ``dq += (scale dS) d``; the one chunk buffer stays
+within ``max(1 % of B x M, 256 MiB)`` (``triton.py`` states the math, memory and error). The
+symmetric column direction is the same row kernel applied to the transposed problem
+(positive documents as queries, queries as candidates), which streams the ``[B, B]`` block
+of positive columns the same way.
 
 Distributed (``gather=True``): docs (and doc_ids; for ``symmetric`` also queries) are
 all-gathered with gradient (:func:`rag_kernels.ops.distributed.all_gather_with_grad`); local
@@ -50,7 +54,7 @@ import torch
 from .. import registry
 from .. import validation as V
 from ..distributed import gather_candidates
-from .reference import contrastive_loss_reference, positive_id_table, similarity_inputs
+from .reference import contrastive_loss_reference, similarity_inputs
 
 OP = registry.register("contrastive", __name__)
 
@@ -132,6 +136,19 @@ def _rows(kernels, q, d, scale, pos_index=None, pos_mask=None, cand_ids=None, id
     )
 
 
+def _id_table(pos_mask: torch.Tensor, cand_ids: torch.Tensor):
+    """The fused kernels' ``(id_table [B, M] bool, compact [M] int64)`` for mask mode with ids:
+    ``compact[j]`` is the sorted position of candidate j's id's first occurrence (equal ids
+    share it, distinct ids differ) and ``id_table[i, u]`` is True when one of query i's
+    positives has ``compact = u``. Same meaning as ``reference.positive_id_table``, with ``M``
+    columns instead of the number of distinct ids: static shapes and no host read, so
+    ``torch.compile`` traces it (the table is the size of the ``[B, M]`` mask itself)."""
+    compact = torch.searchsorted(torch.sort(cand_ids).values, cand_ids)
+    table = torch.zeros(pos_mask.shape, dtype=torch.uint8, device=pos_mask.device)
+    table.scatter_reduce_(1, compact.expand_as(table), pos_mask.to(torch.uint8), "amax")
+    return table.bool(), compact
+
+
 def _fused(
     impl, in_dtype, q, d, scale, sim, pos_index, pos_mask, cand_ids, symmetric, all_q, all_p, q_off
 ):
@@ -144,7 +161,7 @@ def _fused(
     id_table = None
     ids = cand_ids
     if pos_mask is not None and cand_ids is not None:
-        id_table, ids = positive_id_table(pos_mask, cand_ids)
+        id_table, ids = _id_table(pos_mask, cand_ids)
     loss = _rows(kernels, qn, dn, scale, pos_index, pos_mask, ids, id_table)
     if not symmetric:
         return loss

@@ -1,15 +1,71 @@
-"""Triton kernels for the row-direction contrastive loss (same interface as ``cpu.py``).
+"""Triton kernels for the row-direction contrastive loss (docs/design.md §2.5; same interface
+as ``cpu.py``).
 
-* ``contrastive_fwd_kernel``: one program per ``BLOCK_B`` queries streams ``BLOCK_M`` candidate tiles
-  (scores by ``tl.dot`` over ``BLOCK_D`` chunks), keeping the online row log-sum-exp over the
-  non-excluded candidates and the positive logit (index mode) or the online log-sum-exp over
-  the positives (mask mode).
-* ``contrastive_bwd_dq_kernel``: per query tile, recompute each score tile, ``dS = g (softmax - target)``,
-  ``dq += dS d`` and a per-program partial of ``dscale = sum dS * sim``.
-* ``contrastive_bwd_dd_kernel``: per candidate tile, loop over query tiles, ``dd += dS^T q``.
-Scores and accumulators in fp32; fp16/bf16 embeddings are multiplied in their dtype; fp32
-uses IEEE fp32 products. Nothing of size ``B x M`` is stored. Runs on CPU tensors under
-``TRITON_INTERPRET=1`` (tests) and on CUDA.
+Math, per query i: ``S_ij = scale sim_ij``, ``sim_ij = q_i . d_j``;
+``lse_i = logsumexp_{j not in excl(i)} S_ij``; ``plse_i = S_{i,p(i)}`` (index mode) or
+``logsumexp_{j in pos(i)} S_ij`` (mask mode); ``L_i = lse_i - plse_i``. Backward with
+upstream ``g_i``: ``dS_ij = g_i (P_ij - T_ij)``, ``P_ij = exp(S_ij - lse_i)`` off ``excl(i)``
+(0 on it), ``T_ij = 1[j = p(i)]`` or ``1[j in pos(i)] exp(S_ij - plse_i)``; with
+``G = scale dS`` (the gradient w.r.t. ``sim``): ``dq = G d``, ``dd = G^T q``,
+``dscale = sum_ij dS_ij sim_ij``.
+
+Design:
+
+* ``contrastive_fwd_kernel``: program ``(query block, candidate split)`` streams the
+  ``BLOCK_M`` candidate tiles of its split (score tile by ``tl.dot`` over ``BLOCK_D`` chunks,
+  fp32 accumulation) with an online log-sum-exp over the non-excluded candidates and the
+  positive logit (index mode) or an online log-sum-exp over the positives (mask mode), and
+  writes per-split partials ``[splits, B]``; torch merges them (``logsumexp`` / ``amax``).
+  Splits exist only to fill the GPU when ``B`` is small (a few hundred queries against many
+  hard negatives would otherwise run on a handful of SMs).
+* Backward, deterministic, no atomics: the candidates are taken in chunks of ``Mc`` columns.
+  Per chunk, ``contrastive_bwd_kernel`` (program = one ``[BLOCK_B, BLOCK_M]`` tile, grouped
+  launch order so concurrently running programs share their query and candidate tiles in L2)
+  recomputes the score tile from the saved ``lse`` / ``plse``, writes
+  ``G[:, chunk] = scale dS`` in the compute dtype (rounded once, where plain PyTorch's bf16 /
+  fp16 backward rounds its score gradient) and, when ``scale`` needs a gradient, one fp32
+  partial ``sum dS sim`` per program. ATen (cuBLAS) then does ``dd[chunk] = G^T q`` (complete
+  rows: one GEMM each) and ``dq += G d[chunk]`` (fp32 accumulation across chunks; one
+  chunk: a single GEMM in the compute dtype). Every sum has a fixed order, so two runs are
+  bitwise equal (given cuBLAS's own run-to-run reproducibility on one stream). Cost:
+  ``2 B M D`` flops to recompute the scores plus the ``4 B M D`` of the two GEMMs (the naive
+  autograd backward's own), no fp32 accumulator round trips through global memory.
+* Memory: O((B + M) D) for the inputs and gradients, ``[splits, B]`` forward partials, and
+  the one ``[B, Mc]`` ``G`` buffer (compute dtype), reused by every chunk.
+  ``Mc = min(M, floor(budget / (B elsize)))`` rounded down to a multiple of 128 (16 under the
+  interpreter), at least that multiple, with
+  ``budget = max(BWD_BUDGET_FRACTION (= 1 %) of the B x M matrix in that dtype,
+  BWD_MIN_BUDGET_BYTES (= 256 MiB))``. Only the 128-column floor can exceed the budget
+  (``B > 2^19`` fp32 rows with ``M < 12800``). Module knobs, read at each call (tests shrink
+  them to force several chunks).
+* Error: scores, softmax statistics and every accumulation are fp32; fp32 inputs multiply in
+  IEEE fp32 in the kernels (never TF32); the two ATen GEMMs follow torch's fp32 matmul
+  precision setting (IEEE by default), as the plain PyTorch backward would. 16-bit inputs:
+  products in the input dtype, ``G`` rounded once to it (relative ``2^-9`` for bf16, as in
+  plain PyTorch). With several chunks, ``dq`` adds the chunks' GEMMs in fp32; off CUDA (no
+  fp32-output 16-bit GEMM in ATen) each chunk's ``G d[chunk]`` is rounded to the input dtype
+  first, which adds at most ``2^-9 sum_j |G_ij| |d_j|`` to ``dq_i`` (bf16), the size of the
+  error from rounding ``G`` itself.
+* Tuning: autotuned on CUDA (one config list for 16-bit inputs, one for fp32;
+  ``RAG_KERNELS_AUTOTUNE=0``, read at import, pins the first of each); the key is ``D`` and
+  ``B`` / ``M`` rounded up to powers of two. One tiny config under ``TRITON_INTERPRET=1``,
+  where 16-bit operands are upcast (exactly) to fp32 inside the dot (the 3.9 interpreter
+  mis-computes 16-bit ``tl.dot``) and ``G`` is rounded to nearest-even on the bits. Every
+  configuration is compiled for sm_90 offline by ``tests/test_triton_compile.py`` (no
+  spills, shared memory within the H100's 227 KiB).
+* Alignment and offsets: ``D``, the positives mask and the id table are zero-padded to rows
+  of a multiple of 16 elements when they are not already (a copy only then; zeros add
+  nothing to a score): aligned rows vectorise the loads, odd strides made ptxas spill. Row
+  index x row stride products are formed in int64. Tile padding (rows >= B, columns past
+  the chunk / split, D past its end) is masked on load, never read.
+
+* torch ops: the two host launchers are the opaque ops
+  ``torch.ops.rag_kernels.contrastive_fwd_triton`` / ``contrastive_bwd_triton``
+  (``registry.launcher_op``, fakes next to them), which ``forward`` / ``backward`` call, so
+  ``torch.compile`` records one node per launch, without a graph break, also under
+  ``dynamic=True`` (docs/design.md §4.2).
+
+Runs on CPU tensors under ``TRITON_INTERPRET=1`` (tests) and on CUDA.
 """
 
 from __future__ import annotations
@@ -20,12 +76,69 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import registry
+from ..triton_utils import dot, round_to
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_AUTOTUNE = os.environ.get("RAG_KERNELS_AUTOTUNE", "1") != "0"
+
+# Backward chunk budget (bytes of the [B, Mc] gradient buffer), read at each call.
+BWD_BUDGET_FRACTION = 0.01  # of the B x M score matrix the op never materialises
+BWD_MIN_BUDGET_BYTES = 256 * 2**20
+# Forward candidate splits: None picks them from the GPU's SM count (1 off CUDA).
+FWD_SPLITS: int | None = None
 
 
 def available() -> bool:
     """True when triton imported (this module only loads then)."""
     return True
+
+
+def _cfg(bb, bm, bd, warps, stages, **extra):
+    return triton.Config(
+        {"BLOCK_B": bb, "BLOCK_M": bm, "BLOCK_D": bd, **extra}, num_warps=warps, num_stages=stages
+    )
+
+
+if _INTERPRET:
+    _FWD_CONFIGS_16 = _FWD_CONFIGS_32 = [_cfg(16, 16, 16, 1, 1)]
+    _BWD_CONFIGS_16 = _BWD_CONFIGS_32 = [_cfg(16, 16, 16, 1, 1, GROUP_B=2)]
+    _ALIGN = 16
+else:
+    # Chosen by compiling for sm_90 offline (tests/test_triton_compile.py): none spills in any
+    # mode, with 16-aligned or odd B / M. 16-bit: tensor-core tiles (128 x 128 tiles with 64-wide
+    # D chunks spilled in mask mode). fp32: IEEE FMA dots with BLOCK_D = 32 (128 spilled).
+    _FWD_CONFIGS_16 = [
+        _cfg(128, 64, 64, 8, 3),
+        _cfg(64, 128, 64, 8, 3),
+        _cfg(128, 64, 64, 8, 4),
+        _cfg(64, 64, 64, 4, 3),
+    ]
+    _BWD_CONFIGS_16 = [
+        _cfg(128, 64, 64, 8, 3, GROUP_B=8),
+        _cfg(64, 128, 64, 8, 3, GROUP_B=8),
+        _cfg(128, 128, 32, 8, 3, GROUP_B=8),
+        _cfg(64, 64, 64, 4, 3, GROUP_B=8),
+    ]
+    _FWD_CONFIGS_32 = [
+        _cfg(64, 64, 32, 4, 2),
+        _cfg(32, 64, 32, 4, 2),
+        _cfg(64, 64, 32, 8, 1),
+        _cfg(32, 32, 32, 4, 2),
+    ]
+    _BWD_CONFIGS_32 = [
+        _cfg(64, 64, 32, 8, 2, GROUP_B=8),
+        _cfg(128, 64, 32, 8, 2, GROUP_B=8),
+        _cfg(64, 128, 32, 8, 2, GROUP_B=8),
+        _cfg(32, 64, 32, 4, 2, GROUP_B=8),
+    ]
+    _ALIGN = 128
+    if not _AUTOTUNE:
+        _FWD_CONFIGS_16, _BWD_CONFIGS_16 = _FWD_CONFIGS_16[:1], _BWD_CONFIGS_16[:1]
+        _FWD_CONFIGS_32, _BWD_CONFIGS_32 = _FWD_CONFIGS_32[:1], _BWD_CONFIGS_32[:1]
+
+
+# ----------------------------------------------------------------------------- device code
 
 
 @triton.jit
@@ -34,30 +147,29 @@ def _scores(
     d_ptr,
     offs_b,
     offs_m,
-    B,
-    M,
+    b_ok,
+    m_ok,
     D,
-    scale,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr,
 ):
-    """sim tile [BLOCK_B, BLOCK_M] in fp32 (0 outside the matrix)."""
+    """``sim`` tile ``[BLOCK_B, BLOCK_M]`` in fp32 (0 outside the rows / columns)."""
     acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    qrow = offs_b.to(tl.int64) * D
+    drow = offs_m.to(tl.int64) * D
     for k0 in range(0, D, BLOCK_D):
-        offs_d = k0 + tl.arange(0, BLOCK_D)
+        kk = k0 + tl.arange(0, BLOCK_D)
+        k_ok = kk < D
         qt = tl.load(
-            q_ptr + offs_b[:, None].to(tl.int64) * D + offs_d[None, :],
-            mask=(offs_b[:, None] < B) & (offs_d[None, :] < D),
-            other=0.0,
+            q_ptr + qrow[:, None] + kk[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0
         )
         dt = tl.load(
-            d_ptr + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
-            mask=(offs_m[:, None] < M) & (offs_d[None, :] < D),
-            other=0.0,
+            d_ptr + drow[None, :] + kk[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0
         )
-        acc += tl.dot(qt, tl.trans(dt), input_precision=PREC)
+        acc = dot(qt, dt, acc, INPUT_PRECISION, UPCAST)
     return acc
 
 
@@ -69,43 +181,36 @@ def _masks(
     table_ptr,
     offs_b,
     offs_m,
-    B,
-    M,
+    b_ok,
+    m_ok,
+    stride_mask,
     U,
     MASK_MODE: tl.constexpr,
     HAS_IDS: tl.constexpr,
 ):
-    """(is_pos, excluded) boolean tiles."""
-    valid = (offs_b[:, None] < B) & (offs_m[None, :] < M)
+    """``(is_pos, excl)`` boolean tiles; every entry outside the rows / columns is excluded
+    and no positive."""
+    valid = b_ok[:, None] & m_ok[None, :]
     if MASK_MODE:
-        is_pos = (
-            tl.load(
-                mask_ptr + offs_b[:, None].to(tl.int64) * M + offs_m[None, :], mask=valid, other=0
-            )
-            != 0
-        )
+        mrow = offs_b.to(tl.int64) * stride_mask
+        is_pos = tl.load(mask_ptr + mrow[:, None] + offs_m[None, :], mask=valid, other=0) != 0
         if HAS_IDS:
-            cid = tl.load(ids_ptr + offs_m, mask=offs_m < M, other=0)
-            same = (
-                tl.load(
-                    table_ptr + offs_b[:, None].to(tl.int64) * U + cid[None, :], mask=valid, other=0
-                )
-                != 0
-            )
+            cid = tl.load(ids_ptr + offs_m, mask=m_ok, other=0)
+            trow = offs_b.to(tl.int64) * U
+            same = tl.load(table_ptr + trow[:, None] + cid[None, :], mask=valid, other=0) != 0
             excl = same & (~is_pos)
         else:
             excl = ~valid
     else:
-        p = tl.load(pos_ptr + offs_b, mask=offs_b < B, other=-1)
+        p = tl.load(pos_ptr + offs_b, mask=b_ok, other=-1)
         is_pos = (offs_m[None, :] == p[:, None]) & valid
         if HAS_IDS:
-            cid = tl.load(ids_ptr + offs_m, mask=offs_m < M, other=0)
-            key = tl.load(ids_ptr + p, mask=offs_b < B, other=0)
+            cid = tl.load(ids_ptr + offs_m, mask=m_ok, other=0)
+            key = tl.load(ids_ptr + p, mask=b_ok, other=0)
             excl = (cid[None, :] == key[:, None]) & (~is_pos)
         else:
             excl = ~valid
-    excl = excl | (~valid)
-    return is_pos & valid, excl
+    return is_pos & valid, excl | (~valid)
 
 
 @triton.jit
@@ -117,36 +222,60 @@ def contrastive_fwd_kernel(
     mask_ptr,
     ids_ptr,
     table_ptr,
-    loss_ptr,
     lse_ptr,
     plse_ptr,
     B,
     M,
     D,
     U,
+    stride_mask,
+    split_len,
+    B_KEY,
+    M_KEY,
     MASK_MODE: tl.constexpr,
     HAS_IDS: tl.constexpr,
-    PREC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    """Per-split partials ``lse_ptr / plse_ptr [splits, B]``: the log-sum-exp over the split's
+    non-excluded candidates, and its positive log-sum-exp (mask mode) or the positive logit
+    (index mode); ``-inf`` where the split has none."""
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
     scale = tl.load(scale_ptr).to(tl.float32)
+    m_start = pid_s * split_len
+    m_stop = tl.minimum(m_start + split_len, M)
     neg_inf = float("-inf")
     m_i = tl.full((BLOCK_B,), neg_inf, tl.float32)
     l_i = tl.zeros((BLOCK_B,), tl.float32)
     pm_i = tl.full((BLOCK_B,), neg_inf, tl.float32)
     pl_i = tl.zeros((BLOCK_B,), tl.float32)
-    for j0 in range(0, M, BLOCK_M):
+    for j0 in range(m_start, m_stop, BLOCK_M):
         offs_m = j0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_stop
         s = scale * _scores(
-            q_ptr, d_ptr, offs_b, offs_m, B, M, D, scale, BLOCK_B, BLOCK_M, BLOCK_D, PREC
+            q_ptr,
+            d_ptr,
+            offs_b,
+            offs_m,
+            b_ok,
+            m_ok,
+            D,
+            INPUT_PRECISION,
+            UPCAST,
+            BLOCK_B,
+            BLOCK_M,
+            BLOCK_D,
         )
         is_pos, excl = _masks(
-            pos_ptr, mask_ptr, ids_ptr, table_ptr, offs_b, offs_m, B, M, U, MASK_MODE, HAS_IDS
-        )
+            pos_ptr, mask_ptr, ids_ptr, table_ptr, offs_b, offs_m, b_ok, m_ok, stride_mask, U,
+            MASK_MODE, HAS_IDS,
+        )  # fmt: skip
         sm = tl.where(excl, neg_inf, s)
         m_new = tl.maximum(m_i, tl.max(sm, axis=1))
         shift = tl.where(m_new == neg_inf, 0.0, m_new)
@@ -160,23 +289,25 @@ def contrastive_fwd_kernel(
             pm_i = pm_new
         else:
             pm_i = tl.maximum(pm_i, tl.max(sp, axis=1))  # the single positive logit
-    ok = offs_b < B
-    m_i = tl.where(ok, m_i, 0.0)  # padding rows: keep them finite (never stored)
-    lse = m_i + tl.log(tl.where(ok, l_i, 1.0))
+    # l_i >= 1 unless the split has no candidate for the row (m_i = -inf), or NaN: a NaN
+    # score must reach the loss (the max may drop it, the sum does not).
+    lse = tl.where(m_i == neg_inf, neg_inf, m_i + tl.log(tl.where(m_i == neg_inf, 1.0, l_i)))
     if MASK_MODE:
-        plse = tl.where(ok, pm_i, 0.0) + tl.log(tl.where(ok, pl_i, 1.0))
+        plse = tl.where(
+            pm_i == neg_inf, neg_inf, pm_i + tl.log(tl.where(pm_i == neg_inf, 1.0, pl_i))
+        )
     else:
-        plse = tl.where(ok, pm_i, 0.0)
-    tl.store(loss_ptr + offs_b, lse - plse, mask=ok)
-    tl.store(lse_ptr + offs_b, lse, mask=ok)
-    tl.store(plse_ptr + offs_b, plse, mask=ok)
+        plse = pm_i
+    out = pid_s.to(tl.int64) * B + offs_b
+    tl.store(lse_ptr + out, lse, mask=b_ok)
+    tl.store(plse_ptr + out, plse, mask=b_ok)
 
 
 @triton.jit
-def _dscores(
+def contrastive_bwd_kernel(
     q_ptr,
     d_ptr,
-    scale,
+    scale_ptr,
     pos_ptr,
     mask_ptr,
     ids_ptr,
@@ -184,260 +315,339 @@ def _dscores(
     lse_ptr,
     plse_ptr,
     g_ptr,
-    offs_b,
-    offs_m,
+    grad_ptr,
+    parts_ptr,
     B,
-    M,
     D,
     U,
+    stride_mask,
+    j_start,
+    n_cols,
+    B_KEY,
+    M_KEY,
     MASK_MODE: tl.constexpr,
     HAS_IDS: tl.constexpr,
-    PREC: tl.constexpr,
+    STORE_G: tl.constexpr,
+    NEED_DSCALE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    GROUP_B: tl.constexpr,
 ):
-    """(dS, sim) for one tile: dS = g (softmax - target), 0 outside the matrix."""
-    sim = _scores(q_ptr, d_ptr, offs_b, offs_m, B, M, D, scale, BLOCK_B, BLOCK_M, BLOCK_D, PREC)
-    s = scale * sim
-    is_pos, excl = _masks(
-        pos_ptr, mask_ptr, ids_ptr, table_ptr, offs_b, offs_m, B, M, U, MASK_MODE, HAS_IDS
+    """One ``[BLOCK_B, BLOCK_M]`` tile of the chunk ``[j_start, j_start + n_cols)``:
+    ``grad_ptr [B, n_cols] = scale dS`` in its dtype (``STORE_G``) and
+    ``parts_ptr[pid] = sum dS sim`` (``NEED_DSCALE``)."""
+    # Grouped launch order: GROUP_B query blocks sweep the chunk together.
+    pid = tl.program_id(0)
+    n_blocks_b = tl.cdiv(B, BLOCK_B)
+    n_blocks_m = tl.cdiv(n_cols, BLOCK_M)
+    per_group = GROUP_B * n_blocks_m
+    first_b = (pid // per_group) * GROUP_B
+    group_b = tl.minimum(n_blocks_b - first_b, GROUP_B)
+    pid_b = first_b + (pid % per_group) % group_b
+    pid_m = (pid % per_group) // group_b
+
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    local_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = j_start + local_m
+    b_ok = offs_b < B
+    m_ok = local_m < n_cols
+    scale = tl.load(scale_ptr).to(tl.float32)
+    sim = _scores(
+        q_ptr,
+        d_ptr,
+        offs_b,
+        offs_m,
+        b_ok,
+        m_ok,
+        D,
+        INPUT_PRECISION,
+        UPCAST,
+        BLOCK_B,
+        BLOCK_M,
+        BLOCK_D,
     )
-    ok = offs_b < B
-    lse = tl.load(lse_ptr + offs_b, mask=ok, other=0.0)
-    g = tl.load(g_ptr + offs_b, mask=ok, other=0.0)
+    is_pos, excl = _masks(
+        pos_ptr, mask_ptr, ids_ptr, table_ptr, offs_b, offs_m, b_ok, m_ok, stride_mask, U,
+        MASK_MODE, HAS_IDS,
+    )  # fmt: skip
+    s = scale * sim
+    lse = tl.load(lse_ptr + offs_b, mask=b_ok, other=0.0)
+    g = tl.load(g_ptr + offs_b, mask=b_ok, other=0.0)
     p = tl.where(excl, 0.0, tl.exp(s - lse[:, None]))
     if MASK_MODE:
-        plse = tl.load(plse_ptr + offs_b, mask=ok, other=0.0)
+        plse = tl.load(plse_ptr + offs_b, mask=b_ok, other=0.0)
         t = tl.where(is_pos, tl.exp(s - plse[:, None]), 0.0)
     else:
         t = tl.where(is_pos, 1.0, 0.0)
-    ds = g[:, None] * (p - t)
-    return ds, sim
-
-
-@triton.jit
-def contrastive_bwd_dq_kernel(
-    q_ptr,
-    d_ptr,
-    scale_ptr,
-    pos_ptr,
-    mask_ptr,
-    ids_ptr,
-    table_ptr,
-    lse_ptr,
-    plse_ptr,
-    g_ptr,
-    dq_ptr,
-    dscale_ptr,
-    B,
-    M,
-    D,
-    U,
-    MASK_MODE: tl.constexpr,
-    HAS_IDS: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    scale = tl.load(scale_ptr).to(tl.float32)
-    dscale = tl.zeros((BLOCK_B,), tl.float32)
-    for j0 in range(0, M, BLOCK_M):
-        offs_m = j0 + tl.arange(0, BLOCK_M)
-        ds, sim = _dscores(
-            q_ptr,
-            d_ptr,
-            scale,
-            pos_ptr,
-            mask_ptr,
-            ids_ptr,
-            table_ptr,
-            lse_ptr,
-            plse_ptr,
-            g_ptr,
-            offs_b,
-            offs_m,
-            B,
-            M,
-            D,
-            U,
-            MASK_MODE,
-            HAS_IDS,
-            PREC,
-            BLOCK_B,
-            BLOCK_M,
-            BLOCK_D,
+    ds = g[:, None] * (p - t)  # 0 outside the rows / columns
+    if NEED_DSCALE:
+        tl.store(parts_ptr + pid, tl.sum(tl.sum(ds * sim, axis=1), axis=0))
+    if STORE_G:
+        gv = round_to(scale * ds, grad_ptr.dtype.element_ty, UPCAST)
+        grow = offs_b.to(tl.int64) * n_cols
+        tl.store(
+            grad_ptr + grow[:, None] + local_m[None, :], gv, mask=b_ok[:, None] & m_ok[None, :]
         )
-        dscale += tl.sum(ds * sim, axis=1)
-        for k0 in range(0, D, BLOCK_D):
-            offs_d = k0 + tl.arange(0, BLOCK_D)
-            dt = tl.load(
-                d_ptr + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
-                mask=(offs_m[:, None] < M) & (offs_d[None, :] < D),
-                other=0.0,
-            )
-            ptrs = dq_ptr + offs_b[:, None].to(tl.int64) * D + offs_d[None, :]
-            msk = (offs_b[:, None] < B) & (offs_d[None, :] < D)
-            acc = tl.load(ptrs, mask=msk, other=0.0)
-            acc += tl.dot(ds.to(dt.dtype), dt, input_precision=PREC)
-            tl.store(ptrs, acc, mask=msk)
-    tl.store(dscale_ptr + pid, tl.sum(dscale, axis=0))
 
 
-@triton.jit
-def contrastive_bwd_dd_kernel(
-    q_ptr,
-    d_ptr,
-    scale_ptr,
-    pos_ptr,
-    mask_ptr,
-    ids_ptr,
-    table_ptr,
-    lse_ptr,
-    plse_ptr,
-    g_ptr,
-    dd_ptr,
-    B,
-    M,
-    D,
-    U,
-    MASK_MODE: tl.constexpr,
-    HAS_IDS: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    scale = tl.load(scale_ptr).to(tl.float32)
-    for i0 in range(0, B, BLOCK_B):
-        offs_b = i0 + tl.arange(0, BLOCK_B)
-        ds, sim = _dscores(
-            q_ptr,
-            d_ptr,
-            scale,
-            pos_ptr,
-            mask_ptr,
-            ids_ptr,
-            table_ptr,
-            lse_ptr,
-            plse_ptr,
-            g_ptr,
-            offs_b,
-            offs_m,
-            B,
-            M,
-            D,
-            U,
-            MASK_MODE,
-            HAS_IDS,
-            PREC,
-            BLOCK_B,
-            BLOCK_M,
-            BLOCK_D,
+_KEY = ["D", "B_KEY", "M_KEY"]
+_FWD = {
+    16: triton.autotune(configs=_FWD_CONFIGS_16, key=_KEY)(contrastive_fwd_kernel),
+    32: triton.autotune(configs=_FWD_CONFIGS_32, key=_KEY)(contrastive_fwd_kernel),
+}
+# Benchmarking runs would leave their own partials behind in the slots a config with larger
+# tiles does not write: restore_value puts the zeros back.
+_BWD = {
+    16: triton.autotune(configs=_BWD_CONFIGS_16, key=_KEY, restore_value=["parts_ptr"])(
+        contrastive_bwd_kernel
+    ),
+    32: triton.autotune(configs=_BWD_CONFIGS_32, key=_KEY, restore_value=["parts_ptr"])(
+        contrastive_bwd_kernel
+    ),
+}
+_MIN_BLOCK = {
+    bits: (min(c.kwargs["BLOCK_B"] for c in cfgs), min(c.kwargs["BLOCK_M"] for c in cfgs))
+    for bits, cfgs in ((16, _BWD_CONFIGS_16), (32, _BWD_CONFIGS_32))
+}
+
+
+# ------------------------------------------------------------------------------- host code
+
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_dtype(q: torch.Tensor) -> None:
+    if q.dtype not in _SUPPORTED:
+        raise TypeError(
+            "queries must have dtype float32, bfloat16 or float16 for impl='triton', "
+            f"got {q.dtype} (use impl='cpu' or 'reference' for float64)"
         )
-        for k0 in range(0, D, BLOCK_D):
-            offs_d = k0 + tl.arange(0, BLOCK_D)
-            qt = tl.load(
-                q_ptr + offs_b[:, None].to(tl.int64) * D + offs_d[None, :],
-                mask=(offs_b[:, None] < B) & (offs_d[None, :] < D),
-                other=0.0,
-            )
-            ptrs = dd_ptr + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
-            msk = (offs_m[:, None] < M) & (offs_d[None, :] < D)
-            acc = tl.load(ptrs, mask=msk, other=0.0)
-            acc += tl.dot(tl.trans(ds.to(qt.dtype)), qt, input_precision=PREC)
-            tl.store(ptrs, acc, mask=msk)
 
 
-def _config(q: torch.Tensor, D: int):
-    if q.is_cuda:
-        block_d = min(128, max(16, triton.next_power_of_2(D)))
-        return dict(BLOCK_B=64, BLOCK_M=64, BLOCK_D=block_d, num_warps=4)
-    return dict(BLOCK_B=16, BLOCK_M=16, BLOCK_D=16)  # interpreter: small tiles, fast tests
+def _bits(q: torch.Tensor) -> int:
+    return 32 if q.dtype == torch.float32 else 16
 
 
-def _common(q, d, pos_index, pos_mask, cand_ids, id_table):
+def _key(n: int) -> int:
+    """Autotune bucket (powers of two), so varying batch sizes do not re-tune."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _pad_cols(x: torch.Tensor, mult: int = 16) -> torch.Tensor:
+    """``x [R, C]`` with its columns zero-padded to a multiple of ``mult`` (a copy only when
+    ``C`` is not one): 16-byte-aligned rows let the kernels vectorise their loads, and an odd
+    row stride made ptxas spill."""
+    cols = x.shape[1]
+    if cols % mult == 0:
+        return x
+    out = x.new_zeros(x.shape[0], triton.cdiv(cols, mult) * mult)
+    out[:, :cols] = x
+    return out
+
+
+def _prepare(q, d, pos_index, pos_mask, cand_ids, id_table):
+    """The kernels' operands: embeddings (zero-padded along D when D % 16 != 0: zeros add
+    nothing to a score), the positives mask / id table as uint8 with padded row strides,
+    and dummies for what the mode does not use."""
     dummy = torch.zeros(1, dtype=torch.int64, device=q.device)
-    mask_mode = pos_mask is not None
+    mask = None if pos_mask is None else _pad_cols(pos_mask).view(torch.uint8)
+    table = None if id_table is None else _pad_cols(id_table).view(torch.uint8)
     args = (
         dummy if pos_index is None else pos_index,
-        dummy if pos_mask is None else pos_mask.view(torch.uint8),
+        dummy if mask is None else mask,
         dummy if cand_ids is None else cand_ids,
-        dummy if id_table is None else id_table.view(torch.uint8),
+        dummy if table is None else table,
     )
-    U = 0 if id_table is None else id_table.shape[1]
+    sizes = (
+        0 if table is None else table.shape[1],  # U: the id table's row stride
+        0 if mask is None else mask.shape[1],  # the positives mask's row stride
+    )
     flags = dict(
-        MASK_MODE=mask_mode,
+        MASK_MODE=pos_mask is not None,
         HAS_IDS=cand_ids is not None,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=_INTERPRET,
     )
-    return args, U, flags
+    return _pad_cols(q), _pad_cols(d), args, sizes, flags
 
 
-def _operands(q, d):
-    """The embeddings as the kernels read them. The CPU interpreter mis-computes ``tl.dot`` on
-    16-bit operands, so there they are upcast (exactly) to fp32: the same products, fp32
-    accumulation, as on the tensor cores (``dS`` is then not rounded to 16 bits)."""
-    if _INTERPRET and q.dtype in (torch.float16, torch.bfloat16):
-        return q.float(), d.float()
-    return q, d
+def _num_splits(B: int, M: int, device: torch.device) -> int:
+    if FWD_SPLITS is not None:
+        return max(1, int(FWD_SPLITS))
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, triton.cdiv(_key(B), 64))
+    return max(1, min(want, triton.cdiv(M, 8 * _ALIGN)))
+
+
+def chunk_columns(B: int, M: int, elsize: int) -> int:
+    """Candidate columns per backward chunk: the ``[B, Mc]`` buffer of ``elsize``-byte
+    elements stays within ``max(BWD_BUDGET_FRACTION B M elsize, BWD_MIN_BUDGET_BYTES)``,
+    rounded down to a multiple of the alignment (at least one multiple), at most ``M``."""
+    budget = max(BWD_BUDGET_FRACTION * B * M * elsize, BWD_MIN_BUDGET_BYTES)
+    cols = int(budget // max(B * elsize, 1)) // _ALIGN * _ALIGN
+    return max(1, min(M, max(cols, _ALIGN)))
+
+
+@registry.launcher_op("contrastive_fwd_triton")
+def contrastive_fwd(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    scale: torch.Tensor,
+    pos_index: torch.Tensor | None,
+    pos_mask: torch.Tensor | None,
+    cand_ids: torch.Tensor | None,
+    id_table: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.rag_kernels.contrastive_fwd_triton``: ``(loss, lse, plse)``, each ``[B]`` fp32."""
+    _check_dtype(q)
+    B, D = q.shape
+    M = d.shape[0]
+    dev = q.device
+    qk, dk, args, (U, stride_mask), flags = _prepare(q, d, pos_index, pos_mask, cand_ids, id_table)
+    splits = _num_splits(B, M, dev)
+    split_len = triton.cdiv(triton.cdiv(M, splits), _ALIGN) * _ALIGN
+    splits = triton.cdiv(M, split_len)
+    lse_p = torch.empty(splits, B, dtype=torch.float32, device=dev)
+    plse_p = torch.empty_like(lse_p)
+
+    def grid(meta):
+        return (triton.cdiv(B, meta["BLOCK_B"]), splits)
+
+    _FWD[_bits(q)][grid](
+        qk, dk, scale.detach().float().contiguous(), *args, lse_p, plse_p,
+        B, M, qk.shape[1], U, stride_mask, split_len, _key(B), _key(M), **flags,
+    )  # fmt: skip
+    if splits == 1:
+        lse, plse = lse_p[0], plse_p[0]
+    else:
+        lse = torch.logsumexp(lse_p, dim=0)
+        plse = torch.logsumexp(plse_p, dim=0) if pos_mask is not None else plse_p.amax(dim=0)
+    return lse - plse, lse, plse
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as fp32: cuBLAS's fp32-output 16-bit GEMM on CUDA where torch has it,
+    else the GEMM in the input dtype, then widened."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and "dtype" in torch.ops.aten.mm.overloads():
+        return torch.ops.aten.mm.dtype(a, b, torch.float32)
+    return (a @ b).float()
+
+
+@registry.launcher_op("contrastive_bwd_triton")
+def contrastive_bwd(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    scale: torch.Tensor,
+    pos_index: torch.Tensor | None,
+    pos_mask: torch.Tensor | None,
+    cand_ids: torch.Tensor | None,
+    id_table: torch.Tensor | None,
+    lse: torch.Tensor,
+    pos_lse: torch.Tensor,
+    grad: torch.Tensor,
+    need_q: bool,
+    need_d: bool,
+    need_s: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.rag_kernels.contrastive_bwd_triton``: ``(dq [B, D], dd [M, D], dscale [])``;
+    a gradient that is not needed comes back empty (``[0, D]`` / ``[0]``)."""
+    _check_dtype(q)
+    B, D = q.shape
+    M = d.shape[0]
+    dev = q.device
+    qk, dk, args, (U, stride_mask), flags = _prepare(q, d, pos_index, pos_mask, cand_ids, id_table)
+    bits = _bits(q)
+    s32 = scale.detach().float().contiguous()
+    g = grad.float().contiguous()
+    store_g = need_q or need_d
+    mc = chunk_columns(B, M, q.element_size())
+    n_chunks = triton.cdiv(M, mc)
+    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
+    gbuf = torch.empty(B * mc, dtype=q.dtype, device=dev) if store_g else dummy
+    bb, bm = _MIN_BLOCK[bits]
+    parts = (
+        torch.zeros(triton.cdiv(B, bb) * triton.cdiv(mc, bm), dtype=torch.float32, device=dev)
+        if need_s
+        else dummy
+    )
+    dq = dd = dscale = None
+    if need_q and n_chunks > 1:
+        dq = torch.zeros(B, D, dtype=torch.float32, device=dev)
+    if need_d:
+        dd = torch.empty(M, D, dtype=d.dtype, device=dev)
+    if need_s:
+        dscale = torch.zeros((), dtype=torch.float32, device=dev)
+    for j0 in range(0, M, mc):
+        w = min(mc, M - j0)
+        gmat = gbuf[: B * w].view(B, w) if store_g else dummy
+
+        def grid(meta, w=w):
+            return (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(w, meta["BLOCK_M"]),)
+
+        _BWD[bits][grid](
+            qk, dk, s32, *args, lse, pos_lse, g, gmat, parts, B, qk.shape[1], U, stride_mask, j0, w,
+            _key(B), _key(M),
+            STORE_G=store_g, NEED_DSCALE=need_s, **flags,
+        )  # fmt: skip
+        if need_s:
+            dscale += parts.sum()
+            if j0 + w < M:
+                parts.zero_()
+        dc = d[j0 : j0 + w]
+        if need_d:
+            torch.mm(gmat.t(), q, out=dd[j0 : j0 + w])
+        if need_q:
+            if n_chunks == 1:
+                dq = gmat @ dc
+            elif q.dtype == torch.float32:
+                dq.addmm_(gmat, dc)
+            else:
+                dq += _mm_f32(gmat, dc)
+    if need_q:
+        dq = dq.to(q.dtype)
+    return (
+        dq if need_q else q.new_empty(0, D),
+        dd if need_d else d.new_empty(0, D),
+        dscale.to(scale.dtype) if need_s else scale.new_empty(0),
+    )
+
+
+@contrastive_fwd.register_fake
+def _(q, d, scale, pos_index, pos_mask, cand_ids, id_table):
+    B = q.shape[0]
+    return tuple(q.new_empty(B, dtype=torch.float32) for _ in range(3))
+
+
+@contrastive_bwd.register_fake
+def _(q, d, scale, pos_index, pos_mask, cand_ids, id_table, lse, pos_lse, grad, need_q, need_d,
+      need_s):  # fmt: skip
+    D = q.shape[1]
+    return (
+        q.new_empty(q.shape if need_q else (0, D)),
+        d.new_empty(d.shape if need_d else (0, D)),
+        scale.new_empty(() if need_s else (0,)),
+    )
 
 
 def forward(q, d, scale, pos_index, pos_mask, cand_ids, id_table):
-    B, D = q.shape
-    M = d.shape[0]
-    qk, dk = _operands(q, d)
-    args, U, flags = _common(qk, dk, pos_index, pos_mask, cand_ids, id_table)
-    cfg = _config(q, D)
-    loss = torch.empty(B, dtype=torch.float32, device=q.device)
-    lse = torch.empty_like(loss)
-    plse = torch.empty_like(loss)
-    grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
-    contrastive_fwd_kernel[grid](
-        qk,
-        dk,
-        scale.detach().float().contiguous(),
-        *args,
-        loss,
-        lse,
-        plse,
-        B,
-        M,
-        D,
-        U,
-        **flags,
-        **cfg,
+    """``(loss, lse, plse)`` (``ContrastiveFunction``'s kernel interface)."""
+    return torch.ops.rag_kernels.contrastive_fwd_triton(
+        q, d, scale, pos_index, pos_mask, cand_ids, id_table
     )
-    return loss, lse, plse
 
 
 def backward(q, d, scale, pos_index, pos_mask, cand_ids, id_table, lse, pos_lse, grad, needs):
-    B, D = q.shape
-    M = d.shape[0]
-    qk, dk = _operands(q, d)
-    args, U, flags = _common(qk, dk, pos_index, pos_mask, cand_ids, id_table)
-    cfg = _config(q, D)
-    s32 = scale.detach().float().contiguous()
-    g = grad.float().contiguous()
-    dq = dd = dscale = None
-    if needs[0] or needs[2]:
-        n_prog = triton.cdiv(B, cfg["BLOCK_B"])
-        dq32 = torch.zeros(B, D, dtype=torch.float32, device=q.device)
-        parts = torch.empty(n_prog, dtype=torch.float32, device=q.device)
-        contrastive_bwd_dq_kernel[(n_prog,)](
-            qk, dk, s32, *args, lse, pos_lse, g, dq32, parts, B, M, D, U, **flags, **cfg
-        )
-        dq = (dq32 * s32).to(q.dtype)
-        dscale = parts.sum().to(scale.dtype)
-    if needs[1]:
-        dd32 = torch.zeros(M, D, dtype=torch.float32, device=q.device)
-        contrastive_bwd_dd_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-            qk, dk, s32, *args, lse, pos_lse, g, dd32, B, M, D, U, **flags, **cfg
-        )
-        dd = (dd32 * s32).to(d.dtype)
-    return dq, dd, dscale
+    """``(dq, dd, dscale)``, None where ``needs`` says a gradient is not needed."""
+    need_q, need_d, need_s = (bool(n) for n in needs)
+    dq, dd, dscale = torch.ops.rag_kernels.contrastive_bwd_triton(
+        q, d, scale, pos_index, pos_mask, cand_ids, id_table, lse, pos_lse, grad,
+        need_q, need_d, need_s,
+    )  # fmt: skip
+    return dq if need_q else None, dd if need_d else None, dscale if need_s else None

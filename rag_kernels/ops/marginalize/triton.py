@@ -4,7 +4,9 @@ One program per query b: it computes the document prior, the loss, the generator
 weights ``dloss/dlp = -posterior * mask`` and the retriever gradient ``dloss/ds``
 (prior − posterior, summed over tokens in token mode) in one pass over ``lp[b]``; the
 autograd backward only scales them by the upstream gradient. Same contract as the C++
-kernel (``cpu.py``): ``marginalize_fwd(lp, s, token_mask, doc_mask, token_mode)``.
+kernel (``cpu.py``): ``marginalize_fwd(lp, s, token_mask, doc_mask, token_mode)``, registered
+as the opaque torch op ``torch.ops.rag_kernels.marginalize_fwd_triton`` (with its fake, so
+``torch.compile`` traces it without a graph break; docs/design.md §4.2).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .. import registry
 
 
 def available() -> bool:
@@ -115,7 +119,26 @@ def marginalize_kernel(
             )
 
 
-def forward(lp, scores, token_mask, doc_mask, token_mode: bool):
+def launch_tile(K: int, T: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """``(BLOCK_K, BLOCK_T, num_warps)`` of a launch: all K documents in one tile, and T in
+    chunks so that the tile holds at most 4096 elements (1024 in float64) on 8 warps. Checked
+    by offline sm_90 compiles for K up to 128 (tests/test_triton_compile.py): no spills (the
+    earlier 4096-element tile on 4 warps spilled 200-1000 B at K = 64)."""
+    budget = 1024 if dtype == torch.float64 else 4096
+    block_k = triton.next_power_of_2(max(K, 1))
+    block_t = max(1, min(triton.next_power_of_2(max(T, 1)), max(16, budget // block_k)))
+    return block_k, block_t, 8
+
+
+@registry.launcher_op("marginalize_fwd_triton")
+def marginalize_fwd(
+    lp: torch.Tensor,
+    scores: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    doc_mask: torch.Tensor | None,
+    token_mode: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.rag_kernels.marginalize_fwd_triton``: ``(loss[B], dloss/dlp, dloss/ds)``."""
     lp, scores = lp.contiguous(), scores.contiguous()
     B, K, T = lp.shape
     loss = lp.new_empty(B)
@@ -123,8 +146,7 @@ def forward(lp, scores, token_mask, doc_mask, token_mode: bool):
     ds = torch.empty_like(scores)
     tm = token_mask.contiguous().view(torch.uint8) if token_mask is not None else lp
     dm = doc_mask.contiguous().view(torch.uint8) if doc_mask is not None else lp
-    block_k = triton.next_power_of_2(max(K, 1))
-    block_t = max(1, min(triton.next_power_of_2(max(T, 1)), max(16, 4096 // block_k)))
+    block_k, block_t, num_warps = launch_tile(K, T, lp.dtype)
     marginalize_kernel[(B,)](
         lp,
         scores,
@@ -141,5 +163,17 @@ def forward(lp, scores, token_mask, doc_mask, token_mode: bool):
         BLOCK_K=block_k,
         BLOCK_T=block_t,
         F64=lp.dtype == torch.float64,
+        num_warps=num_warps,
     )
     return loss, dlp, ds
+
+
+@marginalize_fwd.register_fake
+def _(lp, scores, token_mask, doc_mask, token_mode):
+    return lp.new_empty(lp.shape[0]), lp.new_empty(lp.shape), scores.new_empty(scores.shape)
+
+
+def forward(lp, scores, token_mask, doc_mask, token_mode: bool):
+    return torch.ops.rag_kernels.marginalize_fwd_triton(
+        lp, scores, token_mask, doc_mask, bool(token_mode)
+    )

@@ -12,12 +12,25 @@ reduction in registers — ``[K, V-tile]`` per token, never ``[B, K, T, V]``.
 * ``token_smoothing_fwd_kernel``: per vocab tile ``a = pi - lse + z``, ``m = max_k a``, ``e = exp(a - m)``,
   ``s = sum_k e``; accumulates ``sum_v (m + log s)`` per token and ``wsum_k = sum_v e / s`` per
   row; partials per vocab split, summed on the host.
-* ``token_smoothing_bwd_kernel``: one program per (query, token block, vocab tile) recomputes the tile,
-  ``dz = g (w - p wsum)`` (times ``1 - (z/c)^2`` under softcap), then walks H adding
-  ``dz @ W`` into fp32 ``dh`` and ``dz^T @ h`` into fp32 ``dW`` with relaxed atomics (``db``
-  too), the 6NHV scheme of the fused LM head. Token blocks whose upstream gradient is all zero
-  do no work; rows of masked documents and of tokens with zero gradient load as zeros, so
-  NaN-poisoned hidden states never enter a sum.
+* Backward, ``"deterministic"`` (the default): per vocabulary chunk
+  ``token_smoothing_dz_kernel`` (one program per (query, token block, vocab tile), all K
+  documents) recomputes the tiles and writes
+  ``dz = g (w - p wsum) (+ g^lp (1[v=y] - p))`` (times ``1 - (z/c)^2`` under softcap) for
+  every row as ``[B K T, C]`` in the input dtype: zeros for dead rows (masked document,
+  or zero token gradient and no own log-prob gradient at a target; blocks without a live
+  row only write zeros). cuBLAS then does ``dh += dz @ W[chunk]`` (fp32 accumulator),
+  ``dW[chunk] = dz^T @ h`` (dead rows of ``h`` replaced by zeros: NaN there never enters),
+  ``db[chunk] = sum dz``: no atomics, bitwise reproducible, no host sync (so the GEMMs
+  span all rows). The chunk width follows the memory budget of the fused LM head
+  (``max(1 % of the B K T V logits, 256 MiB)``, ``triton_utils.chunk_columns``;
+  ``CHUNK_COLUMNS`` overrides).
+* Backward, ``"atomic"`` (``opts.triton_backward`` or ``RAG_KERNELS_TRITON_BACKWARD``):
+  ``token_smoothing_bwd_kernel`` forms the same ``dz`` in registers and adds ``dz @ W`` /
+  ``dz^T @ h`` into fp32 ``dh`` / ``dW`` with relaxed atomics (``db`` too), no sync.
+* Both backward grids run in grouped order (``GROUP_N`` token blocks sweep the vocabulary
+  together, so concurrently running programs share W tiles in L2). Token blocks with no live
+  row do no recompute; rows of masked documents and of tokens with zero gradient load as
+  zeros (and are zeroed for the dW GEMM), so NaN-poisoned hidden states never enter a sum.
 
 Masked documents carry ``log_prior = -inf``. fp32 / bf16 / fp16 inputs (fp64 raises
 ``TypeError``: use the reference or the C++ kernel); outputs and statistics fp32. ``dz`` is
@@ -25,7 +38,13 @@ rounded to the input dtype before the gradient matmuls, as plain PyTorch's bf16 
 Block sizes are module attributes (tests shrink them so small shapes span several tiles);
 the interpreter of triton 3.9 mis-computes ``tl.dot`` on bf16 operands, so under
 ``TRITON_INTERPRET=1`` operands are upcast to fp32 first (same products, fp32 accumulation).
-The GPU configuration is a fixed, untuned one.
+The GPU configuration is a fixed, untuned one; it compiles for sm_90 without spills for
+every feature combination and document count up to 64 (tests/test_triton_compile.py).
+The host launchers :func:`launch_forward` / :func:`launch_backward` are the opaque torch ops
+``torch.ops.rag_kernels.token_smoothing_fwd_triton`` / ``..._bwd_triton``
+(``registry.launcher_op``, fakes next to them, at the end of this file), which ``forward`` /
+``backward`` call: ``torch.compile`` records one node per launch, without a graph break, also
+under ``dynamic=True`` (docs/design.md §4.2).
 """
 
 from __future__ import annotations
@@ -36,16 +55,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_utils import accumulate_grads, logit_tile
+from .. import registry
+from .. import triton_utils as tu
+from ..triton_utils import accumulate_grads, logit_tile, round_to, swizzle
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 # Rows (documents x tokens) per program, vocab tile, hidden chunk.
+# fp32 inputs' backward kernels (IEEE fp32 FMA, no tensor cores) take a narrower vocab tile
+# and hidden chunk, FP32_BWD_BLOCKS = (BLOCK_V, BLOCK_H): the 16-bit ones spill in fp32.
 if _INTERPRET:
-    ROWS, BLOCK_V, BLOCK_H, NUM_WARPS = 16, 16, 16, 1
+    ROWS, BLOCK_V, BLOCK_H, NUM_WARPS, GROUP_N = 16, 16, 16, 1, 2
+    FP32_BWD_BLOCKS = None
 else:
-    ROWS, BLOCK_V, BLOCK_H, NUM_WARPS = 64, 128, 64, 8
+    ROWS, BLOCK_V, BLOCK_H, NUM_WARPS, GROUP_N = 64, 128, 64, 8, 8
+    FP32_BWD_BLOCKS = (64, 32)
+# Deterministic backward: vocabulary columns per chunk; None = the memory budget of
+# triton_utils.chunk_columns (tests set a small width to get several chunks at tiny V).
+CHUNK_COLUMNS: int | None = None
 
 
 def available() -> bool:
@@ -59,7 +87,7 @@ def available() -> bool:
 @triton.jit
 def _rows(pid_bt, K, T, NTB, pi_ptr, KP: tl.constexpr, BT: tl.constexpr):
     """Row coordinates of a program's ``KP * BT`` rows (document-major)."""
-    b = pid_bt // NTB
+    b = (pid_bt // NTB).to(tl.int64)  # int64 before any product: B K T H > 2^31
     t0 = (pid_bt % NTB) * BT
     i = tl.arange(0, KP * BT)
     k = i // BT
@@ -67,7 +95,7 @@ def _rows(pid_bt, K, T, NTB, pi_ptr, KP: tl.constexpr, BT: tl.constexpr):
     k_ok = k < K
     pi = tl.load(pi_ptr + b * K + k, mask=k_ok, other=float("-inf"))
     ok = k_ok & (t < T) & (pi > float("-inf"))
-    flat = (b.to(tl.int64) * K + k) * T + t  # int64 before any product: B K T H > 2^31
+    flat = (b * K + k) * T + t
     return b, t0, k, t, ok, pi, flat
 
 
@@ -176,10 +204,10 @@ def token_smoothing_lse_kernel(
         m_new = tl.maximum(m, tl.max(z, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m = m_new
-    tl.store(m_ptr + pid_s * N + flat, m, mask=ok)
-    tl.store(s_ptr + pid_s * N + flat, s, mask=ok)
+    tl.store(m_ptr + pid_s.to(tl.int64) * N + flat, m, mask=ok)
+    tl.store(s_ptr + pid_s.to(tl.int64) * N + flat, s, mask=ok)
     if HAS_Y:
-        tl.store(zt_ptr + pid_s * N + flat, zt, mask=ok)
+        tl.store(zt_ptr + pid_s.to(tl.int64) * N + flat, zt, mask=ok)
 
 
 @triton.jit
@@ -270,6 +298,149 @@ def token_smoothing_fwd_kernel(
 
 
 @triton.jit
+def _bwd_dz(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    lse_ptr,
+    wsum_ptr,
+    flat,
+    ok,
+    pi,
+    g_row,
+    y,
+    glp,
+    t0,
+    T,
+    offs_v,
+    v_ok,
+    H,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_GLP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    KP: tl.constexpr,
+    BT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """fp32 ``dz [KP * BT, BLOCK_V]`` of the live rows ``ok`` (zeros elsewhere):
+    ``g (w - p wsum) (+ glp (1[v=y] - p))``, times ``1 - (z/c)^2`` under softcap."""
+    lse = tl.load(lse_ptr + flat, mask=ok, other=0.0)
+    ws = tl.load(wsum_ptr + flat, mask=ok, other=0.0)
+    tt = t0 + tl.arange(0, BT)
+    t_ok = tt < T
+    z = rows_logit_tile(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        flat,
+        ok,
+        offs_v,
+        v_ok,
+        H,
+        softcap,
+        HAS_BIAS,
+        SOFTCAP,
+        INPUT_PRECISION,
+        UPCAST,
+        KP * BT,
+        BLOCK_V,
+        BLOCK_H,
+    )
+    m, e, s, valid = _doc_softmax(z, pi - lse, ok, t_ok, v_ok, KP, BT, BLOCK_V)
+    r = tl.where(valid, 1.0 / s, 0.0)
+    w = tl.reshape(e * r[None, :, :], (KP * BT, BLOCK_V))
+    p = tl.exp(z - lse[:, None])
+    dz = g_row[:, None] * (w - p * ws[:, None])
+    if HAS_GLP:
+        is_y = (offs_v[None, :] == y[:, None]).to(tl.float32)
+        dz += glp[:, None] * (is_y - p)
+    if SOFTCAP:
+        q = z / softcap
+        dz = dz * (1.0 - q * q)
+    return tl.where(ok[:, None] & v_ok[None, :], dz, 0.0)
+
+
+@triton.jit
+def _bwd_row_grads(g_ptr, y_ptr, glp_ptr, b, t, T, flat, ok, HAS_G: tl.constexpr,
+                   HAS_GLP: tl.constexpr, R: tl.constexpr):  # fmt: skip
+    """``(g_row, y, glp)`` of rows ``ok``: the token's upstream gradient, its target and the
+    row's own log-prob gradient (0 where the target is ignored)."""
+    if HAS_G:
+        g_row = tl.load(g_ptr + b * T + t, mask=ok, other=0.0)
+    else:
+        g_row = tl.zeros((R,), dtype=tl.float32)
+    y = tl.full((R,), -1, dtype=tl.int32)
+    glp = tl.zeros((R,), dtype=tl.float32)
+    if HAS_GLP:
+        y = tl.load(y_ptr + b * T + t, mask=ok, other=-1)
+        glp = tl.load(glp_ptr + flat, mask=ok, other=0.0)
+        glp = tl.where(y >= 0, glp, 0.0)
+    return g_row, y, glp
+
+
+@triton.jit
+def token_smoothing_dz_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    pi_ptr,
+    lse_ptr,
+    wsum_ptr,
+    g_ptr,
+    y_ptr,
+    glp_ptr,
+    live_ptr,
+    dz_ptr,
+    K,
+    T,
+    H,
+    NTB,
+    NBT,
+    softcap,
+    v0,
+    c_len,
+    dz_stride,
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_GLP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    KP: tl.constexpr,
+    BT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    """``dz[r, j]`` (input dtype) of every row r = (b, k, t) at vocab ids ``v0 + j``,
+    ``j < c_len``: the live rows' gradient (``live[r]``), zeros elsewhere; ``NBT = B * NTB``
+    token blocks; blocks without a live row only write zeros."""
+    pid_bt, pid_v = swizzle(tl.program_id(0), NBT, tl.cdiv(c_len, BLOCK_V), GROUP_N)
+    b, t0, k, t, ok, pi, flat = _rows(pid_bt, K, T, NTB, pi_ptr, KP, BT)
+    real = (k < K) & (t < T)
+    ok = ok & (tl.load(live_ptr + flat, mask=ok, other=0) != 0)
+    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    c_ok = offs_c < c_len
+    dz = tl.zeros((KP * BT, BLOCK_V), dtype=tl.float32)
+    if tl.max(ok.to(tl.int32), axis=0) > 0:
+        g_row, y, glp = _bwd_row_grads(
+            g_ptr, y_ptr, glp_ptr, b, t, T, flat, ok, HAS_G, HAS_GLP, KP * BT
+        )
+        dz = _bwd_dz(
+            h_ptr, w_ptr, b_ptr, lse_ptr, wsum_ptr, flat, ok, pi, g_row, y, glp, t0, T,
+            v0 + offs_c, c_ok, H, softcap, HAS_BIAS, SOFTCAP, HAS_GLP, INPUT_PRECISION, UPCAST,
+            KP, BT, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
+    out = (dz_ptr + flat * dz_stride)[:, None] + offs_c[None, :]  # flat is int64
+    dz = round_to(dz, dz_ptr.dtype.element_ty, UPCAST).to(dz_ptr.dtype.element_ty)
+    tl.store(out, dz, mask=real[:, None] & c_ok[None, :])
+
+
+@triton.jit
 def token_smoothing_bwd_kernel(
     h_ptr,
     w_ptr,
@@ -288,7 +459,7 @@ def token_smoothing_bwd_kernel(
     H,
     V,
     NTB,
-    NVB,
+    NBT,
     softcap,
     HAS_BIAS: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -303,61 +474,24 @@ def token_smoothing_bwd_kernel(
     BT: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_bt = pid // NVB
-    pid_v = pid % NVB
+    """The atomic backward: dz in registers, dh / dW / db by fp32 atomics."""
+    pid_bt, pid_v = swizzle(tl.program_id(0), NBT, tl.cdiv(V, BLOCK_V), GROUP_N)
     b, t0, k, t, ok, pi, flat = _rows(pid_bt, K, T, NTB, pi_ptr, KP, BT)
     # A row takes part when its token's upstream gradient or its own log-prob gradient (with a
     # target) is non-zero; all rows of a token with g != 0 take part together.
-    if HAS_G:
-        g_row = tl.load(g_ptr + b * T + t, mask=ok, other=0.0)
-    else:
-        g_row = tl.zeros((KP * BT,), dtype=tl.float32)
-    live = g_row != 0.0
-    if HAS_GLP:
-        y = tl.load(y_ptr + b * T + t, mask=ok, other=-1)
-        glp = tl.load(glp_ptr + flat, mask=ok, other=0.0)
-        glp = tl.where(y >= 0, glp, 0.0)
-        live = live | (glp != 0.0)
-    ok = ok & live
+    g_row, y, glp = _bwd_row_grads(g_ptr, y_ptr, glp_ptr, b, t, T, flat, ok, HAS_G, HAS_GLP,
+                                   KP * BT)  # fmt: skip
+    ok = ok & ((g_row != 0.0) | (glp != 0.0))
     if tl.max(ok.to(tl.int32), axis=0) > 0:
-        lse = tl.load(lse_ptr + flat, mask=ok, other=0.0)
-        ws = tl.load(wsum_ptr + flat, mask=ok, other=0.0)
-        tt = t0 + tl.arange(0, BT)
-        t_ok = tt < T
         offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         v_ok = offs_v < V
-        z = rows_logit_tile(
-            h_ptr,
-            w_ptr,
-            b_ptr,
-            flat,
-            ok,
-            offs_v,
-            v_ok,
-            H,
-            softcap,
-            HAS_BIAS,
-            SOFTCAP,
-            INPUT_PRECISION,
-            UPCAST,
-            KP * BT,
-            BLOCK_V,
-            BLOCK_H,
-        )
-        m, e, s, valid = _doc_softmax(z, pi - lse, ok, t_ok, v_ok, KP, BT, BLOCK_V)
-        r = tl.where(valid, 1.0 / s, 0.0)
-        w = tl.reshape(e * r[None, :, :], (KP * BT, BLOCK_V))
-        p = tl.exp(z - lse[:, None])
-        dz = g_row[:, None] * (w - p * ws[:, None])
-        if HAS_GLP:
-            is_y = (offs_v[None, :] == y[:, None]).to(tl.float32)
-            dz += glp[:, None] * (is_y - p)
-        if SOFTCAP:
-            q = z / softcap
-            dz = dz * (1.0 - q * q)
-        dz = tl.where(ok[:, None] & v_ok[None, :], dz, 0.0)
+        dz = _bwd_dz(
+            h_ptr, w_ptr, b_ptr, lse_ptr, wsum_ptr, flat, ok, pi, g_row, y, glp, t0, T,
+            offs_v, v_ok, H, softcap, HAS_BIAS, SOFTCAP, HAS_GLP, INPUT_PRECISION, UPCAST,
+            KP, BT, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
         if NEED_DB:
             tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_ok, sem="relaxed")
         accumulate_grads(
@@ -396,6 +530,19 @@ def _blocks(K: int, T: int) -> tuple[int, int]:
     return kp, bt
 
 
+def launch_meta(K: int, T: int, backward: bool = False, fp32: bool = False) -> dict:
+    """The kernels' launch configuration for ``K`` documents and ``T`` tokens: the block
+    constexprs (``KP, BT, BLOCK_V, BLOCK_H``, and ``GROUP_N`` for the backward kernels) and
+    ``num_warps`` (also what tests/test_triton_compile.py compiles)."""
+    kp, bt = _blocks(K, T)
+    meta = dict(KP=kp, BT=bt, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, num_warps=NUM_WARPS)
+    if not backward:
+        return meta
+    if fp32 and FP32_BWD_BLOCKS is not None:
+        meta["BLOCK_V"], meta["BLOCK_H"] = FP32_BWD_BLOCKS
+    return dict(meta, GROUP_N=GROUP_N)
+
+
 def _num_splits(programs: int, V: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
@@ -404,7 +551,7 @@ def _num_splits(programs: int, V: int, device: torch.device) -> int:
     return max(1, min(want, triton.cdiv(V, 4 * BLOCK_V)))
 
 
-def forward(hidden, weight, log_prior, bias, target, opts, *, num_splits: int | None = None):
+def launch_forward(hidden, weight, log_prior, bias, target, opts, *, num_splits: int | None = None):
     """``hidden [B,K,T,H]``, ``weight [V,H]``, ``log_prior [B,K]`` (-inf: masked doc),
     ``target [B,T]`` or None -> ``(out[B,T], lse[B,K,T], wsum[B,K,T], lp[B,K,T] or [0])`` fp32
     (lp 0 where target < 0 or the document is masked). ``num_splits`` (tests) overrides how
@@ -415,8 +562,8 @@ def forward(hidden, weight, log_prior, bias, target, opts, *, num_splits: int | 
     dev = hidden.device
     f32 = torch.float32
     pi = log_prior.to(f32).contiguous()
-    kp, bt = _blocks(K, T)
-    ntb = triton.cdiv(T, bt)
+    meta = launch_meta(K, T)
+    ntb = triton.cdiv(T, meta["BT"])
     N = B * K * T
     lp_shape = (B, K, T) if target is not None else (0,)
     if N == 0:
@@ -433,7 +580,6 @@ def forward(hidden, weight, log_prior, bias, target, opts, *, num_splits: int | 
     cap = 1.0 if softcap is None else float(softcap)
     flags = _flags(hidden, bias, softcap)
     b_arg = bias if bias is not None else hidden
-    blocks = {"KP": kp, "BT": bt, "BLOCK_V": BLOCK_V, "BLOCK_H": BLOCK_H}
 
     m = torch.empty(splits, N, dtype=f32, device=dev)
     s = torch.empty(splits, N, dtype=f32, device=dev)
@@ -459,8 +605,7 @@ def forward(hidden, weight, log_prior, bias, target, opts, *, num_splits: int | 
         cap,
         HAS_Y=has_y,
         **flags,
-        **blocks,
-        num_warps=NUM_WARPS,
+        **meta,
     )
     kept = (pi > float("-inf"))[:, :, None].expand(B, K, T).reshape(-1)
     if splits == 1:
@@ -496,66 +641,274 @@ def forward(hidden, weight, log_prior, bias, target, opts, *, num_splits: int | 
         split_len,
         cap,
         **flags,
-        **blocks,
-        num_warps=NUM_WARPS,
+        **meta,
     )
     return out_p.sum(dim=0), lse, wsum_p.sum(dim=0), lp
 
 
-def backward(hidden, weight, log_prior, bias, target, lse, wsum, grad_out, grad_lp, opts, needs):
+def _empty_dz(shape, device, dtype) -> torch.Tensor:
+    """The backward's dz chunk buffer, every read element written first (tests NaN-fill it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def launch_backward(
+    hidden, weight, log_prior, bias, target, lse, wsum, grad_out, grad_lp, opts, needs
+):
     """Recompute-the-logits backward -> ``(grad_hidden, grad_weight, grad_bias)`` in the input
-    dtype (None where ``needs`` says it is not needed); ``grad_out`` / ``grad_lp`` may be None."""
+    dtype (None where ``needs`` says it is not needed); ``grad_out`` / ``grad_lp`` may be None.
+    The variant is ``opts.triton_backward`` or ``$RAG_KERNELS_TRITON_BACKWARD`` (default
+    ``"deterministic"``; see the module docstring)."""
     _check_dtype(hidden)
     need_dh, need_dw, need_db = (bool(x) for x in needs)
     need_db = need_db and bias is not None
     B, K, T, H = hidden.shape
-    V = weight.shape[0]
     dev = hidden.device
     f32 = torch.float32
     dummy = torch.zeros(1, dtype=f32, device=dev)
-    dh = torch.zeros(B, K, T, H, dtype=f32, device=dev) if need_dh else dummy
-    dw = torch.zeros(V, H, dtype=f32, device=dev) if need_dw else dummy.clone()
-    db = torch.zeros(V, dtype=f32, device=dev) if need_db else dummy.clone()
     has_g, has_glp = grad_out is not None, grad_lp is not None and target is not None
-    if B * K * T > 0 and (need_dh or need_dw or need_db) and (has_g or has_glp):
-        kp, bt = _blocks(K, T)
-        ntb = triton.cdiv(T, bt)
-        nvb = triton.cdiv(V, BLOCK_V)
-        softcap = opts.softcap
-        token_smoothing_bwd_kernel[(B * ntb * nvb,)](
+    args = dict(
+        hidden=hidden,
+        weight=weight,
+        bias=bias,
+        pi=log_prior.to(f32).contiguous(),
+        lse=lse.to(f32).contiguous(),
+        wsum=wsum.to(f32).contiguous(),
+        g=grad_out.to(f32).contiguous() if has_g else None,
+        y=target.to(torch.int32).contiguous() if has_glp else None,
+        glp=grad_lp.to(f32).contiguous() if has_glp else None,
+        softcap=opts.softcap,
+        needs=(need_dh, need_dw, need_db),
+        dummy=dummy,
+    )
+    if B * K * T == 0 or not (need_dh or need_dw or need_db) or not (has_g or has_glp):
+        return (
+            torch.zeros_like(hidden) if need_dh else None,
+            torch.zeros_like(weight) if need_dw else None,
+            torch.zeros_like(bias) if need_db else None,
+        )
+    if tu.backward_variant(getattr(opts, "triton_backward", None)) == "atomic":
+        return _backward_atomic(**args)
+    return _backward_chunked(**args)
+
+
+def _live_rows(pi, g, y, glp, B, K, T) -> torch.Tensor:
+    """``[B K T]`` bool: the rows the backward kernels treat as live (same rule as in-kernel):
+    a kept document and a non-zero token gradient, or a non-zero own log-prob gradient at a
+    target position."""
+    live = torch.zeros(B, K, T, dtype=torch.bool, device=pi.device)
+    if g is not None:
+        live = live | (g != 0)[:, None, :]
+    if glp is not None:
+        live = live | ((glp != 0) & (y >= 0)[:, None, :])
+    return (live & (pi > float("-inf"))[:, :, None]).reshape(-1)
+
+
+def _backward_chunked(hidden, weight, bias, pi, lse, wsum, g, y, glp, softcap, needs, dummy):
+    """Deterministic: per vocab chunk, dz of every row from the kernel, then cuBLAS."""
+    need_dh, need_dw, need_db = needs
+    B, K, T, H = hidden.shape
+    V = weight.shape[0]
+    N = B * K * T
+    dev = hidden.device
+    live = _live_rows(pi, g, y, glp, B, K, T)
+    dw = torch.empty_like(weight) if need_dw else None
+    db = torch.empty(V, dtype=torch.float32, device=dev) if need_db else None
+    cols = min(CHUNK_COLUMNS or tu.chunk_columns(N, N, V, hidden.element_size()), V)
+    dz = _empty_dz((N, cols), dev, hidden.dtype)
+    h2 = hidden.view(N, H)
+    h_act = None
+    if need_dw:  # dead rows' dz is 0, but 0 * NaN is not: their rows must not be read
+        h_act = torch.where(live[:, None], h2, torch.zeros((), dtype=h2.dtype))
+    meta = launch_meta(K, T, backward=True, fp32=hidden.dtype == torch.float32)
+    ntb = triton.cdiv(T, meta["BT"])
+    flags = _flags(hidden, bias, softcap)
+    dh = None
+    for v0 in range(0, V, cols):
+        c = min(cols, V - v0)
+        buf = dz[:, :c]
+        token_smoothing_dz_kernel[(B * ntb * triton.cdiv(c, meta["BLOCK_V"]),)](
             hidden,
             weight,
             bias if bias is not None else hidden,
-            log_prior.to(f32).contiguous(),
-            lse.to(f32).contiguous(),
-            wsum.to(f32).contiguous(),
-            grad_out.to(f32).contiguous() if has_g else dummy,
-            target.to(torch.int32).contiguous() if has_glp else dummy,
-            grad_lp.to(f32).contiguous() if has_glp else dummy,
-            dh,
-            dw,
-            db,
+            pi,
+            lse,
+            wsum,
+            g if g is not None else dummy,
+            y if y is not None else dummy,
+            glp if glp is not None else dummy,
+            live,
+            dz,
             K,
             T,
             H,
-            V,
             ntb,
-            nvb,
+            B * ntb,
             1.0 if softcap is None else float(softcap),
-            HAS_G=has_g,
-            HAS_GLP=has_glp,
-            NEED_DH=need_dh,
-            NEED_DW=need_dw,
-            NEED_DB=need_db,
-            **_flags(hidden, bias, softcap),
-            KP=kp,
-            BT=bt,
-            BLOCK_V=BLOCK_V,
-            BLOCK_H=BLOCK_H,
-            num_warps=NUM_WARPS,
+            v0,
+            c,
+            cols,
+            HAS_G=g is not None,
+            HAS_GLP=glp is not None,
+            **flags,
+            **meta,
         )
+        if need_dh:
+            part = tu.mm_f32(buf, weight[v0 : v0 + c])
+            dh = part if dh is None else dh.add_(part)
+        if need_dw:
+            tu.mm_into(buf.t(), h_act, dw[v0 : v0 + c])
+        if need_db:
+            db[v0 : v0 + c] = buf.sum(dim=0, dtype=torch.float32)
+    return (
+        dh.to(hidden.dtype).view(B, K, T, H) if need_dh else None,
+        dw,
+        db.to(bias.dtype) if need_db else None,
+    )
+
+
+def _backward_atomic(hidden, weight, bias, pi, lse, wsum, g, y, glp, softcap, needs, dummy):
+    """One kernel: dz in registers, dh / dW / db accumulated with fp32 atomics."""
+    need_dh, need_dw, need_db = needs
+    B, K, T, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    f32 = torch.float32
+    dh = torch.zeros(B, K, T, H, dtype=f32, device=dev) if need_dh else dummy
+    dw = torch.zeros(V, H, dtype=f32, device=dev) if need_dw else dummy.clone()
+    db = torch.zeros(V, dtype=f32, device=dev) if need_db else dummy.clone()
+    meta = launch_meta(K, T, backward=True, fp32=hidden.dtype == torch.float32)
+    ntb = triton.cdiv(T, meta["BT"])
+    token_smoothing_bwd_kernel[(B * ntb * triton.cdiv(V, meta["BLOCK_V"]),)](
+        hidden,
+        weight,
+        bias if bias is not None else hidden,
+        pi,
+        lse,
+        wsum,
+        g if g is not None else dummy,
+        y if y is not None else dummy,
+        glp if glp is not None else dummy,
+        dh,
+        dw,
+        db,
+        K,
+        T,
+        H,
+        V,
+        ntb,
+        B * ntb,
+        1.0 if softcap is None else float(softcap),
+        HAS_G=g is not None,
+        HAS_GLP=glp is not None,
+        NEED_DH=need_dh,
+        NEED_DW=need_dw,
+        NEED_DB=need_db,
+        **_flags(hidden, bias, softcap),
+        **meta,
+    )
     return (
         dh.to(hidden.dtype) if need_dh else None,
         dw.to(weight.dtype) if need_dw else None,
         db.to(bias.dtype) if need_db else None,
     )
+
+
+# ----------------------------------------------------------------- torch ops (torch.compile)
+# The launchers above as opaque torch ops (registry.launcher_op), each with its fake next to it;
+# forward / backward (TokenSmoothingFunction's kernel interface) call them.
+
+
+def _opts(softcap, triton_backward=None):
+    from . import TokenSmoothingOptions
+
+    return TokenSmoothingOptions(softcap=softcap, triton_backward=triton_backward)
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+@registry.launcher_op("token_smoothing_fwd_triton")
+def token_smoothing_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    log_prior: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor | None,
+    softcap: float | None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.rag_kernels.token_smoothing_fwd_triton``: :func:`launch_forward`."""
+    return launch_forward(
+        hidden.contiguous(), weight.contiguous(), log_prior.contiguous(), _c(bias), _c(target),
+        _opts(softcap), num_splits=num_splits,
+    )  # fmt: skip
+
+
+@token_smoothing_fwd.register_fake
+def _(hidden, weight, log_prior, bias, target, softcap, num_splits=None):
+    B, K, T, _ = hidden.shape
+    f32 = torch.float32
+    lp_shape = (B, K, T) if target is not None else (0,)
+    return (
+        hidden.new_empty((B, T), dtype=f32),
+        hidden.new_empty((B, K, T), dtype=f32),
+        hidden.new_empty((B, K, T), dtype=f32),
+        hidden.new_empty(lp_shape, dtype=f32),
+    )
+
+
+@registry.launcher_op("token_smoothing_bwd_triton")
+def token_smoothing_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    log_prior: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor | None,
+    lse: torch.Tensor,
+    wsum: torch.Tensor,
+    grad_out: torch.Tensor | None,
+    grad_lp: torch.Tensor | None,
+    softcap: float | None,
+    triton_backward: str | None,
+    need_dh: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.rag_kernels.token_smoothing_bwd_triton``: :func:`launch_backward`; a
+    gradient that is not needed (``db`` without a bias) comes back as an empty ``[0]``."""
+    grads = launch_backward(
+        hidden.contiguous(), weight.contiguous(), log_prior.contiguous(), _c(bias), _c(target),
+        lse.contiguous(), wsum.contiguous(), _c(grad_out), _c(grad_lp),
+        _opts(softcap, triton_backward), (need_dh, need_dw, need_db),
+    )  # fmt: skip
+    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+
+
+@token_smoothing_bwd.register_fake
+def _(hidden, weight, log_prior, bias, target, lse, wsum, grad_out, grad_lp, softcap,
+      triton_backward, need_dh, need_dw, need_db):  # fmt: skip
+    return (
+        hidden.new_empty(hidden.shape if need_dh else (0,)),
+        weight.new_empty(weight.shape if need_dw else (0,)),
+        bias.new_empty(bias.shape) if need_db and bias is not None else hidden.new_empty(0),
+    )
+
+
+def forward(hidden, weight, log_prior, bias, target, opts, *, num_splits: int | None = None):
+    """``(out, lse, wsum, lp)`` through the registered op (see :func:`launch_forward`)."""
+    return torch.ops.rag_kernels.token_smoothing_fwd_triton(
+        hidden, weight, log_prior, bias, target, opts.softcap, num_splits
+    )
+
+
+def backward(hidden, weight, log_prior, bias, target, lse, wsum, grad_out, grad_lp, opts, needs):
+    """``(grad_hidden, grad_weight, grad_bias)`` through the registered op (see
+    :func:`launch_backward`); None where ``needs`` says a gradient is not needed."""
+    need_dh, need_dw, need_db = (bool(x) for x in needs)
+    need_db = need_db and bias is not None
+    dh, dw, db = torch.ops.rag_kernels.token_smoothing_bwd_triton(
+        hidden, weight, log_prior, bias, target, lse, wsum, grad_out, grad_lp, opts.softcap,
+        getattr(opts, "triton_backward", None), need_dh, need_dw, need_db,
+    )  # fmt: skip
+    return dh if need_dh else None, dw if need_dw else None, db if need_db else None
