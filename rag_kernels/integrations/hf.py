@@ -45,6 +45,14 @@ For causal LMs (Llama, Qwen, Gemma, GPT-2, ...) trained with retrieved documents
       batch = rk.hf.build_rag_batch(tokenizer, questions, documents, answers)
       loss = rk.hf.causal_rag_loss(model, batch, doc_scores, mode="sequence")  # [B, K] scores
 
+For encoder–decoder models (BART, mBART, T5, mT5, UMT5) the same three steps:
+:func:`build_seq2seq_rag_batch` puts each (question, document) prompt in an encoder row
+``[B*K, L]`` (right-padded) and the answer + EOS in ``target [B, T]`` (shared by the K
+documents); :func:`seq2seq_rag_hidden` runs the encoder and the decoder on the answer shifted
+right by the model's own rule (:func:`seq2seq_decoder_input_ids`) to the decoder's last
+hidden states ``[B, K, T, H]``; :func:`seq2seq_rag_loss` is ``rk.rag_loss`` on them with the
+model's own head.
+
 Usage::
 
     import rag_kernels as rk
@@ -79,9 +87,11 @@ import torch
 
 from ..losses.rag import rag_loss
 from ..ops import validation as V
+from ..ops import vocab_parallel
 from ..ops.linear_logprob import linear_logprob_core, make_options, validate_linear_logprob_inputs
 from ..ops.marginalize import marginalize_core
 from ..ops.token_smoothing import TokenSmoothingOptions, kernel_target, token_smoothing_core
+from .fsdp import check_head_in_root, check_unsharded, forward_method
 
 _MARGINALIZE_IMPLS = ("reference", "cpu")
 
@@ -104,7 +114,10 @@ def _check_bool(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
 
 
-def _validate(hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap):
+def _validate(
+    hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
+    vocab_sharded=False,
+):  # fmt: skip
     """Every check of both drop-ins, value checks read once; returns ``(B, K, T)``."""
     V.check_tensor("hidden", hidden, ndim=3)
     V.check_tensor("doc_scores", doc_scores, ndim=2)
@@ -144,7 +157,7 @@ def _validate(hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n
     checks = V.ValueChecks()
     validate_linear_logprob_inputs(
         hidden.reshape(B, K, T, hidden.shape[-1]), weight, target[:, None, :], bias,
-        pad_token_id, softcap, checks,
+        pad_token_id, softcap, checks, vocab_sharded,
     )  # fmt: skip
     V.check_doc_scores(checks, "doc_scores", doc_scores, None)
     checks.run()
@@ -157,21 +170,28 @@ def _shift_left(target: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     return torch.cat([target[:, 1:], pad], dim=1)
 
 
-def _token_logprobs(hidden, weight, tgt, bias, pad_token_id, softcap, impl, want_stats, B, K, T):
-    """Per-row ``lp`` (and ``S``) ``[B, K, T]``; 0 where the shifted target is padding."""
+def _token_logprobs(
+    hidden, weight, tgt, bias, pad_token_id, softcap, impl, want_stats, B, K, T, shard=None
+):
+    """Per-row ``lp`` (and ``S``) ``[B, K, T]``; 0 where the shifted target is padding; and
+    the vocabulary size (the whole head's, a 0-d tensor, for a vocab-parallel ``shard``)."""
     # [B, 1, T] against hidden [B, K, T, H]: the K documents share the ids (no K-fold copy)
-    out = linear_logprob_core(
+    args = (
         hidden.reshape(B, K, T, hidden.shape[-1]),
         weight,
         tgt[:, None, :],
         bias,
         make_options(pad_token_id, softcap),
         impl,
-        want_stats,
     )
+    if shard is not None:
+        st = vocab_parallel.sharded_linear_logprob(linear_logprob_core, *args, shard)
+        S = st.sum_logprob.view(B, K, T) if want_stats else None
+        return st.logprob.view(B, K, T), S, st.vocab_size
+    out = linear_logprob_core(*args, want_stats)
     if want_stats:
-        return out.logprob.view(B, K, T), out.sum_logprob.view(B, K, T)
-    return out.view(B, K, T), None
+        return out.logprob.view(B, K, T), out.sum_logprob.view(B, K, T), weight.shape[0]
+    return out.view(B, K, T), None, weight.shape[0]
 
 
 def rag_sequence_get_nll(
@@ -189,6 +209,8 @@ def rag_sequence_get_nll(
     bias: torch.Tensor | None = None,
     softcap: float | None = None,
     impl: str = "auto",
+    vocab_group=None,
+    vocab_start: int | None = None,
 ) -> torch.Tensor:
     """``RagSequenceForGeneration.get_nll`` on ``seq_logits = hidden @ weight.T (+ bias)``.
 
@@ -207,21 +229,26 @@ def rag_sequence_get_nll(
         n_docs: K; defaults to ``doc_scores.shape[1]``.
         bias: optional ``[V]`` LM-head bias. softcap: optional final-logit softcap ``c``.
         impl: ``"auto" | "triton" | "cpu" | "reference"`` for the fused LM head.
+        vocab_group, vocab_start: ``weight`` / ``bias`` are this rank's rows of a head sharded
+            over that process group by vocabulary (as in ``rk.linear_logprob``); every rank
+            gets the unsharded loss and gradients (``V`` in ``eps/V`` is the whole head's).
 
     Under ``torch.autocast`` the LM-head matmuls run in the autocast dtype (fp32 results).
 
     Returns: ``[B]`` (or a scalar with ``reduce_loss``), fp32 (fp64 for fp64 inputs).
     """
     hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+    shard = vocab_parallel.vocab_shard(vocab_group, vocab_start)
     B, K, T = _validate(
-        hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap
-    )
+        hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
+        shard is not None,
+    )  # fmt: skip
     _check_int("bos_token_id", bos_token_id, optional=True)
     _check_bool("reduce_loss", reduce_loss)
     _check_bool("exclude_bos_score", exclude_bos_score)
     tgt = _shift_left(target, pad_token_id)
-    lp, S = _token_logprobs(
-        hidden, weight, tgt, bias, pad_token_id, softcap, impl, epsilon != 0, B, K, T
+    lp, S, vocab = _token_logprobs(
+        hidden, weight, tgt, bias, pad_token_id, softcap, impl, epsilon != 0, B, K, T, shard
     )
     dt = torch.float64 if torch.float64 in (lp.dtype, doc_scores.dtype) else lp.dtype
     lp = lp.to(dt)
@@ -242,7 +269,6 @@ def rag_sequence_get_nll(
     if reduce_loss:
         loss = loss.sum()
     if epsilon != 0:
-        vocab = weight.shape[0]
         smooth = S.to(dt).sum(dim=-1) + vocab * prior
         smooth_loss = -torch.logsumexp(smooth, dim=1)
         if reduce_loss:
@@ -264,6 +290,8 @@ def rag_token_get_nll(
     bias: torch.Tensor | None = None,
     softcap: float | None = None,
     impl: str = "auto",
+    vocab_group=None,
+    vocab_start: int | None = None,
 ) -> torch.Tensor:
     """``RagTokenForGeneration.get_nll`` on ``seq_logits = hidden @ weight.T (+ bias)``.
 
@@ -271,14 +299,17 @@ def rag_token_get_nll(
     - eps/V sum_t m_bt sum_v log sum_k exp(pi_bk + log p_bkt(v))``, with ``m`` the non-pad
     mask of the left-shifted target. Arguments and shapes as :func:`rag_sequence_get_nll`
     (there is no BOS handling in the token model). The ``epsilon`` term is computed only when
-    ``epsilon != 0``, fused with the target log-probs in one pass over the vocabulary.
+    ``epsilon != 0``, fused with the target log-probs in one pass over the vocabulary (with
+    ``vocab_group``: two passes over the shard, :mod:`rag_kernels.ops.vocab_parallel`).
 
     Returns: ``[B]`` (or a scalar with ``reduce_loss``), fp32 (fp64 for fp64 inputs).
     """
     hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+    shard = vocab_parallel.vocab_shard(vocab_group, vocab_start)
     B, K, T = _validate(
-        hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap
-    )
+        hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
+        shard is not None,
+    )  # fmt: skip
     _check_bool("reduce_loss", reduce_loss)
     tgt = _shift_left(target, pad_token_id)
     keep = tgt != pad_token_id  # [B, T]
@@ -289,16 +320,21 @@ def rag_token_get_nll(
         h = hidden.reshape(B, K, T, hidden.shape[-1])
         h = torch.where(keep[:, None, :, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
         opts = TokenSmoothingOptions(softcap=None if softcap is None else float(softcap))
-        marg, lp = token_smoothing_core(
-            h, weight, doc_scores, kernel_target(tgt, pad_token_id), bias, None, opts, impl
-        )
+        ktgt = kernel_target(tgt, pad_token_id)
+        if shard is None:
+            marg, lp = token_smoothing_core(h, weight, doc_scores, ktgt, bias, None, opts, impl)
+            vocab = weight.shape[0]
+        else:
+            marg, lp, vocab = vocab_parallel.sharded_token_smoothing(
+                token_smoothing_core, linear_logprob_core, h, weight, doc_scores, ktgt, bias,
+                None, opts, make_options(-1, softcap), impl, shard,
+            )  # fmt: skip
     else:
-        lp, _ = _token_logprobs(
-            hidden, weight, tgt, bias, pad_token_id, softcap, impl, False, B, K, T
+        lp, _, vocab = _token_logprobs(
+            hidden, weight, tgt, bias, pad_token_id, softcap, impl, False, B, K, T, shard
         )
     loss = marginalize_core(lp, doc_scores, keep, None, True, _sub_impl(impl, _MARGINALIZE_IMPLS))
     if marg is not None:
-        vocab = weight.shape[0]
         smooth = -torch.where(
             keep, marg, torch.zeros((), dtype=marg.dtype, device=marg.device)
         ).sum(dim=-1)
@@ -577,6 +613,8 @@ def rag_nll(
     exclude_bos_score: bool | None = None,
     n_docs: int | None = None,
     impl: str = "auto",
+    vocab_group=None,
+    vocab_start: int | None = None,
 ) -> torch.Tensor:
     """``rag_model(..., labels=labels).loss`` of a transformers RAG model, without the logits.
 
@@ -594,7 +632,10 @@ def rag_nll(
     model scores ``decoder_input_ids``, the token model ``labels``, as transformers does);
     ``reduce_loss = config.reduce_loss``; ``epsilon = config.label_smoothing``;
     ``exclude_bos_score = config.exclude_bos_score`` (sequence model only);
-    ``n_docs = config.n_docs``. ``impl`` selects the fused kernels.
+    ``n_docs = config.n_docs``. ``impl`` selects the fused kernels. ``vocab_group`` /
+    ``vocab_start``: the generator's head (its output embeddings, and BART's
+    ``final_logits_bias``) holds this rank's rows of a vocabulary-sharded head, passed to the
+    drop-ins as is (see :func:`rag_sequence_get_nll`).
 
     Shapes: ``input_ids [B, L]``, ``context_input_ids [B*K, Lc]``, ``doc_scores [B, K]``,
     ``labels`` / ``decoder_input_ids [B, T]``. Returns ``[B]`` or a scalar
@@ -656,6 +697,8 @@ def rag_nll(
         bias=head.bias,
         softcap=head.softcap,
         impl=impl,
+        vocab_group=vocab_group,
+        vocab_start=vocab_start,
     )
     if token:
         return rag_token_get_nll(hidden, head.weight, doc_scores, target, **common)
@@ -685,7 +728,10 @@ __all__ = ["LMHead", "lm_head", "rag_nll", "rag_sequence_get_nll", "rag_token_ge
 DEFAULT_RAG_PROMPT = "Context: {document}\nQuestion: {question}\nAnswer with a few words."
 PLAIN_ANSWER_CUE = "\nAnswer:"
 _PROMPT_FIELDS = ("question", "document")
-_RAG_LOSS_OPTIONS = ("mode", "label_smoothing", "doc_mask", "grad_skip_eps", "reduction", "impl")
+_RAG_LOSS_OPTIONS = (
+    "mode", "label_smoothing", "doc_mask", "grad_skip_eps", "reduction", "impl",
+    "vocab_group", "vocab_start",
+)  # fmt: skip
 
 
 @dataclass
@@ -763,6 +809,25 @@ def _check_limit(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive int or None, got {value!r}")
 
 
+def _prompt_content(tokenizer, prompt, question: str, document: str, max_doc_tokens) -> str:
+    """The prompt text of one (question, document) pair, the document cut to its first
+    ``max_doc_tokens`` tokens (decoded back to text; None: no limit)."""
+    if max_doc_tokens is not None:
+        doc_ids = _token_ids(tokenizer, document)
+        if len(doc_ids) > max_doc_tokens:
+            document = tokenizer.decode(doc_ids[:max_doc_tokens])
+    if prompt is None:
+        return DEFAULT_RAG_PROMPT.format(question=question, document=document)
+    if isinstance(prompt, str):
+        return prompt.format(question=question, document=document)
+    content = prompt(question, document)
+    if not isinstance(content, str):
+        raise TypeError(
+            f"prompt(question, document) must return a str, got {type(content).__name__}"
+        )
+    return content
+
+
 def rag_prompt_ids(
     tokenizer,
     question: str,
@@ -789,20 +854,7 @@ def rag_prompt_ids(
     for name, value in (("question", question), ("document", document)):
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    if max_doc_tokens is not None:
-        doc_ids = _token_ids(tokenizer, document)
-        if len(doc_ids) > max_doc_tokens:
-            document = tokenizer.decode(doc_ids[:max_doc_tokens])
-    if prompt is None:
-        content = DEFAULT_RAG_PROMPT.format(question=question, document=document)
-    elif isinstance(prompt, str):
-        content = prompt.format(question=question, document=document)
-    else:
-        content = prompt(question, document)
-        if not isinstance(content, str):
-            raise TypeError(
-                f"prompt(question, document) must return a str, got {type(content).__name__}"
-            )
+    content = _prompt_content(tokenizer, prompt, question, document, max_doc_tokens)
     if chat_template and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
@@ -820,6 +872,78 @@ def _check_str_list(name: str, value: object) -> None:
     for i, v in enumerate(value):
         if not isinstance(v, str):
             raise TypeError(f"{name}[{i}] must be a str, got {type(v).__name__}")
+
+
+def _check_rag_lists(questions, documents, answers) -> tuple[int, int]:
+    """``(B, K)`` of B questions, B lists of K documents and B answers, all str."""
+    _check_str_list("questions", questions)
+    _check_str_list("answers", answers)
+    if isinstance(documents, str) or not isinstance(documents, (list, tuple)):
+        raise TypeError(
+            f"documents must be a list of B lists of str, got {type(documents).__name__}"
+        )
+    B = len(questions)
+    if B == 0:
+        raise ValueError("questions must hold at least one question, got an empty list")
+    if len(documents) != B or len(answers) != B:
+        raise ValueError(
+            "questions, documents and answers must have the same length B, got "
+            f"{B}, {len(documents)}, {len(answers)}"
+        )
+    for b, docs in enumerate(documents):
+        _check_str_list(f"documents[{b}]", docs)
+    K = len(documents[0])
+    if K == 0:
+        raise ValueError("documents[0] must hold at least one document, got an empty list")
+    bad = [b for b, docs in enumerate(documents) if len(docs) != K]
+    if bad:
+        raise ValueError(
+            f"documents must hold the same number K of documents for every question: "
+            f"documents[0] has {K}, documents[{bad[0]}] has {len(documents[bad[0]])} (pad with "
+            "dummy documents and pass doc_mask to the loss)"
+        )
+    return B, K
+
+
+def _answer_token_ids(
+    tokenizer, answers, ignore_index, add_eos, max_answer_tokens, pad_token_id
+) -> tuple[int, list[list[int]]]:
+    """``(pad id, the target ids of every answer)``: the answer's tokens + EOS (``add_eos``),
+    cut to ``max_answer_tokens``; the pad id defaults to the tokenizer's pad, else its EOS."""
+    _check_int("ignore_index", ignore_index)
+    _check_bool("add_eos", add_eos)
+    _check_limit("max_answer_tokens", max_answer_tokens)
+    _check_int("pad_token_id", pad_token_id, optional=True)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if add_eos and eos is None:
+        raise ValueError(
+            "add_eos=True but the tokenizer has no eos_token_id: set one, or pass add_eos=False"
+        )
+    if pad_token_id is None:
+        pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = eos
+        if pad_token_id is None:
+            raise ValueError(
+                "the tokenizer has no pad_token_id and no eos_token_id to pad with: set "
+                "tokenizer.pad_token, or pass pad_token_id"
+            )
+    answer_ids = []
+    for b, a in enumerate(answers):
+        a_ids = _token_ids(tokenizer, a)
+        if not a_ids:
+            raise ValueError(f"answers[{b}] is empty (it tokenizes to no tokens): {a!r}")
+        if add_eos:
+            a_ids = a_ids + [eos]
+        if max_answer_tokens is not None:
+            a_ids = a_ids[:max_answer_tokens]
+        if ignore_index in a_ids:
+            raise ValueError(
+                f"answers[{b}] has a token id equal to ignore_index={ignore_index}; pass an "
+                "ignore_index outside the vocabulary (the default -100)"
+            )
+        answer_ids.append(a_ids)
+    return pad_token_id, answer_ids
 
 
 def build_rag_batch(
@@ -863,72 +987,22 @@ def build_rag_batch(
         documents per question, an empty answer, no pad id, ``add_eos`` without an EOS, an
         answer token equal to ``ignore_index``.
     """
-    _check_str_list("questions", questions)
-    _check_str_list("answers", answers)
-    if isinstance(documents, str) or not isinstance(documents, (list, tuple)):
-        raise TypeError(
-            f"documents must be a list of B lists of str, got {type(documents).__name__}"
-        )
-    B = len(questions)
-    if B == 0:
-        raise ValueError("questions must hold at least one question, got an empty list")
-    if len(documents) != B or len(answers) != B:
-        raise ValueError(
-            "questions, documents and answers must have the same length B, got "
-            f"{B}, {len(documents)}, {len(answers)}"
-        )
-    for b, docs in enumerate(documents):
-        _check_str_list(f"documents[{b}]", docs)
-    K = len(documents[0])
-    if K == 0:
-        raise ValueError("documents[0] must hold at least one document, got an empty list")
-    bad = [b for b, docs in enumerate(documents) if len(docs) != K]
-    if bad:
-        raise ValueError(
-            f"documents must hold the same number K of documents for every question: "
-            f"documents[0] has {K}, documents[{bad[0]}] has {len(documents[bad[0]])} (pad with "
-            "dummy documents and pass doc_mask to the loss)"
-        )
-    _check_int("ignore_index", ignore_index)
-    _check_bool("add_eos", add_eos)
-    _check_limit("max_answer_tokens", max_answer_tokens)
-    _check_int("pad_token_id", pad_token_id, optional=True)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if add_eos and eos is None:
-        raise ValueError(
-            "add_eos=True but the tokenizer has no eos_token_id: set one, or pass add_eos=False"
-        )
-    if pad_token_id is None:
-        pad_token_id = getattr(tokenizer, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = eos
-        if pad_token_id is None:
-            raise ValueError(
-                "the tokenizer has no pad_token_id and no eos_token_id to pad with: set "
-                "tokenizer.pad_token, or pass pad_token_id"
-            )
-
-    rows, answer_ids = [], []
-    for b, (q, docs, a) in enumerate(zip(questions, documents, answers, strict=True)):
-        a_ids = _token_ids(tokenizer, a)
-        if not a_ids:
-            raise ValueError(f"answers[{b}] is empty (it tokenizes to no tokens): {a!r}")
-        if add_eos:
-            a_ids = a_ids + [eos]
-        if max_answer_tokens is not None:
-            a_ids = a_ids[:max_answer_tokens]
-        if ignore_index in a_ids:
-            raise ValueError(
-                f"answers[{b}] has a token id equal to ignore_index={ignore_index}; pass an "
-                "ignore_index outside the vocabulary (the default -100)"
-            )
-        answer_ids.append(a_ids)
+    B, K = _check_rag_lists(questions, documents, answers)
+    pad_token_id, answer_ids = _answer_token_ids(
+        tokenizer, answers, ignore_index, add_eos, max_answer_tokens, pad_token_id
+    )
+    rows = []
+    for q, docs, a_ids in zip(questions, documents, answer_ids, strict=True):
         for d in docs:
             p = rag_prompt_ids(
                 tokenizer, q, d, prompt=prompt, chat_template=chat_template,
                 max_doc_tokens=max_doc_tokens,
             )  # fmt: skip
             rows.append(p + a_ids)
+    # Left padding by hand: the tensors tokenizer.pad({"input_ids": rows}, padding_side="left",
+    # return_tensors="pt") gives when the pad id is the tokenizer's own, but pad() refuses a
+    # tokenizer without a pad token (GPT-2, Llama: EOS pads here) and an explicit pad_token_id,
+    # so this path would stay for those and the library would only add a second one.
     L = max(len(r) for r in rows)
     ids = torch.full((B * K, L), pad_token_id, dtype=torch.long)
     mask = torch.zeros(B * K, L, dtype=torch.long)
@@ -1029,11 +1103,13 @@ def rag_hidden(model, batch: RagBatch) -> torch.Tensor:
 
     Raises:
         ValueError for a model whose head rk.hf.lm_head does not know, an encoder-decoder
-        model, or a batch whose shapes do not fit.
+        model, a batch whose shapes do not fit, or an FSDP2-sharded model called outside its
+        forward (use :func:`fsdp_rag_loss_method`).
     """
     what = "rk.hf.rag_hidden"
     inner, ddp = _unwrap(model)
     head, body = _causal_body(inner, what)
+    check_unsharded(inner, what)
     B, K, L = _check_batch(batch, what)
     device = inner.get_input_embeddings().weight.device
     kwargs = dict(
@@ -1078,11 +1154,22 @@ def causal_rag_loss(
     retriever scores (differentiable: the retriever gets the RAG gradient), moved to the
     hidden states' device. ``rag_loss_kwargs``: ``mode`` ("sequence" | "token"),
     ``label_smoothing``, ``doc_mask``, ``grad_skip_eps``, ``reduction`` ("mean" over queries
-    by default, "sum", "none"), ``impl``. ``model`` may be DDP-wrapped (see
+    by default, "sum", "none"), ``impl``, ``vocab_group`` / ``vocab_start`` (the model's
+    head holds this rank's rows of a vocabulary-sharded head). ``model`` may be DDP-wrapped (see
     :func:`rag_hidden`). Under ``torch.autocast`` the body and the fused head run in the
     autocast dtype (fp32 loss).
     """
-    what = "rk.hf.causal_rag_loss"
+    return _batch_rag_loss(
+        "rk.hf.causal_rag_loss", model, batch, doc_scores, rag_loss_kwargs, seq2seq=False
+    )
+
+
+def _batch_rag_loss(
+    what: str, model, batch, doc_scores: torch.Tensor, rag_loss_kwargs: dict, *, seq2seq: bool
+) -> torch.Tensor:
+    """The shared body of :func:`causal_rag_loss` and :func:`seq2seq_rag_loss`: check the
+    options and ``doc_scores`` against the batch, form the hidden states without logits and
+    call :func:`rag_kernels.rag_loss` with the model's head and the batch's targets."""
     fixed = {"bias", "softcap", "weight", "ignore_index", "hidden", "target"} & set(rag_loss_kwargs)
     if fixed:
         raise TypeError(
@@ -1096,13 +1183,13 @@ def causal_rag_loss(
             f"{', '.join(_RAG_LOSS_OPTIONS)}"
         )
     V.check_tensor("doc_scores", doc_scores, ndim=2)
-    B, K, _ = _check_batch(batch, what)
+    B, K = (_check_seq2seq_batch(batch, what) if seq2seq else _check_batch(batch, what))[:2]
     if tuple(doc_scores.shape) != (B, K):
         raise ValueError(
             f"{what}: doc_scores must have shape (B, n_docs) = {(B, K)} for this batch, got "
             f"{tuple(doc_scores.shape)}"
         )
-    hidden = rag_hidden(model, batch)
+    hidden = seq2seq_rag_hidden(model, batch) if seq2seq else rag_hidden(model, batch)
     head = lm_head(_unwrap(model)[0])
     doc_mask = rag_loss_kwargs.pop("doc_mask", None)
     return rag_loss(
@@ -1127,3 +1214,358 @@ __all__ += [
     "rag_hidden",
     "rag_prompt_ids",
 ]
+
+
+# ------------------------------------------------------------------------------------------
+# Seq2seq RAG: the (question, document) prompt is the encoder's input, the answer the decoder's
+# ------------------------------------------------------------------------------------------
+
+_SEQ2SEQ_FAMILIES = ("bart", "t5")
+
+
+@dataclass
+class Seq2SeqRagBatch:
+    """B queries × K documents for an encoder–decoder model (BART, mBART, T5, mT5, UMT5).
+
+    Row ``b*K + k`` of ``input_ids`` is the encoder input prompt(question b, document k),
+    right-padded. The decoder reads answer b, the same for the K documents of the query, so one
+    ``target [B, T]`` serves all K: the answer's tokens + EOS, right-padded with
+    ``ignore_index``. The decoder's input is ``target`` shifted right by the model's own rule
+    (:func:`seq2seq_decoder_input_ids`: the decoder start token first), so decoder position t
+    predicts ``target[:, t]``. Build it with :func:`build_seq2seq_rag_batch`; feed it to
+    :func:`seq2seq_rag_hidden` / :func:`seq2seq_rag_loss`.
+
+    Fields:
+        input_ids: ``[B*K, L]`` int64 encoder inputs, right-padded with the pad id.
+        attention_mask: ``[B*K, L]`` int64, 0 on padding.
+        target: ``[B, T]`` int64 answer ids, ``ignore_index`` after each answer.
+        n_docs: K.
+        ignore_index: the id that marks the positions of ``target`` that do not count.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    target: torch.Tensor
+    n_docs: int
+    ignore_index: int = -100
+
+    @property
+    def num_queries(self) -> int:
+        """B."""
+        return self.target.shape[0]
+
+    def to(self, device) -> Seq2SeqRagBatch:
+        """The batch with its tensors on ``device``."""
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            target=self.target.to(device),
+        )
+
+
+def seq2seq_prompt_ids(
+    tokenizer,
+    question: str,
+    document: str,
+    *,
+    prompt=None,
+    max_doc_tokens: int | None = 256,
+) -> list[int]:
+    """Token ids of the encoder input for one (question, document) pair.
+
+    The prompt text as in :func:`rag_prompt_ids` (``prompt``: None for
+    :data:`DEFAULT_RAG_PROMPT`, a format string with ``{question}`` and ``{document}``, or a
+    callable; the document cut to ``max_doc_tokens`` tokens), tokenized with the tokenizer's
+    own special tokens (BART ``<s> … </s>``, T5 ``… </s>``), as the model was trained to read
+    its input. No chat template and no answer cue: the answer is the decoder's.
+    """
+    _check_prompt(prompt)
+    _check_limit("max_doc_tokens", max_doc_tokens)
+    for name, value in (("question", question), ("document", document)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    content = _prompt_content(tokenizer, prompt, question, document, max_doc_tokens)
+    return list(tokenizer(content)["input_ids"])
+
+
+def build_seq2seq_rag_batch(
+    tokenizer,
+    questions: list[str],
+    documents: list[list[str]],
+    answers: list[str],
+    *,
+    prompt=None,
+    max_doc_tokens: int | None = 256,
+    max_answer_tokens: int | None = None,
+    ignore_index: int = -100,
+    add_eos: bool = True,
+    pad_token_id: int | None = None,
+) -> Seq2SeqRagBatch:
+    """Encoder–decoder RAG batch: encoder row ``b*K + k`` = prompt(question b, document k),
+    decoder target ``b`` = answer b (+ EOS).
+
+    Args:
+        tokenizer: a transformers tokenizer (``tokenizer(text)``, ``decode``).
+        questions, documents, answers: as :func:`build_rag_batch` (B questions, B lists of K
+            documents each, B non-empty answers).
+        prompt, max_doc_tokens: as :func:`seq2seq_prompt_ids`.
+        max_answer_tokens: at most this many target tokens per query, EOS included; a longer
+            answer is cut and gets no EOS. None: no limit.
+        ignore_index: the id of the positions of ``target`` that do not count.
+        add_eos: append ``tokenizer.eos_token_id`` to each answer (the model learns to stop).
+        pad_token_id: the id to right-pad the encoder inputs with; default
+            ``tokenizer.pad_token_id``, else its ``eos_token_id`` (padding is masked).
+
+    The encoder inputs are right-padded (learned absolute positions, as BART's, count from
+    the first token; padding is masked); the answers need no alignment, since the decoder of
+    every row starts at the answer: one ``target [B, T]`` serves the K documents.
+
+    Raises:
+        TypeError / ValueError naming the argument, as :func:`build_rag_batch`.
+    """
+    B, K = _check_rag_lists(questions, documents, answers)
+    pad_token_id, answer_ids = _answer_token_ids(
+        tokenizer, answers, ignore_index, add_eos, max_answer_tokens, pad_token_id
+    )
+    rows = []
+    for b, (q, docs) in enumerate(zip(questions, documents, strict=True)):
+        for k, d in enumerate(docs):
+            r = seq2seq_prompt_ids(tokenizer, q, d, prompt=prompt, max_doc_tokens=max_doc_tokens)
+            if not r:
+                raise ValueError(f"the prompt of questions[{b}], documents[{b}][{k}] is empty")
+            rows.append(r)
+    L = max(len(r) for r in rows)
+    ids = torch.full((B * K, L), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(B * K, L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    T = max(len(a) for a in answer_ids)
+    target = torch.full((B, T), ignore_index, dtype=torch.long)
+    for b, a_ids in enumerate(answer_ids):
+        target[b, : len(a_ids)] = torch.tensor(a_ids, dtype=torch.long)
+    return Seq2SeqRagBatch(ids, mask, target, K, ignore_index)
+
+
+def _check_seq2seq_batch(batch, what: str) -> tuple[int, int, int, int]:
+    """``(B, K, L, T)`` of a :class:`Seq2SeqRagBatch`, its shapes checked."""
+    if not isinstance(batch, Seq2SeqRagBatch):
+        raise TypeError(
+            f"{what}: batch must be a rk.hf.Seq2SeqRagBatch (build_seq2seq_rag_batch), got "
+            f"{type(batch).__name__}"
+        )
+    V.check_index_tensor("batch.input_ids", batch.input_ids, ndim=2)
+    BK, L = batch.input_ids.shape
+    V.check_tensor("batch.attention_mask", batch.attention_mask, ndim=2, dtypes=None)
+    if tuple(batch.attention_mask.shape) != (BK, L):
+        raise ValueError(
+            f"batch.attention_mask must have the shape of batch.input_ids {(BK, L)}, got "
+            f"{tuple(batch.attention_mask.shape)}"
+        )
+    K = batch.n_docs
+    _check_int("batch.n_docs", K)
+    if K <= 0 or BK % K != 0:
+        raise ValueError(
+            f"batch.n_docs must be a positive divisor of batch.input_ids.shape[0] = {BK}, got {K}"
+        )
+    V.check_index_tensor("batch.target", batch.target, ndim=2)
+    B, T = batch.target.shape
+    if B != BK // K or T < 1 or L < 1:
+        raise ValueError(
+            f"batch.target must have shape (B, T) with B = {BK // K} (batch.input_ids {(BK, L)}, "
+            f"n_docs={K}) and T >= 1, got {tuple(batch.target.shape)}"
+        )
+    return B, K, L, T
+
+
+def _seq2seq_model(model, what: str):
+    """The encoder–decoder transformers model, checked (known head, not DDP-wrapped)."""
+    inner, ddp = _unwrap(model)
+    if ddp is not None:
+        raise ValueError(
+            f"{what}: a DistributedDataParallel-wrapped encoder-decoder model is not supported "
+            "(its forward forms the full [B*K, T, V] logits); pass the module and average the "
+            "gradients over the ranks yourself"
+        )
+    _, family = _head_family(inner, what)
+    if family not in _SEQ2SEQ_FAMILIES:
+        raise ValueError(
+            f"{what}: {type(inner).__name__} is a causal LM; this helper is for encoder-decoder "
+            "models (BART, mBART, T5, mT5, UMT5): use rk.hf.rag_hidden / causal_rag_loss"
+        )
+    return inner
+
+
+def seq2seq_decoder_input_ids(model, labels: torch.Tensor, *, ignore_index: int = -100):
+    """The decoder inputs ``[B, T]`` of ``labels [B, T]``, shifted right by ``model``'s own
+    rule: ``prepare_decoder_input_ids_from_labels`` (BART / mBART / T5 families: the decoder
+    start token ``config.decoder_start_token_id`` first; mBART moves the last non-pad token to
+    the front), else ``_shift_right``. ``ignore_index`` positions become the pad id, as
+    transformers does with -100 (they follow the answer, so the causal decoder never reads them
+    for a scored position).
+
+    Raises:
+        ValueError when the model cannot form them (no ``decoder_start_token_id`` or
+        ``pad_token_id`` in its config).
+    """
+    what = "rk.hf.seq2seq_decoder_input_ids"
+    V.check_index_tensor("labels", labels, ndim=2)
+    _check_int("ignore_index", ignore_index)
+    inner, _ = _unwrap(model)
+    if ignore_index != -100:
+        labels = labels.masked_fill(labels == ignore_index, -100)
+    shift = getattr(inner, "prepare_decoder_input_ids_from_labels", None)
+    if not callable(shift):
+        shift = getattr(inner, "_shift_right", None)
+    if not callable(shift):
+        raise ValueError(
+            f"{what}: {type(inner).__name__} has no prepare_decoder_input_ids_from_labels / "
+            "_shift_right to form its decoder inputs"
+        )
+    try:
+        return shift(labels)
+    except (TypeError, ValueError) as e:  # transformers: a None start or pad id in the config
+        raise ValueError(
+            f"{what}: {type(inner).__name__} cannot form its decoder inputs from the labels "
+            f"({' '.join(str(e).split())[:200]}); set config.decoder_start_token_id and "
+            "config.pad_token_id"
+        ) from e
+
+
+def seq2seq_rag_hidden(model, batch: Seq2SeqRagBatch, *, return_cross_attentions: bool = False):
+    """The decoder hidden states ``[B, K, T, H]`` that ``model``'s LM head would turn into logits.
+
+    Runs the encoder on ``batch.input_ids [B*K, L]`` and the decoder on the shifted answers
+    (:func:`seq2seq_decoder_input_ids` of ``batch.target``, repeated for the K documents),
+    cross-attending to the encoder states of the row's prompt, without the LM head, and applies
+    :func:`lm_head`'s ``hidden_scale`` (T5's tied-embedding ``d_model ** -0.5``). Position t of
+    the result predicts ``batch.target[:, t]``. The batch's tensors are moved to the model's
+    input-embedding device. What ``model(input_ids, attention_mask, decoder_input_ids,
+    use_cache=False)`` computes before its head (the ``tests/test_seq2seq_train.py`` check).
+
+    ``return_cross_attentions``: also return the decoder's cross-attention weights, one
+    ``[B*K, heads, T, L]`` tensor per decoder layer (needs eager attention:
+    ``model.set_attn_implementation("eager")``).
+
+    Raises:
+        ValueError for a causal LM or a model whose head rk.hf.lm_head does not know, a
+        DistributedDataParallel-wrapped model, inputs longer than BART's learned positions, a
+        batch whose shapes do not fit, no attention weights returned, or an FSDP2-sharded
+        model called outside its forward (use :func:`fsdp_rag_loss_method`).
+    """
+    what = "rk.hf.seq2seq_rag_hidden"
+    inner = _seq2seq_model(model, what)
+    check_unsharded(inner, what)
+    check_unsharded(inner, what)
+    _check_bool("return_cross_attentions", return_cross_attentions)
+    B, K, L, T = _check_seq2seq_batch(batch, what)
+    head = lm_head(inner)
+    limit = getattr(inner.config, "max_position_embeddings", None)
+    if _head_family(inner, what)[1] == "bart" and isinstance(limit, int) and max(L, T) > limit:
+        raise ValueError(
+            f"{what}: encoder inputs of {L} and decoder inputs of {T} tokens exceed "
+            f"{type(inner).__name__}'s max_position_embeddings={limit} (cut the documents: "
+            "max_doc_tokens, or the answers: max_answer_tokens)"
+        )
+    device = inner.get_input_embeddings().weight.device
+    ids = batch.input_ids.to(device)
+    mask = batch.attention_mask.to(device)
+    dec_ids = seq2seq_decoder_input_ids(
+        inner, batch.target.to(device), ignore_index=batch.ignore_index
+    ).repeat_interleave(K, dim=0)
+    enc = inner.get_encoder()(input_ids=ids, attention_mask=mask)
+    extra = {"output_attentions": True} if return_cross_attentions else {}
+    out = inner.get_decoder()(
+        input_ids=dec_ids,
+        encoder_hidden_states=enc[0],
+        encoder_attention_mask=mask,
+        use_cache=False,
+        **extra,
+    )
+    hidden = out[0]
+    if head.hidden_scale != 1.0:
+        hidden = hidden * head.hidden_scale
+    hidden = hidden.reshape(B, K, T, hidden.shape[-1])
+    if not return_cross_attentions:
+        return hidden
+    cross = getattr(out, "cross_attentions", None)
+    if not cross or any(a is None for a in cross):
+        raise ValueError(
+            f"{what}: {type(inner).__name__} returned no cross-attention weights (they need "
+            'eager attention: model.set_attn_implementation("eager"))'
+        )
+    return hidden, tuple(cross)
+
+
+def seq2seq_rag_loss(
+    model, batch: Seq2SeqRagBatch, doc_scores: torch.Tensor, **rag_loss_kwargs
+) -> torch.Tensor:
+    """``rk.rag_loss`` of a transformers encoder–decoder model on a :class:`Seq2SeqRagBatch`,
+    without logits: :func:`seq2seq_rag_hidden` + :func:`lm_head` (weight, BART's
+    ``final_logits_bias``, T5's scale) + :func:`rag_kernels.rag_loss` on the shared
+    ``target [B, T]``. ``doc_scores [B, K]`` and ``rag_loss_kwargs`` as
+    :func:`causal_rag_loss` (``mode``, ``label_smoothing``, ``doc_mask``, ``grad_skip_eps``,
+    ``reduction``, ``impl``, ``vocab_group`` / ``vocab_start``)."""
+    return _batch_rag_loss(
+        "rk.hf.seq2seq_rag_loss", model, batch, doc_scores, rag_loss_kwargs, seq2seq=True
+    )
+
+
+__all__ += [
+    "Seq2SeqRagBatch",
+    "build_seq2seq_rag_batch",
+    "seq2seq_decoder_input_ids",
+    "seq2seq_prompt_ids",
+    "seq2seq_rag_hidden",
+    "seq2seq_rag_loss",
+]
+
+
+# ------------------------------------------------------------------------------------------
+# FSDP2: the loss inside a method FSDP unshards the root (embeddings, LM head) for
+# ------------------------------------------------------------------------------------------
+
+
+def _fsdp_rag_loss(model, batch, doc_scores, **rag_loss_kwargs):
+    if isinstance(batch, Seq2SeqRagBatch):
+        return seq2seq_rag_loss(model, batch, doc_scores, **rag_loss_kwargs)
+    return causal_rag_loss(model, batch, doc_scores, **rag_loss_kwargs)
+
+
+def fsdp_rag_loss_method(model, *, name: str = "rk_rag_loss"):
+    """``rk.hf.causal_rag_loss`` / ``seq2seq_rag_loss`` of a model sharded with FSDP2
+    (``fully_shard``), as a method FSDP treats as a forward; returns it.
+
+    ``loss_fn = rk.hf.fsdp_rag_loss_method(model)``, then ``loss_fn(batch, doc_scores,
+    **rag_loss_kwargs)`` with a :class:`RagBatch` (causal LM) or :class:`Seq2SeqRagBatch`
+    (encoder-decoder) and the options of :func:`causal_rag_loss`. The call runs between
+    FSDP's pre- and post-forward hooks (``register_fsdp_forward_method``, via
+    :func:`rag_kernels.integrations.fsdp.forward_method`): the root unit (embeddings, final
+    norm, LM head) is all-gathered for it, the fused loss reads the whole head as a plain
+    tensor, and the head's gradient is reduce-scattered (averaged over the data-parallel
+    ranks) in the backward, with no gather beyond FSDP's own. The blocks sharded as their own
+    units unshard around their forwards as usual. Each rank passes its own batch; the loss is
+    that rank's (mean over its queries), so equal per-rank batches give the gradient of the
+    mean over the global batch.
+
+    Call it after ``fully_shard`` (e.g. :func:`rag_kernels.integrations.fsdp.fully_shard_model`:
+    each decoder layer, then the root). On a model that is not sharded it is the plain loss.
+
+    Raises:
+        ValueError for a model whose head :func:`lm_head` does not know, or whose LM head is
+        an FSDP unit of its own (its weight is then gathered only by the head's own forward).
+    """
+    what = "rk.hf.fsdp_rag_loss_method"
+    inner, ddp = _unwrap(model)
+    if ddp is not None:
+        raise ValueError(
+            f"{what}: model is DistributedDataParallel-wrapped; FSDP2 replaces DDP: "
+            "fully_shard the model instead of wrapping it"
+        )
+    _head_family(inner, what)
+    check_head_in_root(inner, what)
+    return forward_method(inner, _fsdp_rag_loss, name=name)
+
+
+__all__ += ["fsdp_rag_loss_method"]

