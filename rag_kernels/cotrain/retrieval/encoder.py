@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from ..assets import TINY, build_tiny_tokenizer, minilm_dir
 
+DOC_BATCH = 64  # passages per forward pass of encode_docs (and a sharded index's block)
+
 
 class BiEncoder(torch.nn.Module):
     def __init__(self, model, tokenizer, *, doc_encoder: str = "frozen", max_length: int = 128):
@@ -50,7 +52,12 @@ class BiEncoder(torch.nn.Module):
         return self._embed(self.query_model, texts)
 
     def encode_docs(
-        self, texts: list[str], *, batch_size: int = 64, progress: bool = False, grad: bool = False
+        self,
+        texts: list[str],
+        *,
+        batch_size: int = DOC_BATCH,
+        progress: bool = False,
+        grad: bool = False,
     ) -> torch.Tensor:
         """``[M, D]`` unit vectors; no gradient unless ``grad`` (and a shared encoder)."""
         model = self.doc_model if self.doc_model is not None else self.query_model
