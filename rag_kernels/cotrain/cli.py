@@ -16,6 +16,7 @@ the models) is imported; ``train`` then locks the output directory before loadin
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -34,14 +35,18 @@ def _train(argv: list[str]) -> int:
 
     args = build_parser("rag-kernels train", COMMANDS["train"]).parse_args(argv)
     cfg = resolve_config(args)  # validated: nothing heavy is imported before this returns
-    lock = RunLock(cfg.output_dir).acquire()
+    # Under torchrun only rank 0 writes to the output directory, so only rank 0 locks it (a
+    # lock per rank would make rank 1 fail on rank 0's lock). torchrun sets RANK.
+    rank0 = os.environ.get("RANK", "0") == "0"
+    lock = RunLock(cfg.output_dir).acquire() if rank0 else None
     try:
         from .training.loop import CoTrainer
 
         trainer = CoTrainer(cfg, run_lock=lock)
         metrics = trainer.fit()
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
     if trainer.rank == 0 and "initial" in metrics:
         print("\nmetric      initial   final")
         from .eval.metrics import METRIC_KEYS

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -212,8 +213,35 @@ def check_softcap(softcap: object) -> None:
         raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
 
 
+def is_dtensor(x: object) -> bool:
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (no import: before its module
+    is imported no DTensor can exist)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(x, mod.DTensor)
+
+
+def check_not_dtensor(name: str, x: object) -> None:
+    """A DTensor (e.g. a parameter sharded by FSDP2's ``fully_shard``, read outside the
+    module's forward) is refused: the fused ops take whole, local tensors. Its local shard
+    would be one rank's rows of the head (wrong log-probs, silently), and a gather here would
+    be a full copy outside FSDP's own memory accounting."""
+    if is_dtensor(x):
+        raise TypeError(
+            f"{name} must be a plain torch.Tensor, got a DTensor (global shape "
+            f"{tuple(x.shape)}, placements {tuple(x.placements)}): a parameter sharded by FSDP2 "
+            "(fully_shard) read outside the module's forward. Compute the loss inside a method "
+            "FSDP unshards the module for: rk.hf.fsdp_rag_loss_method(model), or "
+            "rag_kernels.integrations.fsdp.forward_method(model, fn); not with .to_local() "
+            "(one rank's rows only) or .full_tensor() (docs/design.md §2.9)"
+        )
+
+
 def check_lm_head(hidden: torch.Tensor, weight: object, bias: object) -> None:
-    """``weight [V, H]`` (and ``bias [V]``) matching ``hidden [..., H]`` in device and dtype."""
+    """``weight [V, H]`` (and ``bias [V]``) matching ``hidden [..., H]`` in device and dtype;
+    none of the three a DTensor (:func:`check_not_dtensor`)."""
+    check_not_dtensor("hidden", hidden)
+    check_not_dtensor("weight", weight)
+    check_not_dtensor("bias", bias)
     check_tensor("weight", weight, ndim=2)
     H = hidden.shape[-1]
     if H == 0:

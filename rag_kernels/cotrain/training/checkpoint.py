@@ -16,6 +16,12 @@ and plain data (a crafted pickle whose ``__reduce__`` would run code, numpy obje
 refused and nothing in it runs. Every failure (empty, truncated, corrupt, foreign, unsafe or
 older-format file) is a one-line :class:`~rag_kernels.cotrain.errors.UserError` naming the
 file.
+
+Models sharded by FSDP2 (``--fsdp``) write the same file: :func:`full_trainable_state` and
+:func:`full_optimizer_state` gather the full tensors to rank 0 (collectives: every rank
+calls them), :func:`load_full_state` and :func:`shard_optimizer_state` cut every rank's
+shard out of the full tensors it read. So a checkpoint resumes with or without ``--fsdp``
+and ``rag-kernels eval`` reads it in one process.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import json
 import pickle
 import random
 import struct
+import types
 
 import numpy as np
 import torch
@@ -54,9 +61,13 @@ __all__ = [
     "FORMAT",
     "VERSION",
     "data_fingerprints",
+    "full_optimizer_state",
+    "full_trainable_state",
     "get_rng_state",
+    "load_full_state",
     "read_checkpoint",
     "set_rng_state",
+    "shard_optimizer_state",
     "write_checkpoint",
 ]
 
@@ -112,11 +123,13 @@ def _digest(records) -> str:
 
 
 def data_fingerprints(dataset, world_size: int = 1) -> dict:
-    """SHA-256 of the corpus, the training and the evaluation (test) questions as loaded (so
-    the embedded set's seed, a file's content and a dataset passed in code are covered)."""
+    """SHA-256 of the corpus, the training, the dev and the evaluation (test) questions as
+    loaded (so the embedded set's seed, a file's content and a dataset passed in code are
+    covered)."""
     return {
         "corpus": _digest(dataset.corpus),
         "train": _digest(dataset.train),
+        "dev": _digest(dataset.dev),
         "eval": _digest(dataset.test),
         "world_size": int(world_size),
     }
@@ -191,3 +204,85 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
     ):
         raise UserError(f"{path}: corrupt checkpoint (step/cursor are not non-negative ints)")
     return state
+
+
+# ------------------------------------------------------------------------- FSDP2 (--fsdp)
+def _is_dtensor(x) -> bool:
+    from rag_kernels.ops.validation import is_dtensor
+
+    return is_dtensor(x)
+
+
+def full_trainable_state(module: torch.nn.Module) -> dict:
+    """The trainable parameters of an FSDP2-sharded ``module`` as full CPU tensors, keyed as
+    ``named_parameters`` (the replicated run's checkpoint keys): on rank 0; ``{}`` on the
+    other ranks. Collective (``get_model_state_dict(full_state_dict=True,
+    cpu_offload=True)``: one all-gather per parameter, frozen ones skipped)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    names = [k for k, p in module.named_parameters() if p.requires_grad]
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    full = get_model_state_dict(module, options=opts)
+    return {k: full[k] for k in names if k in full}
+
+
+def load_full_state(module: torch.nn.Module, state: dict) -> types.SimpleNamespace:
+    """Load full tensors ``state`` (a subset of the parameters, as :func:`full_trainable_state`
+    or a replicated run writes them) into an FSDP2-sharded ``module``: every rank holds the
+    whole ``state`` and keeps its own shard (``set_model_state_dict(full_state_dict=True)``;
+    collective). Returns ``missing_keys`` (parameters not in ``state``) and
+    ``unexpected_keys`` (keys of ``state`` that are no parameter or buffer), as
+    ``load_state_dict(strict=False)``; nothing is loaded when some key is unexpected."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    known = {k for k, _ in module.named_parameters(remove_duplicate=False)}
+    known |= {k for k, _ in module.named_buffers(remove_duplicate=False)}
+    unexpected = sorted(set(state) - known)
+    if not unexpected:
+        opts = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(module, dict(state), options=opts)  # the copy: it is consumed
+    missing = sorted({k for k, _ in module.named_parameters()} - set(state))
+    return types.SimpleNamespace(missing_keys=missing, unexpected_keys=unexpected)
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with every DTensor state (AdamW's moments of a sharded
+    parameter) gathered to a full CPU tensor: the layout torch writes for replicated
+    parameters, keyed by parameter position. Collective (``full_tensor``: one all-gather per
+    sharded state tensor, on every rank)."""
+    sd = optimizer.state_dict()
+    state = {
+        i: {k: v.full_tensor().cpu() if _is_dtensor(v) else v for k, v in s.items()}
+        for i, s in sd["state"].items()
+    }
+    return {**sd, "state": state}
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> dict:
+    """The inverse of :func:`full_optimizer_state` for ``optimizer.load_state_dict``: each
+    full state tensor of a sharded (DTensor) parameter becomes that parameter's DTensor,
+    this rank's shard cut from the full tensor every rank read (no communication). Raises
+    ValueError for a state tensor whose shape is not its parameter's."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, s in sd["state"].items():
+        p = params[i] if isinstance(i, int) and 0 <= i < len(params) else None
+        if p is None or not _is_dtensor(p):
+            state[i] = s
+            continue
+        out = {}
+        for k, v in s.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                if tuple(v.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"optimizer state {k!r} of parameter {i} has shape {tuple(v.shape)}, "
+                        f"the parameter {tuple(p.shape)}"
+                    )
+                v = distribute_tensor(
+                    v.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None
+                )
+            out[k] = v
+        state[i] = out
+    return {**sd, "state": state}
