@@ -36,31 +36,14 @@ from rag_kernels.cotrain.training import checkpoint as ck
 from rag_kernels.cotrain.training.config import RESUME_FORCE_SAFE
 from rag_kernels.cotrain.training.files import RunLock, atomic_write
 from rag_kernels.cotrain.training.loop import plot_curves
-from toolkit import tiny_dataset
+from toolkit import tiny_dataset, tiny_train_config
 
 pytest.importorskip("faiss")
 
 
 # ------------------------------------------------------------------------------ helpers
 def config(out, **kw) -> TrainConfig:
-    base = dict(
-        generator="tiny-random",
-        retriever="tiny-random",
-        steps=3,
-        batch_size=2,
-        docs=3,
-        output_dir=str(out),
-        progress=False,
-        max_new_tokens=3,
-        eval_batch_size=4,
-        lr_generator=1e-3,
-        lr_retriever=1e-3,
-        warmup_steps=0,  # full LR from the first step
-        generator_train_layers=-1,
-        skip_initial_eval=True,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(out, **(dict(skip_initial_eval=True) | kw))
 
 
 def read_log(out) -> list[dict]:
@@ -212,7 +195,7 @@ def test_checkpoint_is_plain_data_loadable_with_weights_only(good_checkpoint):
     _plain(st)
     assert st["format"] == ck.FORMAT and st["version"] == ck.VERSION
     assert st["config"] == good_checkpoint["cfg"].to_dict()
-    assert set(st["data"]) == {"corpus", "train", "eval", "world_size"}
+    assert set(st["data"]) == {"corpus", "train", "dev", "eval", "world_size"}
     assert isinstance(st["rng"]["python"]["state"], torch.Tensor)
     assert isinstance(st["rng"]["numpy"]["keys"], torch.Tensor)
     assert (st["step"], st["cursor"]) == (2, 4)

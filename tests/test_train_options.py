@@ -29,7 +29,7 @@ from rag_kernels.cotrain.training.feedback import (
     passage_token_mask,
 )
 from rag_kernels.cotrain.training.options_table import BEGIN, END, options_table, readme_table
-from toolkit import cli_error_line
+from toolkit import cli_error_line, tiny_train_config
 from toolkit import tiny_dataset as toolkit_tiny_dataset
 
 faiss = pytest.importorskip("faiss")
@@ -44,25 +44,9 @@ def tiny_dataset(dev: bool = True):
 
 
 def config(out, **kw) -> TrainConfig:
-    base = dict(
-        generator="tiny-random",
-        retriever="tiny-random",
-        steps=3,
-        batch_size=2,
-        docs=3,
-        output_dir=str(out),
-        progress=False,
-        skip_initial_eval=True,
-        eval_limit=2,
-        max_new_tokens=2,
-        eval_batch_size=4,
-        lr_generator=1e-3,
-        lr_retriever=1e-3,
-        warmup_steps=0,
-        generator_train_layers=-1,
+    return tiny_train_config(
+        out, **(dict(skip_initial_eval=True, eval_limit=2, max_new_tokens=2) | kw)
     )
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def read_log(out) -> list[dict]:

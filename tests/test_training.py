@@ -9,29 +9,13 @@ import pytest
 import torch
 
 from rag_kernels.cotrain.training import CoTrainer, TrainConfig, build_parser, resolve_config
-from toolkit import tiny_dataset
+from toolkit import tiny_dataset, tiny_train_config
 
 pytest.importorskip("faiss")
 
 
 def config(tmp_path, **kw) -> TrainConfig:
-    base = dict(
-        generator="tiny-random",
-        retriever="tiny-random",
-        steps=3,
-        batch_size=2,
-        docs=3,
-        output_dir=str(tmp_path / "run"),
-        progress=False,
-        max_new_tokens=3,
-        eval_batch_size=4,
-        lr_generator=1e-3,
-        lr_retriever=1e-3,
-        warmup_steps=0,  # full LR from the first step
-        generator_train_layers=-1,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(tmp_path / "run", **kw)
 
 
 def read_log(cfg):

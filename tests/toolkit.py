@@ -475,6 +475,31 @@ def tiny_dataset(*, dev: bool = False):
     return Dataset(corpus=corpus, train=qa[:6], dev=[], test=qa[4:])
 
 
+def tiny_train_config(output_dir, **overrides):
+    """A :class:`~rag_kernels.cotrain.training.TrainConfig` for the tiny-random co-training runs
+    of the tests: 3 steps of 2 questions × 3 documents at a full learning rate of 1e-3 from the
+    first step (no warm-up), every generator parameter trained, short decoding, no progress
+    bars; ``overrides`` replace any field."""
+    from rag_kernels.cotrain.training import TrainConfig
+
+    base = dict(
+        generator="tiny-random",
+        retriever="tiny-random",
+        steps=3,
+        batch_size=2,
+        docs=3,
+        output_dir=str(output_dir),
+        progress=False,
+        max_new_tokens=3,
+        eval_batch_size=4,
+        lr_generator=1e-3,
+        lr_retriever=1e-3,
+        warmup_steps=0,
+        generator_train_layers=-1,
+    )
+    return TrainConfig(**(base | overrides))
+
+
 def cli_error_line(capsys, *argv) -> str:
     """Run the CLI; assert exit 2 and exactly one error line, no traceback; return it."""
     from rag_kernels.cotrain.cli import main

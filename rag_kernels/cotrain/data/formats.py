@@ -8,12 +8,13 @@ corpus of millions of lines is never held as parsed JSON. A malformed record rai
 Formats (``--data-format``; ``auto`` detects each file on its own, see :func:`detect_format`):
 
 ======== ============================================= ==========================================
-format   corpus                                        questions (``--train`` / ``--eval``)
+format   corpus                                        questions (``--train``/``--dev``/``--eval``)
 ======== ============================================= ==========================================
 ours     JSONL ``{id, title?, text}``                  JSONL ``{id, question, answers,
                                                        positive_ids?}``
 beir     a BEIR folder or its ``corpus.jsonl``         the folder (``qrels/train.tsv`` for
-         ``{_id, title?, text}``                       ``--train``, ``qrels/test.tsv`` else
+         ``{_id, title?, text}``                       ``--train``, ``qrels/dev.tsv`` for
+                                                       ``--dev``, ``qrels/test.tsv`` else
                                                        ``qrels/dev.tsv`` for ``--eval``), its
                                                        ``queries.jsonl`` or a ``qrels/*.tsv``
 dpr      TSV ``id<TAB>text<TAB>title`` with header     JSON array ``[{question, answers,
@@ -66,7 +67,7 @@ __all__ = [
 
 FORMATS = ("ours", "beir", "dpr", "nq-open", "kilt", "flashrag")
 DATA_FORMATS = ("auto", *FORMATS)
-_ROLES = ("corpus", "train", "eval")
+_ROLES = ("corpus", "train", "dev", "eval")
 _HINT = "pass --data-format (" + ", ".join(FORMATS) + ")"
 _BEIR_LAYOUT = "a BEIR folder has corpus.jsonl, queries.jsonl and qrels/<split>.tsv"
 
@@ -310,8 +311,8 @@ def _keys(obj: dict) -> str:
 
 
 def detect_format(path, role: str = "corpus") -> str:
-    """The format (one of :data:`FORMATS`) of a ``role`` file (``corpus``, ``train`` or
-    ``eval``), from the path and the content:
+    """The format (one of :data:`FORMATS`) of a ``role`` file (``corpus``, ``train``, ``dev``
+    or ``eval``), from the path and the content:
 
     * a directory: ``beir``;
     * ``.tsv`` / ``.csv``: a ``query-id corpus-id score`` header is BEIR qrels, an ``id ...
@@ -430,7 +431,8 @@ def _resolve(path, role: str, data_format: str) -> str:
 def data_path_problem(path: str, role: str, data_format: str = "auto") -> str | None:
     """What is wrong with the path of a ``role`` data file before anything is read (None when
     it is fine): missing, unreadable, or a directory that is not a BEIR folder (for
-    ``train`` it needs ``qrels/train.tsv``, for ``eval`` ``qrels/test.tsv`` or ``dev.tsv``).
+    ``train`` it needs ``qrels/train.tsv``, for ``dev`` ``qrels/dev.tsv``, for ``eval``
+    ``qrels/test.tsv`` or ``dev.tsv``).
     Cheap: it reads no file."""
     role = _check_role(role)
     if not str(path).strip():
@@ -671,9 +673,10 @@ class _Positives:
 # ------------------------------------------------------------------------------ question loaders
 def _find_qrels(path, role: str) -> tuple[str | None, str | None]:
     """``(qrels file, None)`` of a BEIR folder for ``role`` (train: ``qrels/train.tsv``;
-    eval: ``qrels/test.tsv``, else ``qrels/dev.tsv``), or ``(None, what is wrong)``."""
+    dev: ``qrels/dev.tsv``; eval: ``qrels/test.tsv``, else ``qrels/dev.tsv``), or ``(None,
+    what is wrong)``."""
     qdir = os.path.join(path, "qrels")
-    names = ["train.tsv"] if role == "train" else ["test.tsv", "dev.tsv"]
+    names = {"train": ["train.tsv"], "dev": ["dev.tsv"]}.get(role, ["test.tsv", "dev.tsv"])
     for name in names:
         p = os.path.join(qdir, name)
         if os.path.isfile(p):
@@ -952,13 +955,14 @@ def load_questions_file(
     corpus_ids=None,
     data_format: str = "auto",
 ) -> list[QAExample]:
-    """The questions of a ``--train`` (``split="train"``) or ``--eval`` (``split="eval"``)
-    file or BEIR folder in ``data_format``. ``corpus_ids`` (a set; built from ``corpus`` when
+    """The questions of a ``--train`` (``split="train"``), ``--dev`` (``split="dev"``) or
+    ``--eval`` (``split="eval"``) file or BEIR folder in ``data_format`` (the split only
+    chooses a BEIR folder's qrels file, see :func:`data_path_problem`). ``corpus_ids`` (a set; built from ``corpus`` when
     only that is given) checks / filters the gold passage ids; ``corpus`` is needed to match
     DPR contexts that have no usable ``passage_id`` by their title and text. Without either,
     positive ids are kept unchecked (DPR contexts without ``passage_id`` are then dropped)."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if split not in ("train", "dev", "eval"):
+        raise ValueError(f"split must be 'train', 'dev' or 'eval', got {split!r}")
     if corpus_ids is None and corpus is not None:
         corpus_ids = {p.id for p in corpus}
     elif corpus_ids is not None and not isinstance(corpus_ids, (set, frozenset, dict)):
@@ -1003,10 +1007,12 @@ def load_dataset_files(
     train=None,
     eval=None,
     *,
+    dev=None,
     data_format: str = "auto",
     data_seed: int = 0,
 ) -> Dataset:
-    """A :class:`~.jsonl.Dataset` from a corpus and question files (``eval`` fills ``test``).
+    """A :class:`~.jsonl.Dataset` from a corpus and question files (``dev`` fills ``dev``,
+    ``eval`` fills ``test``).
     Without ``corpus`` the embedded default set is the base (its splits are replaced by the
     files given). Raises ``ValueError`` naming the file (and line) for malformed data and an
     empty corpus."""
@@ -1021,6 +1027,8 @@ def load_dataset_files(
     kw = dict(corpus=ds.corpus, corpus_ids=ids, data_format=data_format)
     if train is not None:
         ds.train = load_questions_file(train, split="train", **kw)
+    if dev is not None:
+        ds.dev = load_questions_file(dev, split="dev", **kw)
     if eval is not None:
         ds.test = load_questions_file(eval, split="eval", **kw)
     return ds

@@ -6,7 +6,9 @@ configuration recorded in its checkpoint), its weights from ``<output-dir>/check
 (or ``--checkpoint PATH``). Everything that shapes the models and the answers comes from the
 run: the models, ``--docs`` (K), ``--mode``, the prompt, the seeds, the data the tiny models
 were fitted on; eval accepts only the options of :data:`EVAL_OPTIONS`, each overriding the
-run's value, and refuses every training option with a usage error (exit 2) naming it.
+run's value, and refuses every training option with a usage error (exit 2) naming it
+(``--dev`` too: eval scores ``--eval``, the dev split is the training's ``--eval-every``
+selection data, and the run's ``--dev`` file is not read).
 
 * ``--resume`` / ``--checkpoint PATH``: the checkpoint must exist (else an error naming the
   missing file); without them an existing ``checkpoint.pt`` is loaded all the same, and a run
@@ -241,7 +243,9 @@ def run_config(req: EvalRequest) -> tuple[TrainConfig, str]:
     values.update(req.overrides)
     for k in req.overrides:
         sources.pop(k, None)
-    values.update(output_dir=out, resume=False, resume_force=False)
+    # eval scores --eval; the run's dev file (--dev, for --eval-every) is not read, so a dev
+    # file moved since training is no error
+    values.update(output_dir=out, resume=False, resume_force=False, dev=None)
     return validate(TrainConfig(**values), sources), source
 
 

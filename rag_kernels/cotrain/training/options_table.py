@@ -24,7 +24,7 @@ __all__ = ["BEGIN", "END", "options_table", "readme_table", "with_table"]
 BEGIN = "<!-- options:begin -->"
 END = "<!-- options:end -->"
 _METAVAR = {int: "N", float: "X", str: "TEXT", bool: "[BOOL]"}
-_PATHS = ("corpus", "train", "eval", "generator", "retriever", "output_dir")
+_PATHS = ("corpus", "train", "dev", "eval", "generator", "retriever", "output_dir")
 
 
 def _md(text: str) -> str:
