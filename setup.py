@@ -33,7 +33,11 @@ if os.environ.get("RAG_KERNELS_SKIP_CPP", "0") != "1":
             name="rag_kernels.ops._C",
             sources=sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp"]},
+            # -fno-trapping-math (as torch builds): lets GCC if-convert the epilogue loops'
+            # selects, without which their AVX2 / baseline versions stay scalar (vec_math.h).
+            extra_compile_args={
+                "cxx": ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+            },
             extra_link_args=["-fopenmp"],
         )
     )

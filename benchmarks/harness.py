@@ -23,10 +23,11 @@ A benchmark script declares its providers and cases and hands control to :class:
 
 API (everything else is private):
 
-* ``Provider(name, setup, available=None)``: ``setup(case) -> Callable[[], Any]`` builds the
-  inputs and returns the zero-argument callable that is timed; ``available(case) -> str | None``
-  returns a reason to skip (checked in the parent, cheaply). ``setup`` may also raise
-  ``Unavailable(reason)``. A skipped provider prints its reason and writes no row.
+* ``Provider(name, setup, available=None, dtype=None)``: ``setup(case) -> Callable[[], Any]``
+  builds the inputs and returns the zero-argument callable that is timed; ``available(case)
+  -> str | None`` returns a reason to skip (checked in the parent, cheaply). ``setup`` may also
+  raise ``Unavailable(reason)``. A skipped provider prints its reason and writes no row.
+  ``dtype`` runs the provider on every case in that dtype (a bf16 variant beside fp32 ones).
 * ``Case(shape: dict[str, int], mode: str, device: str, dtype: str)``: ``case.label`` is the
   CSV ``shape`` string (``"N=2048 H=576 V=49152"``), ``case.torch_dtype`` the torch dtype.
 * ``measure(provider, case, warmup, repeats) -> dict`` runs one measurement in this process.
@@ -42,8 +43,11 @@ API (everything else is private):
 Common CLI of every script: ``--device cpu|cuda``, ``--repeats`` (default 5), ``--warmup``
 (default 1), ``--quick`` (tiny shapes, a smoke test), ``--csv PATH`` (default
 ``benchmarks/results/<op>.csv``), ``--providers a,b``, ``--modes m1,m2``, ``--inprocess``,
-``--shapes "N=4096 H=2048 V=32000",...``, ``--timeout`` (seconds per worker), and ``--plot``
-(write the PNG next to the CSV) when the script passes ``plot=``.
+``--shapes "N=4096 H=2048 V=32000",...``, ``--timeout`` (seconds per worker), ``--plot``
+(write the PNG next to the CSV) when the script passes ``plot=``, and ``--emulate-avx2``: sets
+``RAG_KERNELS_CPU_ISA=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2`` for the workers, so that an AVX-512 machine measures the code paths
+of an AVX2-only one (the same variables set by hand do the same).
 
 Imports run one way: ``benchmarks.plot`` imports this module (its CSV readers), this module
 never imports ``benchmarks.plot``; a script that wants ``--plot`` hands ``plot_csv`` in.
@@ -79,8 +83,10 @@ What one measurement does (a FRESH ``python -m <module> --worker`` process per
    the number of calls is exactly ``repeats`` (not derived from a time budget).
 
 CSV columns, in order: ``op, provider, mode, shape, median_ms, p20_ms, p80_ms, peak_mb,
-device, commit, date`` then extras (``dtype, repeats, tflops, torch, mem_method``). ``device``
-names the CPU model (with torch's thread count) or the GPU; ``commit`` is ``git rev-parse
+device, commit, date`` then extras (``dtype, repeats, tflops, torch, mem_method``; on CPU also
+``cpu_isa`` and ``bf16_gemm``, the C++ kernels' dispatch: :func:`cpu_kernel_isa`). ``device``
+names the CPU model (with torch's thread count, and in brackets any ISA caps of
+:data:`ISA_LIMIT_VARS` that are set) or the GPU; ``commit`` is ``git rev-parse
 --short HEAD`` plus ``-dirty`` when ``git status --porcelain`` is not empty (``unknown``
 without git); ``date`` is UTC ISO-8601.
 """
@@ -99,7 +105,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -114,6 +120,13 @@ _MARKER = "@@BENCH_RESULT@@"
 # Bytes zeroed before every timed CUDA call to evict L2 (triton.testing.do_bench uses 256 MB;
 # the L2 of an H100 / H200 is 50 MB).
 L2_FLUSH_BYTES = 256 * 2**20
+# Variables that cap the instruction set of the rag_kernels C++ kernels, MKL, ATen and oneDNN;
+# ``--emulate-avx2`` sets all four to AVX2 (an AVX-512 machine standing in for an AVX2-only
+# one), and ``device_name`` appends those that are set, so such rows never mix with native ones.
+ISA_LIMIT_VARS = ("RAG_KERNELS_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY",
+                  "ONEDNN_MAX_CPU_ISA")  # fmt: skip
+EMULATE_AVX2 = {"RAG_KERNELS_CPU_ISA": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # fmt: skip
 
 
 class Unavailable(Exception):
@@ -142,11 +155,20 @@ class Case:
 
 @dataclass(frozen=True)
 class Provider:
-    """``setup(case)`` builds inputs and returns the timed zero-argument callable."""
+    """``setup(case)`` builds inputs and returns the timed zero-argument callable.
+
+    ``dtype`` (optional) runs this provider on every case in that dtype instead of the case's
+    own (e.g. a bf16 variant next to the fp32 providers of the same run); the CSV row records
+    the dtype it ran in.
+    """
 
     name: str
     setup: Callable[[Case], Callable[[], Any]]
     available: Callable[[Case], str | None] | None = None
+    dtype: str | None = None
+
+    def case_for(self, case: Case) -> Case:
+        return case if self.dtype is None else replace(case, dtype=self.dtype)
 
     def skip_reason(self, case: Case) -> str | None:
         if self.available is None:
@@ -211,7 +233,22 @@ def device_name(device: str) -> str:
         import platform
 
         model = platform.processor() or model
-    return f"{model} ({torch.get_num_threads()} threads)"
+    limits = " ".join(f"{k}={os.environ[k]}" for k in ISA_LIMIT_VARS if os.environ.get(k))
+    return f"{model} ({torch.get_num_threads()} threads)" + (f" [{limits}]" if limits else "")
+
+
+def cpu_kernel_isa() -> dict:
+    """The rag_kernels C++ kernels' dispatch in this process: ``cpu_isa`` (the epilogues'
+    instruction set) and ``bf16_gemm`` (``native``: bf16 GEMMs with fp32 outputs;
+    ``converted``: bf16 tiles converted to fp32). Empty without the extension."""
+    try:
+        import importlib
+
+        C = importlib.import_module("rag_kernels.ops._C")
+        bf16 = "native" if C.native_bf16_gemm() else "converted"
+        return {"cpu_isa": C.cpu_isa(), "bf16_gemm": bf16}
+    except Exception:
+        return {}
 
 
 def _utc_now() -> str:
@@ -350,7 +387,7 @@ def measure(provider: Provider, case: Case, warmup: int = 1, repeats: int = 5) -
     return {
         "median_ms": med, "p20_ms": p20, "p80_ms": p80, "peak_mb": peak_mb,
         "times_ms": times, "mem_method": method, "device": device_name(case.device),
-        "torch": torch.__version__,
+        "torch": torch.__version__, **({} if cuda else cpu_kernel_isa()),
     }  # fmt: skip
 
 
@@ -509,6 +546,9 @@ class Benchmark:
                         help="measure in this process instead of a fresh one per point "
                         "(fast; memory is less isolated)")  # fmt: skip
         ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker")
+        ap.add_argument("--emulate-avx2", action="store_true",
+                        help="cap the rag_kernels kernels, MKL, ATen and oneDNN at AVX2 "
+                        f"({' '.join(f'{k}={v}' for k, v in EMULATE_AVX2.items())})")  # fmt: skip
         if self.plot is not None:
             ap.add_argument("--plot", action="store_true", help="write <csv>.png afterwards")
         ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -520,6 +560,15 @@ class Benchmark:
         args = self.parser().parse_args(argv)
         if args.worker is not None:
             return _worker(self, args.worker)
+        if args.emulate_avx2:
+            if args.device != "cpu":
+                print("--emulate-avx2 applies to --device cpu only", file=sys.stderr)
+                return 2
+            if args.inprocess and "torch" in sys.modules:
+                print("--emulate-avx2 --inprocess: torch is already imported here, so the ISA "
+                      "caps would not apply; run without --inprocess", file=sys.stderr)  # fmt: skip
+                return 2
+            os.environ.update(EMULATE_AVX2)  # read by MKL / ATen / oneDNN at first use
         return self.run(args)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -548,8 +597,9 @@ class Benchmark:
         commit = git_commit()
         written: list[dict] = []
         print(f"# {self.op}: {len(cases)} cases x {len(providers)} providers -> {csv_path}")
-        for case in cases:
+        for base_case in cases:
             for p in providers:
+                case = p.case_for(base_case)
                 tag = f"{p.name:<16} {case.mode:<16} {case.label} {case.dtype}"
                 reason = p.skip_reason(case)
                 if reason is None:
@@ -580,6 +630,9 @@ class Benchmark:
                 row["tflops"] = f"{fl / (res['median_ms'] * 1e-3) / 1e12:.4f}" if fl else ""
                 row["torch"] = res["torch"]
                 row["mem_method"] = res["mem_method"]
+                for key in ("cpu_isa", "bf16_gemm"):
+                    if key in res:
+                        row[key] = res[key]
                 write_rows(csv_path, [row])
                 written.append(row)
                 print(

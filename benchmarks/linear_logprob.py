@@ -9,22 +9,39 @@ Every provider computes the per-row target log-prob (or its negation, the per-ro
 * ``cce``: Cut Cross-Entropy ``linear_cross_entropy(h, W, y, reduction="none")`` with
   ``impl="torch_compile"`` on CPU and ``impl="cce"`` (its Triton kernels, default gradient
   filtering) on CUDA. Install with ``pip install --no-deps cut-cross-entropy``.
+* ``cce_exact``: the same on CUDA with ``filter_eps=None`` (no gradient filtering: exact, as
+  ``rk_fused`` is). CUDA only.
 * ``liger``: Liger-Kernel's fused linear cross-entropy, CUDA only, ``reduction="none"``
-  (Liger applies the upstream gradient as a scalar: its weighted backward is timed, not checked).
+  (Liger >= 0.8.5 folds the per-row upstream gradient into a backward that recomputes the
+  logits; older versions applied it as a scalar: the weighted backward is timed, not checked).
 * ``rk_fused``: ``rk.linear_logprob(impl="cpu")`` on CPU, ``impl="triton"`` on CUDA.
+* ``rk_fused_atomic``: ``impl="triton"`` with the ``"atomic"`` backward (one kernel, fp32
+  atomics into dh / dW) instead of the default ``"deterministic"`` one; CUDA only. Chosen by
+  the op's ``triton_backward`` keyword where it has one, else ``RAG_KERNELS_TRITON_BACKWARD``
+  set around each timed call.
 * ``rk_reference``: ``rk.linear_logprob(impl="reference")`` (materialises the logits).
+* ``naive_bf16``, ``rk_fused_bf16`` (CPU only; the CUDA cases are bf16 already): ``naive`` and
+  ``rk_fused`` on bf16 inputs (``hidden``, ``weight``), in the same run as the fp32 providers, so
+  ``rk_fused_bf16 / rk_fused`` is a side-by-side ratio. The row's ``bf16_gemm`` column says
+  whether the C++ kernel ran native bf16 GEMMs (``native``) or converted its tiles to fp32
+  (``converted``: no native bf16 matmul, or ``--emulate-avx2``).
 
 Modes: ``fwd`` (forward only, inputs require grad as in training, so tensors saved for
 backward count in peak memory) and ``fwd+bwd`` (``torch.autograd.grad`` of the output with a
 fixed non-uniform upstream gradient ``torch.rand(N)`` w.r.t. hidden and weight).
 Shapes: CPU N=2048, H=576, V=49152 fp32 (SmolLM2-135M head); CUDA N in {4096, 16384} x
 H in {2048, 4096} x V in {32000, 128256} bf16. ``tflops`` counts 2NHV (fwd) / 8NHV (fwd+bwd).
+``--emulate-avx2`` (benchmarks/harness.py) measures an AVX2-only CPU's code paths on an
+AVX-512 one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import inspect
 import itertools
+import os
 import sys
 
 from benchmarks.harness import Benchmark, Case, Provider, Unavailable
@@ -105,6 +122,25 @@ def _setup_cce(case: Case):
     return _timed(case, lambda h, w, y: linear_cross_entropy(h, w, y, reduction="none", impl=impl))
 
 
+def _cce_exact_available(case: Case) -> str | None:
+    if not case.device.startswith("cuda"):
+        return "CUDA only (filter_eps applies to CCE's Triton kernels)"
+    return _cce_available(case)
+
+
+def _setup_cce_exact(case: Case):
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception as exc:
+        raise Unavailable(f"cut_cross_entropy import failed: {exc}") from exc
+    return _timed(
+        case,
+        lambda h, w, y: linear_cross_entropy(
+            h, w, y, reduction="none", impl="cce", filter_eps=None
+        ),
+    )
+
+
 def _liger_available(case: Case) -> str | None:
     if not case.device.startswith("cuda"):
         return "Liger-Kernel runs on CUDA only"
@@ -150,13 +186,64 @@ def _setup_rk(impl: str | None):
     return setup
 
 
+def _cpu_only(case: Case) -> str | None:
+    return None if case.device == "cpu" else "CPU only: the CUDA cases are bf16 already"
+
+
+def _rk_fused_bf16_available(case: Case) -> str | None:
+    return _cpu_only(case) or _rk_fused_available(case)
+
+
+_BACKWARD_ENV = "RAG_KERNELS_TRITON_BACKWARD"
+
+
+def _rk_atomic_available(case: Case) -> str | None:
+    if not case.device.startswith("cuda"):
+        return "CUDA only (the atomic variant is a Triton backward)"
+    return _rk_fused_available(case)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _setup_rk_atomic(case: Case):
+    import rag_kernels as rk
+
+    if "triton_backward" in inspect.signature(rk.linear_logprob).parameters:
+        return _timed(
+            case,
+            lambda h, w, y: rk.linear_logprob(h, w, y, impl="triton", triton_backward="atomic"),
+        )
+    fn = _timed(case, lambda h, w, y: rk.linear_logprob(h, w, y, impl="triton"))
+
+    def call():  # the kernels read the variable at each (forward and backward) call
+        with _env(_BACKWARD_ENV, "atomic"):
+            return fn()
+
+    return call
+
+
 PROVIDERS = [
     Provider("naive", _setup_naive),
     Provider("torch_lce", _setup_torch_lce, _torch_lce_available),
     Provider("cce", _setup_cce, _cce_available),
+    Provider("cce_exact", _setup_cce_exact, _cce_exact_available),
     Provider("liger", _setup_liger, _liger_available),
     Provider("rk_fused", _setup_rk(None), _rk_fused_available),
+    Provider("rk_fused_atomic", _setup_rk_atomic, _rk_atomic_available),
     Provider("rk_reference", _setup_rk("reference")),
+    Provider("naive_bf16", _setup_naive, _cpu_only, dtype="bfloat16"),
+    Provider("rk_fused_bf16", _setup_rk(None), _rk_fused_bf16_available, dtype="bfloat16"),
 ]
 
 

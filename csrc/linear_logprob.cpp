@@ -1,7 +1,7 @@
 // Fused LM-head log-probability on CPU: log softmax(W h + b)[y] per row without [N, V] logits.
 //
 // The vocabulary is walked in tiles of `vocab_tile` columns, the (compacted) active rows in
-// blocks of `row_tile`. Per (vocab tile, row block) one ATen GEMM writes the logit tile into a
+// blocks of `row_tile`. Per (vocab tile, row block) one GEMM writes the logit tile into a
 // preallocated buffer and a fused epilogue consumes it:
 //   forward:  online log-sum-exp per row, the target logit, and sum_v z (for sum_logprob);
 //   backward: recomputes the tile, turns it in place into
@@ -9,8 +9,13 @@
 //             and accumulates dh += dz W_tile, dW_tile += dz^T h, db_tile += sum_rows dz.
 // Rows with target == ignore_index (and, in the backward, rows whose upstream gradients are
 // all zero) are compacted away first, so they cost no FLOPs and their hidden states are never
-// read. Extra memory is O(threads * (row_tile * vocab_tile + N * H)). bf16/fp16 inputs run in
-// fp32 (the W tile is converted once per vocab tile); fp64 inputs in fp64.
+// read. Extra memory is O(threads * (row_tile * vocab_tile + N * H)).
+// GEMMs (csrc/tile_gemm.h, csrc/micro_gemm.h): on AVX-512 CPUs oneDNN micro-kernel GEMMs with
+// fp32 outputs, on bf16 operands for bf16 inputs where the CPU has bf16 matmul (AVX512_BF16 /
+// AMX: fp32 logits and epilogue, dz rounded to bf16 for the gradient GEMMs, dh and dW
+// accumulated in fp32), else on fp32 operands (16-bit weights converted while packing);
+// elsewhere, and for fp64, ATen GEMMs in the compute dtype (a 16-bit weight's tile converted
+// to fp32 once per tile). The epilogue is compiled per ISA (csrc/vec_math.h).
 // Parallel over vocabulary tiles (one worker per intra-op thread, single-threaded GEMMs):
 // one parallel region per pass, so the cost of synchronisation does not grow with the tile
 // count (this beat GEMM-level threading + a row-parallel epilogue on 2 busy cores).
@@ -26,21 +31,23 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "check.h"
+#include "tile_gemm.h"
 #include "tiling.h"
 #include "vec_math.h"
 
 namespace {
 
 using rag_kernels::detail::acc_type;
+using rag_kernels::detail::max_rows;
 using rag_kernels::detail::for_each_vocab_tile;
 using rag_kernels::detail::num_workers;
 using rag_kernels::detail::rk_exp;
 using rag_kernels::detail::rk_tanh;
 using rag_kernels::detail::variant_of;
-using rag_kernels::detail::weight_tile;
 
 constexpr int64_t kDefaultRowTile = 256;  // keep in sync with cpu.py DEFAULT_TILES
 constexpr int64_t kDefaultVocabTile = 2048;
@@ -94,30 +101,36 @@ RK_INLINE void bwd_row(T* z, const T* b, int64_t n, T cap, T lse, T c, T gs) {
   }
 }
 
-// Non-template entry points (float ones cloned per ISA); variant = bias + 2 * softcap.
-#define RK_ROW_FNS(T, SUFFIX)                                                                  \
-  RK_CLONES void fwd_prep_##SUFFIX(int variant, T* z, const T* b, int64_t n, T cap, T* mx,     \
-                                   T* sm) {                                                    \
-    switch (variant) {                                                                         \
-      case 0: fwd_prep<T, false, false>(z, b, n, cap, *mx, *sm); break;                        \
-      case 1: fwd_prep<T, true, false>(z, b, n, cap, *mx, *sm); break;                         \
-      case 2: fwd_prep<T, false, true>(z, b, n, cap, *mx, *sm); break;                         \
-      default: fwd_prep<T, true, true>(z, b, n, cap, *mx, *sm); break;                         \
-    }                                                                                          \
-  }                                                                                            \
-  RK_CLONES T sum_exp_##SUFFIX(const T* z, int64_t n, T m) { return sum_exp<T>(z, n, m); }     \
-  RK_CLONES void bwd_row_##SUFFIX(int variant, T* z, const T* b, int64_t n, T cap, T lse, T c, \
-                                  T gs) {                                                      \
-    switch (variant) {                                                                         \
-      case 0: bwd_row<T, false, false>(z, b, n, cap, lse, c, gs); break;                       \
-      case 1: bwd_row<T, true, false>(z, b, n, cap, lse, c, gs); break;                        \
-      case 2: bwd_row<T, false, true>(z, b, n, cap, lse, c, gs); break;                        \
-      default: bwd_row<T, true, true>(z, b, n, cap, lse, c, gs); break;                        \
-    }                                                                                          \
-  }
+// Non-template entry points (the float ones compiled per ISA, vec_math.h);
+// variant = bias + 2 * softcap.
+#define RK_ROW_FNS(T, SUFFIX, VARIANTS)                                                        \
+  VARIANTS(void, fwd_prep_##SUFFIX,                                                            \
+           (int variant, T* z, const T* b, int64_t n, T cap, T* mx, T* sm),                    \
+           (variant, z, b, n, cap, mx, sm), {                                                  \
+             switch (variant) {                                                                \
+               case 0: fwd_prep<T, false, false>(z, b, n, cap, *mx, *sm); break;               \
+               case 1: fwd_prep<T, true, false>(z, b, n, cap, *mx, *sm); break;                \
+               case 2: fwd_prep<T, false, true>(z, b, n, cap, *mx, *sm); break;                \
+               default: fwd_prep<T, true, true>(z, b, n, cap, *mx, *sm); break;                \
+             }                                                                                 \
+           })                                                                                  \
+  VARIANTS(T, sum_exp_##SUFFIX, (const T* z, int64_t n, T m), (z, n, m),                       \
+           { return sum_exp<T>(z, n, m); })                                                    \
+  VARIANTS(void, bwd_row_##SUFFIX,                                                             \
+           (int variant, T* z, const T* b, int64_t n, T cap, T lse, T c, T gs),                \
+           (variant, z, b, n, cap, lse, c, gs), {                                              \
+             switch (variant) {                                                                \
+               case 0: bwd_row<T, false, false>(z, b, n, cap, lse, c, gs); break;              \
+               case 1: bwd_row<T, true, false>(z, b, n, cap, lse, c, gs); break;               \
+               case 2: bwd_row<T, false, true>(z, b, n, cap, lse, c, gs); break;               \
+               default: bwd_row<T, true, true>(z, b, n, cap, lse, c, gs); break;               \
+             }                                                                                 \
+           })
 
-RK_ROW_FNS(float, f)
-RK_ROW_FNS(double, d)
+#define RK_ONE_VERSION(RET, NAME, PARAMS, ARGS, ...) RET NAME PARAMS __VA_ARGS__
+RK_ROW_FNS(float, f, RK_ISA_VARIANTS)
+RK_ROW_FNS(double, d, RK_ONE_VERSION)  // std::exp / std::tanh: nothing to vectorise
+#undef RK_ONE_VERSION
 #undef RK_ROW_FNS
 
 inline void fwd_prep_row(int variant, float* z, const float* b, int64_t n, float cap, float* mx,
@@ -211,58 +224,84 @@ struct RowTargets {
   }
 };
 
-// Active hidden rows in the compute dtype (no copy when nothing changes).
-at::Tensor gather_rows(const at::Tensor& hidden, const at::Tensor& idx, at::ScalarType acc) {
-  at::Tensor h = idx.numel() == hidden.size(0) ? hidden : hidden.index_select(0, idx);
-  return h.scalar_type() == acc ? h.contiguous() : h.to(acc).contiguous();
+// Active hidden rows (no copy when nothing changes); the Gemm converts them to its operand type.
+at::Tensor gather_rows(const at::Tensor& hidden, const at::Tensor& idx) {
+  return idx.numel() == hidden.size(0) ? hidden.contiguous() : hidden.index_select(0, idx);
 }
 
-template <typename T>
-void forward_kernel(const at::Tensor& h, const at::Tensor& weight, const RowTargets& targets,
-                    const int64_t* idx,
-                    const T* bias, std::optional<double> softcap, Tiles tiles, double* lse_out,
-                    double* zy_out, double* zsum_out) {
-  const int64_t Na = h.size(0), H = h.size(1), V = weight.size(0);
-  const auto acc = h.scalar_type();
+// Runs fn(gemm, bias_ptr) with the Gemm of this call's GEMM path (csrc/micro_gemm.h) and the
+// bias in the epilogue dtype; the epilogue dtype is the bias pointer's element type.
+template <typename Fn>
+void with_gemm(const at::Tensor& h, const at::Tensor& weight, rag_kernels::detail::RowBlocks blocks,
+               int64_t workers, int64_t VT, bool backward, bool need_dh, bool need_dw,
+               const at::Tensor& b, const Fn& fn) {
+  namespace d = rag_kernels::detail;
+  switch (d::gemm_path(h.scalar_type())) {
+    case d::GemmPath::kMicroBf16: {
+      d::MicroTileGemm<c10::BFloat16> gemm(h, weight, std::move(blocks), workers, VT, backward,
+                                           need_dh, need_dw);
+      fn(gemm, b.defined() ? b.data_ptr<float>() : static_cast<float*>(nullptr));
+      break;
+    }
+    case d::GemmPath::kMicroF32: {
+      d::MicroTileGemm<float> gemm(h, weight, std::move(blocks), workers, VT, backward, need_dh,
+                                   need_dw);
+      fn(gemm, b.defined() ? b.data_ptr<float>() : static_cast<float*>(nullptr));
+      break;
+    }
+    default:
+      AT_DISPATCH_FLOATING_TYPES(acc_type(h.scalar_type()), "linear_logprob", [&] {
+        d::AtenTileGemm<scalar_t> gemm(h, weight, std::move(blocks), workers, VT, backward,
+                                       need_dh, need_dw);
+        fn(gemm, b.defined() ? b.data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
+      });
+  }
+}
+
+// Gemm: AtenTileGemm<T> or MicroTileGemm<In> (T = float), csrc/tile_gemm.h.
+template <typename T, typename Gemm>
+void forward_kernel(Gemm& gemm, int64_t Na, int64_t V, int64_t VT, int64_t workers,
+                    const RowTargets& targets, const int64_t* idx, const T* bias,
+                    std::optional<double> softcap, const at::TensorOptions& zopts,
+                    double* lse_out, double* zy_out, double* zsum_out) {
   const bool has_cap = softcap.has_value();
   const T cap = has_cap ? static_cast<T>(*softcap) : T(0);
   const int variant = variant_of(bias != nullptr, has_cap);
-  const int64_t RT = std::min(tiles.rows, Na), VT = std::min(tiles.vocab, V);
-  const int64_t workers = num_workers(V, VT);
-  // Per worker: a logit tile, a converted weight tile (bf16/fp16), partial row statistics.
-  auto zbuf = at::empty({workers, RT * VT}, h.options());
-  at::Tensor wbuf;
-  if (weight.scalar_type() != acc) wbuf = at::empty({workers, VT * H}, h.options());
+  const auto& blocks = gemm.blocks;
+  // Per worker: a logit tile and partial row statistics.
+  at::Tensor zbuf = at::empty({workers, max_rows(blocks) * VT}, zopts);
   std::vector<double> run_max(workers * Na, -std::numeric_limits<double>::infinity());
   std::vector<double> run_sum(workers * Na, 0.0), run_zsum(workers * Na, 0.0);
 
-  for_each_vocab_tile(V, VT, workers, [&](int64_t wk, int64_t v0, int64_t vt) {
-    at::Tensor wb = wbuf.defined() ? wbuf[wk] : wbuf;
-    auto w = weight_tile(weight, wb, v0, vt, acc);
-    auto zw = zbuf[wk];
-    T* zp = zw.data_ptr<T>();
-    double* mxs = run_max.data() + wk * Na;
-    double* sms = run_sum.data() + wk * Na;
-    double* zss = run_zsum.data() + wk * Na;
-    for (int64_t r0 = 0; r0 < Na; r0 += RT) {
-      const int64_t rt = std::min(RT, Na - r0);
-      auto z = zw.narrow(0, 0, rt * vt).view({rt, vt});
-      at::mm_out(z, h.narrow(0, r0, rt), w.t());
-      for (int64_t i = 0; i < rt; ++i) {
-        const int64_t r = r0 + i;
-        T* zr = zp + i * vt;
-        T mx, sm;
-        fwd_prep_row(variant, zr, bias ? bias + v0 : nullptr, vt, cap, &mx, &sm);
-        zss[r] += static_cast<double>(sm);
-        const int64_t yr = targets(idx[r]) - v0;
-        if (yr >= 0 && yr < vt) zy_out[r] = static_cast<double>(zr[yr]);
-        const double m_new = std::max(mxs[r], static_cast<double>(mx));
-        const double s_tile = static_cast<double>(sum_exp_row(zr, vt, static_cast<T>(m_new)));
-        sms[r] = sms[r] * std::exp(mxs[r] - m_new) + s_tile;
-        mxs[r] = m_new;
-      }
-    }
-  });
+  for_each_vocab_tile(
+      V, VT, workers,
+      [&](int64_t wk, int64_t v0, int64_t vt) {
+        gemm.set_tile(wk, v0, vt);
+        at::Tensor zw = zbuf[wk];
+        T* zp = zw.data_ptr<T>();
+        double* mxs = run_max.data() + wk * Na;
+        double* sms = run_sum.data() + wk * Na;
+        double* zss = run_zsum.data() + wk * Na;
+        for (int64_t blk = 0; blk < static_cast<int64_t>(blocks.size()); ++blk) {
+          const int64_t r0 = blocks[blk].first, rt = blocks[blk].second;
+          at::Tensor z = zw.narrow(0, 0, rt * vt).view({rt, vt});
+          gemm.logits(wk, blk, z);
+          for (int64_t i = 0; i < rt; ++i) {
+            const int64_t r = r0 + i;
+            T* zr = zp + i * vt;
+            T mx, sm;
+            fwd_prep_row(variant, zr, bias ? bias + v0 : nullptr, vt, cap, &mx, &sm);
+            zss[r] += static_cast<double>(sm);
+            const int64_t yr = targets(idx[r]) - v0;
+            if (yr >= 0 && yr < vt) zy_out[r] = static_cast<double>(zr[yr]);
+            const double m_new = std::max(mxs[r], static_cast<double>(mx));
+            const double s_tile = static_cast<double>(sum_exp_row(zr, vt, static_cast<T>(m_new)));
+            sms[r] = sms[r] * std::exp(mxs[r] - m_new) + s_tile;
+            mxs[r] = m_new;
+          }
+        }
+      },
+      [&](int64_t) { gemm.worker_done(); });
   // Merge the workers' partial log-sum-exps (a worker without tiles holds -inf / 0).
   for (int64_t r = 0; r < Na; ++r) {
     double m = -std::numeric_limits<double>::infinity(), s = 0.0, zs = 0.0;
@@ -291,16 +330,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_fwd(
   auto idx = targets.kept_rows(N, ignore_index).nonzero().squeeze(1);  // active rows
   const int64_t Na = idx.numel();
   if (Na == 0 || V == 0) return {lp, lse, sum_lp};
-  auto h = gather_rows(hidden, idx, acc);
+  auto h = gather_rows(hidden, idx);
   at::Tensor b;
   if (bias.has_value()) b = bias->to(acc).contiguous();
   auto dopts = hidden.options().dtype(at::kDouble);
   auto lse_a = at::empty({Na}, dopts), zy_a = at::empty({Na}, dopts), zs_a = at::empty({Na}, dopts);
-  AT_DISPATCH_FLOATING_TYPES(acc, "linear_logprob_fwd", [&] {
-    forward_kernel<scalar_t>(h, weight, targets, idx.data_ptr<int64_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                             softcap, pick_tiles(row_tile, vocab_tile), lse_a.data_ptr<double>(),
-                             zy_a.data_ptr<double>(), zs_a.data_ptr<double>());
-  });
+  const Tiles tiles = pick_tiles(row_tile, vocab_tile);
+  const int64_t VT = std::min(tiles.vocab, V), workers = num_workers(V, VT);
+  auto blocks = rag_kernels::detail::uniform_blocks(Na, std::min(tiles.rows, Na));
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  with_gemm(h, weight, std::move(blocks), workers, VT, false, false, false, b,
+            [&](auto& gemm, auto* bias_p) {
+              using T = std::remove_const_t<std::remove_pointer_t<decltype(bias_p)>>;
+              forward_kernel<T>(gemm, Na, V, VT, workers, targets, ip, bias_p, softcap, out_opts,
+                                lse_a.data_ptr<double>(), zy_a.data_ptr<double>(),
+                                zs_a.data_ptr<double>());
+            });
   auto lp_a = zy_a - lse_a;
   auto s_a = zs_a - static_cast<double>(V) * lse_a;
   if (Na == N) return {lp_a.to(acc), lse_a.to(acc), s_a.to(acc)};
@@ -310,75 +355,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_fwd(
   return {lp, lse, sum_lp};
 }
 
-template <typename T>
-void backward_kernel(const at::Tensor& h, const at::Tensor& weight, const RowTargets& targets,
-                     const int64_t* idx,
-                     const T* bias, std::optional<double> softcap, Tiles tiles,
+// dh [Na, H] and dW [V, H] (either may be null) in the compute dtype T (fp32 for bf16 inputs,
+// whose dW tiles accumulate in fp32 and are rounded once into grad_weight).
+template <typename T, typename Gemm>
+void backward_kernel(Gemm& gemm, int64_t Na, int64_t H, int64_t V, int64_t VT, int64_t workers,
+                     const RowTargets& targets, const int64_t* idx, const T* bias,
+                     std::optional<double> softcap, const at::TensorOptions& zopts,
                      const double* lse, const double* coef_y, const double* coef_p,
-                     const double* coef_c, at::Tensor* dh, at::Tensor* grad_weight,
-                     double* db) {
-  const int64_t Na = h.size(0), H = h.size(1), V = weight.size(0);
-  const auto acc = h.scalar_type();
+                     const double* coef_c, at::Tensor* dh, at::Tensor* grad_weight, double* db) {
   const bool has_cap = softcap.has_value();
   const T cap = has_cap ? static_cast<T>(*softcap) : T(0);
   const int variant = variant_of(bias != nullptr, has_cap);
-  const int64_t RT = std::min(tiles.rows, Na), VT = std::min(tiles.vocab, V);
-  const int64_t workers = num_workers(V, VT);
-  // Per worker: a logit tile, weight / dW tiles in the compute dtype (bf16/fp16 only) and a
-  // partial dh (summed at the end). dW and db tiles belong to one worker: no races.
-  auto zbuf = at::empty({workers, RT * VT}, h.options());
-  at::Tensor wbuf, dwbuf, dh_parts;
-  if (weight.scalar_type() != acc) {
-    wbuf = at::empty({workers, VT * H}, h.options());
-    if (grad_weight) dwbuf = at::empty({workers, VT * H}, h.options());
-  }
-  if (dh) dh_parts = workers == 1 ? dh->unsqueeze(0) : at::zeros({workers, Na, H}, h.options());
+  const auto& blocks = gemm.blocks;
+  // Per worker: a logit tile, a dW tile in T when grad_weight has another dtype, and a partial
+  // dh (summed at the end). dW and db tiles belong to one worker: no races.
+  at::Tensor zbuf = at::empty({workers, max_rows(blocks) * VT}, zopts);
+  at::Tensor dwbuf, dh_parts;
+  if (grad_weight && grad_weight->scalar_type() != zopts.dtype().toScalarType())
+    dwbuf = at::empty({workers, VT * H}, zopts);
+  if (dh) dh_parts = workers == 1 ? dh->unsqueeze(0) : at::zeros({workers, Na, H}, zopts);
 
-  for_each_vocab_tile(V, VT, workers, [&](int64_t wk, int64_t v0, int64_t vt) {
-    at::Tensor wb = wbuf.defined() ? wbuf[wk] : wbuf;
-    auto w = weight_tile(weight, wb, v0, vt, acc);
-    at::Tensor dw;
-    if (grad_weight) {
-      dw = dwbuf.defined() ? dwbuf[wk].narrow(0, 0, vt * H).view({vt, H})
-                           : grad_weight->narrow(0, v0, vt);
-    }
-    auto zw = zbuf[wk];
-    T* zp = zw.data_ptr<T>();
-    for (int64_t r0 = 0; r0 < Na; r0 += RT) {
-      const int64_t rt = std::min(RT, Na - r0);
-      auto z = zw.narrow(0, 0, rt * vt).view({rt, vt});
-      auto hb = h.narrow(0, r0, rt);
-      at::mm_out(z, hb, w.t());
-      for (int64_t i = 0; i < rt; ++i) {
-        const int64_t r = r0 + i;
-        T* zr = zp + i * vt;
-        const int64_t yr = targets(idx[r]) - v0;
-        const bool has_y = yr >= 0 && yr < vt;
-        T dcap_y = 1;
-        if (has_y && has_cap) {
-          const T x = zr[yr] + (bias ? bias[v0 + yr] : T(0));
-          const T t = std::tanh(x / cap);
-          dcap_y = T(1) - t * t;
+  for_each_vocab_tile(
+      V, VT, workers,
+      [&](int64_t wk, int64_t v0, int64_t vt) {
+        gemm.set_tile(wk, v0, vt);
+        at::Tensor dw;
+        if (grad_weight) {
+          dw = dwbuf.defined() ? dwbuf[wk].narrow(0, 0, vt * H).view({vt, H})
+                               : grad_weight->narrow(0, v0, vt);
         }
-        bwd_row_dispatch(variant, zr, bias ? bias + v0 : nullptr, vt, cap, static_cast<T>(lse[r]),
-                         static_cast<T>(coef_p[r]), static_cast<T>(coef_c[r]));
-        if (has_y) zr[yr] += static_cast<T>(coef_y[r]) * dcap_y;
-      }
-      if (dh) dh_parts[wk].narrow(0, r0, rt).addmm_(z, w);
-      if (grad_weight) {
-        if (r0 == 0)
-          at::mm_out(dw, z.t(), hb);
-        else
-          dw.addmm_(z.t(), hb);
-      }
-      if (db) {
-        auto col = z.sum(0, false, at::kDouble);
-        const double* cp = col.data_ptr<double>();
-        for (int64_t v = 0; v < vt; ++v) db[v0 + v] += cp[v];
-      }
-    }
-    if (grad_weight && dwbuf.defined()) grad_weight->narrow(0, v0, vt).copy_(dw);
-  });
+        at::Tensor zw = zbuf[wk];
+        T* zp = zw.data_ptr<T>();
+        for (int64_t blk = 0; blk < static_cast<int64_t>(blocks.size()); ++blk) {
+          const int64_t r0 = blocks[blk].first, rt = blocks[blk].second;
+          at::Tensor z = zw.narrow(0, 0, rt * vt).view({rt, vt});
+          gemm.logits(wk, blk, z);
+          for (int64_t i = 0; i < rt; ++i) {
+            const int64_t r = r0 + i;
+            T* zr = zp + i * vt;
+            const int64_t yr = targets(idx[r]) - v0;
+            const bool has_y = yr >= 0 && yr < vt;
+            T dcap_y = 1;
+            if (has_y && has_cap) {
+              const T x = zr[yr] + (bias ? bias[v0 + yr] : T(0));
+              const T t = std::tanh(x / cap);
+              dcap_y = T(1) - t * t;
+            }
+            bwd_row_dispatch(variant, zr, bias ? bias + v0 : nullptr, vt, cap,
+                             static_cast<T>(lse[r]), static_cast<T>(coef_p[r]),
+                             static_cast<T>(coef_c[r]));
+            if (has_y) zr[yr] += static_cast<T>(coef_y[r]) * dcap_y;
+          }
+          at::Tensor dh_rows;
+          if (dh) dh_rows = dh_parts[wk].narrow(0, r0, rt);
+          gemm.grads(wk, blk, z, dh ? &dh_rows : nullptr, grad_weight ? &dw : nullptr, blk == 0);
+          if (db) {
+            at::Tensor col = z.sum(0, false, at::kDouble);
+            const double* cp = col.data_ptr<double>();
+            for (int64_t v = 0; v < vt; ++v) db[v0 + v] += cp[v];
+          }
+        }
+        if (grad_weight && dwbuf.defined()) grad_weight->narrow(0, v0, vt).copy_(dw);
+      },
+      [&](int64_t) { gemm.worker_done(); });
   if (dh && workers > 1) at::sum_out(*dh, dh_parts, {0});
 }
 
@@ -430,21 +469,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_bwd(
   auto gs_a = g_s.index_select(0, idx).contiguous();
   auto c_a = (g_lse.index_select(0, idx) - glp_a - static_cast<double>(V) * gs_a).contiguous();
   auto lse_a = lse.to(at::kDouble).index_select(0, idx).contiguous();
-  auto h = gather_rows(hidden, idx, acc);
+  auto h = gather_rows(hidden, idx);
   at::Tensor b;
   if (bias.has_value()) b = bias->to(acc).contiguous();
-  at::Tensor dh = needs_hidden ? at::zeros({Na, H}, h.options()) : at::Tensor();
+  const auto zopts = hidden.options().dtype(acc);
+  at::Tensor dh = needs_hidden ? at::zeros({Na, H}, zopts) : at::Tensor();
   at::Tensor db = needs_bias ? at::zeros({V}, dopts) : at::Tensor();
   // Every vocabulary tile's first row block overwrites its rows of grad_weight.
   at::Tensor grad_weight = needs_weight ? at::empty({V, H}, hidden.options()) : empty;
-  AT_DISPATCH_FLOATING_TYPES(acc, "linear_logprob_bwd", [&] {
-    backward_kernel<scalar_t>(h, weight, targets, idx.data_ptr<int64_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                              softcap, pick_tiles(row_tile, vocab_tile), lse_a.data_ptr<double>(),
-                              glp_a.data_ptr<double>(), c_a.data_ptr<double>(),
-                              gs_a.data_ptr<double>(), needs_hidden ? &dh : nullptr,
-                              needs_weight ? &grad_weight : nullptr,
-                              needs_bias ? db.data_ptr<double>() : nullptr);
-  });
+  const Tiles tiles = pick_tiles(row_tile, vocab_tile);
+  const int64_t VT = std::min(tiles.vocab, V), workers = num_workers(V, VT);
+  auto blocks = rag_kernels::detail::uniform_blocks(Na, std::min(tiles.rows, Na));
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  with_gemm(h, weight, std::move(blocks), workers, VT, true, needs_hidden, needs_weight, b,
+            [&](auto& gemm, auto* bias_p) {
+              using T = std::remove_const_t<std::remove_pointer_t<decltype(bias_p)>>;
+              backward_kernel<T>(gemm, Na, H, V, VT, workers, targets, ip, bias_p, softcap,
+                                 zopts, lse_a.data_ptr<double>(), glp_a.data_ptr<double>(),
+                                 c_a.data_ptr<double>(), gs_a.data_ptr<double>(),
+                                 needs_hidden ? &dh : nullptr,
+                                 needs_weight ? &grad_weight : nullptr,
+                                 needs_bias ? db.data_ptr<double>() : nullptr);
+            });
   at::Tensor grad_hidden = empty, grad_bias = empty;
   if (needs_hidden) {
     if (Na == N) {

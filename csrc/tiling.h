@@ -13,7 +13,7 @@
 namespace rag_kernels {
 namespace detail {
 
-// bf16 / fp16 inputs compute in fp32; fp32 and fp64 in themselves.
+// The epilogue dtype: bf16 / fp16 inputs compute in fp32; fp32 and fp64 in themselves.
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -38,17 +38,26 @@ inline at::Tensor weight_tile(const at::Tensor& weight, at::Tensor& wbuf, int64_
 // Its GEMMs run single-threaded inside the parallel region, and there is one region per pass,
 // so synchronisation does not grow with the tile count. The static assignment keeps results
 // bitwise reproducible for a given thread count (partial sums always combine the same way).
-template <typename Fn>
-inline void for_each_vocab_tile(int64_t V, int64_t VT, int64_t workers, const Fn& fn) {
+// done(worker) runs on the worker's thread after its last tile (per-thread GEMM state).
+template <typename Fn, typename Done>
+inline void for_each_vocab_tile(int64_t V, int64_t VT, int64_t workers, const Fn& fn,
+                                const Done& done) {
   const int64_t ntiles = (V + VT - 1) / VT;
   // Worker threads start with default thread-local state (grad mode, dispatch-key
   // exclusions); give them the caller's so the ATen calls inside behave as on this thread.
   const at::ThreadLocalState tls;
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     at::ThreadLocalStateGuard guard(tls);
-    for (int64_t wk = w0; wk < w1; ++wk)
+    for (int64_t wk = w0; wk < w1; ++wk) {
       for (int64_t t = wk; t < ntiles; t += workers) fn(wk, t * VT, std::min(VT, V - t * VT));
+      done(wk);
+    }
   });
+}
+
+template <typename Fn>
+inline void for_each_vocab_tile(int64_t V, int64_t VT, int64_t workers, const Fn& fn) {
+  for_each_vocab_tile(V, VT, workers, fn, [](int64_t) {});
 }
 
 inline int64_t num_workers(int64_t V, int64_t VT) {

@@ -19,7 +19,11 @@
 //   dz_k(v) = g (w_k(v) - p_k(v) wsum_k) + g_lp,k (1[v=y] - p_k(v))   (times 1 - (z/c)^2
 // under softcap), p_k = exp(z_k - lse_k); then dh += dz W_tile, dW_tile += dz^T h,
 // db += sum_rows dz (6NHV). d out / d pi_bk = sum_t g wsum_bkt is formed by the Python shell.
-// bf16 / fp16 inputs run in fp32 (the W tile is converted once per tile), fp64 in fp64.
+// GEMMs (csrc/tile_gemm.h, csrc/micro_gemm.h): on AVX-512 CPUs oneDNN micro-kernel GEMMs with
+// fp32 outputs, on bf16 operands for bf16 inputs where the CPU has bf16 matmul (fp32 logits and
+// epilogue, dz rounded to bf16 for the gradient GEMMs, dh / dW accumulated in fp32), else on
+// fp32 operands (16-bit weights converted while packing); elsewhere, and for fp64, ATen GEMMs
+// in the compute dtype (the W tile of a 16-bit weight converted once per tile).
 // Forward GEMMs use ATen's threads and the per-token epilogue is parallel over the tokens of a
 // group; the backward runs one worker per thread over vocabulary tiles (csrc/tiling.h).
 // Math: rag_kernels/ops/token_smoothing/__init__.py and docs/design.md §2.3.
@@ -33,9 +37,11 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "check.h"
+#include "tile_gemm.h"
 #include "tiling.h"
 #include "vec_math.h"
 
@@ -47,7 +53,6 @@ using rag_kernels::detail::num_workers;
 using rag_kernels::detail::rk_exp;
 using rag_kernels::detail::rk_tanh;
 using rag_kernels::detail::variant_of;
-using rag_kernels::detail::weight_tile;
 
 // log(x) for a positive normal float (here x = sum_k exp(a_k - max) in [1, K]): x = 2^e m with
 // m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(u), u = (m - 1) / (m + 1), |u| < 0.172, by its
@@ -248,7 +253,8 @@ RK_INLINE void bwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const T
   }
 }
 
-// Non-template entry points (the float ones cloned per ISA); variant = bias + 2 * softcap.
+// Non-template entry points (the float ones compiled per ISA, vec_math.h);
+// variant = bias + 2 * softcap.
 #define TS_DISPATCH(FN, ...)                             \
   switch (variant) {                                     \
     case 0: return FN<T, false, false>(__VA_ARGS__);     \
@@ -257,29 +263,36 @@ RK_INLINE void bwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const T
     default: return FN<T, true, true>(__VA_ARGS__);      \
   }
 
-#define TS_ENTRY_POINTS(TYPE)                                                                  \
-  RK_CLONES void lse_row_v(int variant, TYPE* z, const TYPE* b, int64_t n, TYPE cap, TYPE* mx, \
-                           TYPE* se) {                                                          \
-    using T = TYPE;                                                                            \
-    TS_DISPATCH(lse_row, z, b, n, cap, mx, se)                                                 \
-  }                                                                                            \
-  RK_CLONES double fwd_token_v(int variant, TYPE* z, int64_t ka, int64_t n, const TYPE* b,     \
-                               TYPE cap, const double* pi, const double* lse_in,               \
-                               double* lse_out, double* wsum, int64_t y, double* zy, TYPE* mx, \
-                               TYPE* s, TYPE* c) {                                             \
-    using T = TYPE;                                                                            \
-    TS_DISPATCH(fwd_token, z, ka, n, b, cap, pi, lse_in, lse_out, wsum, y, zy, mx, s, c)       \
-  }                                                                                            \
-  RK_CLONES void bwd_token_v(int variant, TYPE* z, int64_t ka, int64_t n, const TYPE* b,       \
-                             TYPE cap, const TYPE* c, const TYPE* lse, const TYPE* gw, TYPE g,  \
-                             const TYPE* glp, int64_t y, TYPE* mx, TYPE* s, TYPE* e) {          \
-    using T = TYPE;                                                                            \
-    TS_DISPATCH(bwd_token, z, ka, n, b, cap, c, lse, gw, g, glp, y, mx, s, e)                  \
-  }
+#define TS_ONE_VERSION(RET, NAME, PARAMS, ARGS, ...) RET NAME PARAMS __VA_ARGS__
+#define TS_ENTRY_POINTS(TYPE, VARIANTS)                                                        \
+  VARIANTS(void, lse_row_v,                                                                    \
+           (int variant, TYPE* z, const TYPE* b, int64_t n, TYPE cap, TYPE* mx, TYPE* se),     \
+           (variant, z, b, n, cap, mx, se), {                                                  \
+             using T = TYPE;                                                                   \
+             TS_DISPATCH(lse_row, z, b, n, cap, mx, se)                                        \
+           })                                                                                  \
+  VARIANTS(double, fwd_token_v,                                                                \
+           (int variant, TYPE* z, int64_t ka, int64_t n, const TYPE* b, TYPE cap,              \
+            const double* pi, const double* lse_in, double* lse_out, double* wsum, int64_t y,  \
+            double* zy, TYPE* mx, TYPE* s, TYPE* c),                                           \
+           (variant, z, ka, n, b, cap, pi, lse_in, lse_out, wsum, y, zy, mx, s, c), {          \
+             using T = TYPE;                                                                   \
+             TS_DISPATCH(fwd_token, z, ka, n, b, cap, pi, lse_in, lse_out, wsum, y, zy, mx, s, \
+                         c)                                                                    \
+           })                                                                                  \
+  VARIANTS(void, bwd_token_v,                                                                  \
+           (int variant, TYPE* z, int64_t ka, int64_t n, const TYPE* b, TYPE cap,              \
+            const TYPE* c, const TYPE* lse, const TYPE* gw, TYPE g, const TYPE* glp,           \
+            int64_t y, TYPE* mx, TYPE* s, TYPE* e),                                            \
+           (variant, z, ka, n, b, cap, c, lse, gw, g, glp, y, mx, s, e), {                     \
+             using T = TYPE;                                                                   \
+             TS_DISPATCH(bwd_token, z, ka, n, b, cap, c, lse, gw, g, glp, y, mx, s, e)         \
+           })
 
-TS_ENTRY_POINTS(float)
-TS_ENTRY_POINTS(double)
+TS_ENTRY_POINTS(float, RK_ISA_VARIANTS)
+TS_ENTRY_POINTS(double, TS_ONE_VERSION)  // std::exp / std::log: nothing to vectorise
 #undef TS_ENTRY_POINTS
+#undef TS_ONE_VERSION
 #undef TS_DISPATCH
 
 // Token-major groups of gathered rows: group g covers tokens tok[tok0, tok0 + nt) of query b,
@@ -385,25 +398,52 @@ std::vector<int64_t> targets_of(const std::optional<at::Tensor>& target, int64_t
 int64_t default_fwd_rows(int64_t V) {
   return std::max<int64_t>(1, std::min<int64_t>(512, (int64_t{1} << 25) / std::max<int64_t>(V, 1)));
 }
+// Runs fn(gemm, bias_ptr) with the Gemm (Tile = true: a tile-walk Gemm, else a Logits) of this
+// call's GEMM path (csrc/micro_gemm.h); the epilogue dtype is the bias pointer's element type.
+template <bool Tile, typename Fn, typename... Args>
+void with_gemm(const at::Tensor& h, const at::Tensor& b, const Fn& fn, Args&&... args) {
+  namespace d = rag_kernels::detail;
+  const auto fp = [&](auto* tag) {
+    using S = std::remove_pointer_t<decltype(tag)>;
+    return b.defined() ? b.data_ptr<S>() : static_cast<S*>(nullptr);
+  };
+  switch (d::gemm_path(h.scalar_type())) {
+    case d::GemmPath::kMicroBf16: {
+      std::conditional_t<Tile, d::MicroTileGemm<c10::BFloat16>, d::MicroLogits<c10::BFloat16>>
+          gemm(h, args...);
+      fn(gemm, fp(static_cast<float*>(nullptr)));
+      break;
+    }
+    case d::GemmPath::kMicroF32: {
+      std::conditional_t<Tile, d::MicroTileGemm<float>, d::MicroLogits<float>> gemm(h, args...);
+      fn(gemm, fp(static_cast<float*>(nullptr)));
+      break;
+    }
+    default:
+      AT_DISPATCH_FLOATING_TYPES(acc_type(h.scalar_type()), "token_smoothing", [&] {
+        std::conditional_t<Tile, d::AtenTileGemm<scalar_t>, d::AtenLogits<scalar_t>> gemm(
+            h, args...);
+        fn(gemm, fp(static_cast<scalar_t*>(nullptr)));
+      });
+  }
+}
+
 constexpr int64_t kDefaultBwdRows = 2048;
 constexpr int64_t kDefaultBwdVocab = 1024;
 
-template <typename T>
-void forward_kernel(const at::Tensor& h, const at::Tensor& weight, const Layout& L,
+// Logits: AtenLogits<T> or MicroLogits<In> (T = float), csrc/tile_gemm.h; VT = min(vocab_tile, V).
+template <typename T, typename Logits>
+void forward_kernel(Logits& gemm, int64_t Na, int64_t V, int64_t VT, const Layout& L,
                     const double* pi, int64_t K, const std::vector<int64_t>& y_all,
                     const T* bias, std::optional<double> softcap, int64_t row_tile,
-                    int64_t vocab_tile, double* lse, double* wsum, double* zy, double* out) {
-  const int64_t Na = h.size(0), H = h.size(1), V = weight.size(0);
-  const auto acc = h.scalar_type();
+                    const at::TensorOptions& zopts, double* lse, double* wsum, double* zy,
+                    double* out) {
   const bool has_cap = softcap.has_value();
   const T cap = has_cap ? static_cast<T>(*softcap) : T(0);
   const int variant = variant_of(bias != nullptr, has_cap);
-  const int64_t VT = std::min(vocab_tile, V);
   const bool one_pass = VT == V;
   const int64_t RT = std::min(row_tile, Na);
-  auto zbuf = at::empty({(one_pass ? L.max_rows : std::max(RT, L.max_rows)) * VT}, h.options());
-  at::Tensor wbuf;
-  if (weight.scalar_type() != acc) wbuf = at::empty({VT * H}, h.options());
+  at::Tensor zbuf = at::empty({(one_pass ? L.max_rows : std::max(RT, L.max_rows)) * VT}, zopts);
   T* zp = zbuf.data_ptr<T>();
   // pi and the target per gathered row / token.
   std::vector<double> pi_row(Na);
@@ -425,11 +465,11 @@ void forward_kernel(const at::Tensor& h, const at::Tensor& weight, const Layout&
     std::vector<double> run_max(Na, -std::numeric_limits<double>::infinity()), run_sum(Na, 0.0);
     for (int64_t v0 = 0; v0 < V; v0 += VT) {
       const int64_t vt = std::min(VT, V - v0);
-      auto w = weight_tile(weight, wbuf, v0, vt, acc);
+      gemm.set_tile(v0, vt);
       for (int64_t r0 = 0; r0 < Na; r0 += RT) {
         const int64_t rt = std::min(RT, Na - r0);
-        auto z = zbuf.narrow(0, 0, rt * vt).view({rt, vt});
-        at::mm_out(z, h.narrow(0, r0, rt), w.t());
+        at::Tensor z = zbuf.narrow(0, 0, rt * vt).view({rt, vt});
+        gemm.logits(z, r0, rt);
         at::parallel_for(0, rt, 8, [&](int64_t i0, int64_t i1) {
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t r = r0 + i;
@@ -453,11 +493,11 @@ void forward_kernel(const at::Tensor& h, const at::Tensor& weight, const Layout&
   std::fill(wsum, wsum + Na, 0.0);
   for (int64_t v0 = 0; v0 < V; v0 += VT) {  // pass 2
     const int64_t vt = std::min(VT, V - v0);
-    auto w = weight_tile(weight, wbuf, v0, vt, acc);
+    gemm.set_tile(v0, vt);
     for (const auto& g : L.groups) {
       const int64_t rows = g.nt * g.ka;
-      auto z = zbuf.narrow(0, 0, rows * vt).view({rows, vt});
-      at::mm_out(z, h.narrow(0, g.row0, rows), w.t());
+      at::Tensor z = zbuf.narrow(0, 0, rows * vt).view({rows, vt});
+      gemm.logits(z, g.row0, rows);
       at::parallel_for(0, g.nt, 1, [&](int64_t j0, int64_t j1) {
         std::vector<T> mx(vt), s(vt), c(g.ka);
         for (int64_t j = j0; j < j1; ++j) {
@@ -495,18 +535,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_smoothing_fwd(
   const int64_t Na = static_cast<int64_t>(L.rows.size());
   if (Na == 0 || V == 0) return {out, lse, wsum, lp};
   auto idx = index_tensor(L.rows);
-  auto h = hidden.view({-1, H}).index_select(0, idx).to(acc).contiguous();
+  auto h = hidden.view({-1, H}).index_select(0, idx);  // the Gemm converts it
   at::Tensor b;
   if (bias.has_value()) b = bias->to(acc).contiguous();
   auto dopts = hidden.options().dtype(at::kDouble);
   auto lse_a = at::empty({Na}, dopts), wsum_a = at::empty({Na}, dopts), zy_a = at::empty({Na}, dopts);
   auto out_a = at::empty({static_cast<int64_t>(L.tokens.size())}, dopts);
-  AT_DISPATCH_FLOATING_TYPES(acc, "token_smoothing_fwd", [&] {
-    forward_kernel<scalar_t>(h, weight, L, pi.data_ptr<double>(), K, y,
-                             b.defined() ? b.data_ptr<scalar_t>() : nullptr, softcap, row_tile,
-                             vocab_tile, lse_a.data_ptr<double>(), wsum_a.data_ptr<double>(),
-                             zy_a.data_ptr<double>(), out_a.data_ptr<double>());
-  });
+  const int64_t VT = std::min(vocab_tile, V);
+  with_gemm<false>(
+      h, b,
+      [&](auto& gemm, auto* bias_p) {
+        using S = std::remove_const_t<std::remove_pointer_t<decltype(bias_p)>>;
+        forward_kernel<S>(gemm, Na, V, VT, L, pi.data_ptr<double>(), K, y, bias_p, softcap,
+                          row_tile, opts, lse_a.data_ptr<double>(), wsum_a.data_ptr<double>(),
+                          zy_a.data_ptr<double>(), out_a.data_ptr<double>());
+      },
+      weight, VT);
   out.view(-1).index_copy_(0, index_tensor(L.tokens), out_a.to(acc));
   lse.view(-1).index_copy_(0, idx, lse_a.to(acc));
   wsum.view(-1).index_copy_(0, idx, wsum_a.to(acc));
@@ -523,28 +567,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_smoothing_fwd(
   return {out, lse, wsum, lp};
 }
 
-template <typename T>
-void backward_kernel(const at::Tensor& h, const at::Tensor& weight, const Layout& L,
-                     const double* pi, const double* lse_all, const double* wsum_all,
-                     const double* grad, const double* grad_lp, const std::vector<int64_t>& y_all,
-                     int64_t K, const T* bias, std::optional<double> softcap, int64_t vocab_tile,
+// The groups are the Gemm's row blocks (AtenTileGemm<T> or MicroTileGemm<In> with T = float,
+// csrc/tile_gemm.h); dh [Na, H] and the dW tiles accumulate in T.
+template <typename T, typename Gemm>
+void backward_kernel(Gemm& gemm, int64_t Na, int64_t H, int64_t V, int64_t VT, int64_t workers,
+                     const Layout& L, const double* pi, const double* lse_all,
+                     const double* wsum_all, const double* grad, const double* grad_lp,
+                     const std::vector<int64_t>& y_all, int64_t K, const T* bias,
+                     std::optional<double> softcap, const at::TensorOptions& zopts,
                      at::Tensor* dh, at::Tensor* grad_weight, double* db) {
-  const int64_t Na = h.size(0), H = h.size(1), V = weight.size(0);
-  const auto acc = h.scalar_type();
   const bool has_cap = softcap.has_value();
   const T cap = has_cap ? static_cast<T>(*softcap) : T(0);
   const int variant = variant_of(bias != nullptr, has_cap);
-  const int64_t VT = std::min(vocab_tile, V);
-  const int64_t workers = num_workers(V, VT);
-  // Per worker: a logit tile, weight / dW tiles in the compute dtype (bf16/fp16 only) and a
-  // partial dh (summed at the end); dW and db tiles belong to one worker, so nothing races.
-  auto zbuf = at::empty({workers, L.max_rows * VT}, h.options());
-  at::Tensor wbuf, dwbuf, dh_parts;
-  if (weight.scalar_type() != acc) {
-    wbuf = at::empty({workers, VT * H}, h.options());
-    if (grad_weight) dwbuf = at::empty({workers, VT * H}, h.options());
-  }
-  if (dh) dh_parts = workers == 1 ? dh->unsqueeze(0) : at::zeros({workers, Na, H}, h.options());
+  // Per worker: a logit tile, a dW tile in T when grad_weight has another dtype, and a partial
+  // dh (summed at the end); dW and db tiles belong to one worker, so nothing races.
+  at::Tensor zbuf = at::empty({workers, L.max_rows * VT}, zopts);
+  at::Tensor dwbuf, dh_parts;
+  if (grad_weight && grad_weight->scalar_type() != zopts.dtype().toScalarType())
+    dwbuf = at::empty({workers, VT * H}, zopts);
+  if (dh) dh_parts = workers == 1 ? dh->unsqueeze(0) : at::zeros({workers, Na, H}, zopts);
   int64_t max_ka = 1;
   for (const auto& g : L.groups) max_ka = std::max(max_ka, g.ka);
   // Per gathered row: c = pi - lse, lse, g * wsum + g_lp, g_lp; per gathered token: g, target.
@@ -570,21 +611,19 @@ void backward_kernel(const at::Tensor& h, const at::Tensor& weight, const Layout
   // One worker per thread walks its vocabulary tiles with single-threaded GEMMs (as in
   // linear_logprob.cpp): cheaper than threading each GEMM and each epilogue separately.
   for_each_vocab_tile(V, VT, workers, [&](int64_t wk, int64_t v0, int64_t vt) {
-    at::Tensor wb = wbuf.defined() ? wbuf[wk] : wbuf;
-    auto w = weight_tile(weight, wb, v0, vt, acc);
+    gemm.set_tile(wk, v0, vt);
     at::Tensor dw;
     if (grad_weight)
       dw = dwbuf.defined() ? dwbuf[wk].narrow(0, 0, vt * H).view({vt, H})
                            : grad_weight->narrow(0, v0, vt);
-    auto zw = zbuf[wk];
+    at::Tensor zw = zbuf[wk];
     T* zp = zw.data_ptr<T>();
     std::vector<T> mx(vt), s(vt), e(max_ka * vt);
-    bool first = true;
-    for (const auto& g : L.groups) {
+    for (int64_t gi = 0; gi < static_cast<int64_t>(L.groups.size()); ++gi) {
+      const Group& g = L.groups[gi];
       const int64_t rows = g.nt * g.ka;
-      auto z = zw.narrow(0, 0, rows * vt).view({rows, vt});
-      auto hg = h.narrow(0, g.row0, rows);
-      at::mm_out(z, hg, w.t());
+      at::Tensor z = zw.narrow(0, 0, rows * vt).view({rows, vt});
+      gemm.logits(wk, gi, z);
       for (int64_t j = 0; j < g.nt; ++j) {
         const int64_t r = g.row0 + j * g.ka;
         const int64_t yt = y_tok[g.tok0 + j];
@@ -593,22 +632,17 @@ void backward_kernel(const at::Tensor& h, const at::Tensor& weight, const Layout
                     grad_lp ? glp_row.data() + r : nullptr, yt >= 0 ? yt - v0 : -1, mx.data(),
                     s.data(), e.data());
       }
-      if (dh) dh_parts[wk].narrow(0, g.row0, rows).addmm_(z, w);
-      if (grad_weight) {
-        if (first)
-          at::mm_out(dw, z.t(), hg);
-        else
-          dw.addmm_(z.t(), hg);
-      }
+      at::Tensor dh_rows;
+      if (dh) dh_rows = dh_parts[wk].narrow(0, g.row0, rows);
+      gemm.grads(wk, gi, z, dh ? &dh_rows : nullptr, grad_weight ? &dw : nullptr, gi == 0);
       if (db) {
-        auto col = z.sum(0, false, at::kDouble);
+        at::Tensor col = z.sum(0, false, at::kDouble);
         const double* cp = col.data_ptr<double>();
         for (int64_t v = 0; v < vt; ++v) db[v0 + v] += cp[v];
       }
-      first = false;
     }
     if (grad_weight && dwbuf.defined()) grad_weight->narrow(0, v0, vt).copy_(dw);
-  });
+  }, [&](int64_t) { gemm.worker_done(); });
   if (dh && workers > 1) at::sum_out(*dh, dh_parts, {0});
 }
 
@@ -666,23 +700,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_smoothing_bwd(
   const int64_t Na = static_cast<int64_t>(L.rows.size());
   if (Na == 0) return zero_grads();
   auto idx = index_tensor(L.rows);
-  auto h = hidden.view({-1, H}).index_select(0, idx).to(acc).contiguous();
+  auto h = hidden.view({-1, H}).index_select(0, idx);  // the Gemm converts it
   at::Tensor b;
   if (bias.has_value()) b = bias->to(acc).contiguous();
   auto lse_d = lse.to(at::kDouble).contiguous(), wsum_d = wsum.to(at::kDouble).contiguous();
-  at::Tensor dh = needs_hidden ? at::zeros({Na, H}, h.options()) : at::Tensor();
+  const auto zopts = hidden.options().dtype(acc);
+  at::Tensor dh = needs_hidden ? at::zeros({Na, H}, zopts) : at::Tensor();
   at::Tensor db = needs_bias ? at::zeros({V}, dopts) : at::Tensor();
   // Every vocabulary tile's first group overwrites its rows of grad_weight.
   at::Tensor grad_weight = needs_weight ? at::empty({V, H}, hidden.options()) : empty;
-  AT_DISPATCH_FLOATING_TYPES(acc, "token_smoothing_bwd", [&] {
-    backward_kernel<scalar_t>(
-        h, weight, L, pi.data_ptr<double>(), lse_d.data_ptr<double>(), wsum_d.data_ptr<double>(),
-        g.defined() ? g.data_ptr<double>() : nullptr,
-        glp.defined() ? glp.data_ptr<double>() : nullptr, y, K,
-        b.defined() ? b.data_ptr<scalar_t>() : nullptr, softcap, vocab_tile,
-        needs_hidden ? &dh : nullptr, needs_weight ? &grad_weight : nullptr,
-        needs_bias ? db.data_ptr<double>() : nullptr);
-  });
+  const int64_t VT = std::min(vocab_tile, V), workers = num_workers(V, VT);
+  rag_kernels::detail::RowBlocks blocks;
+  for (const auto& grp : L.groups) blocks.emplace_back(grp.row0, grp.nt * grp.ka);
+  with_gemm<true>(
+      h, b,
+      [&](auto& gemm, auto* bias_p) {
+        using S = std::remove_const_t<std::remove_pointer_t<decltype(bias_p)>>;
+        backward_kernel<S>(gemm, Na, H, V, VT, workers, L, pi.data_ptr<double>(),
+                           lse_d.data_ptr<double>(), wsum_d.data_ptr<double>(),
+                           g.defined() ? g.data_ptr<double>() : nullptr,
+                           glp.defined() ? glp.data_ptr<double>() : nullptr, y, K, bias_p,
+                           softcap, zopts, needs_hidden ? &dh : nullptr,
+                           needs_weight ? &grad_weight : nullptr,
+                           needs_bias ? db.data_ptr<double>() : nullptr);
+      },
+      weight, blocks, workers, VT, true, needs_hidden, needs_weight);
   at::Tensor grad_hidden = empty, grad_bias = empty;
   if (needs_hidden) {
     grad_hidden = at::zeros_like(hidden);

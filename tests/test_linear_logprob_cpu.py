@@ -17,6 +17,7 @@ _WHY = registry.unavailable_reason("linear_logprob", "cpu")
 if _WHY:
     pytest.skip(f"linear_logprob impl='cpu': {_WHY}", allow_module_level=True)
 
+from rag_kernels.ops import _C  # noqa: E402
 from rag_kernels.ops.linear_logprob import cpu as llp_cpu  # noqa: E402
 
 
@@ -123,6 +124,141 @@ def test_low_precision_error_within_2x_of_pytorch(tiles, dtype, bias, softcap):
     ):
         assert not torch.isnan(a).any(), name
         assert_close(a, truth, ref=base, rtol=1e-3, atol=1e-6, name=name)
+
+
+@pytest.fixture(params=["native", "fp32-micro", "aten"])
+def bf16_path(request):
+    """The three GEMM paths of bf16 inputs (csrc/micro_gemm.h): ``native`` bf16 micro-kernel
+    GEMMs with fp32 outputs (skipped where the CPU has no bf16 matmul); ``fp32-micro``, fp32
+    micro-kernel GEMMs on operands converted while packing (an AVX-512 CPU without bf16 matmul;
+    forced with set_cpu_gemm("fp32") as RAG_KERNELS_CPU_GEMM=fp32 does); ``aten``, tiles
+    converted to fp32 for ATen's GEMMs (an AVX2-only CPU; forced with set_cpu_isa("avx2") as
+    RAG_KERNELS_CPU_ISA=avx2 does)."""
+    isa, gemm = _C.cpu_isa(), _C.cpu_gemm()
+    try:
+        if request.param == "native" and not _C.native_bf16_gemm():
+            pytest.skip(
+                f"no native bf16 GEMM here: cpu_isa={isa}, "
+                f"bf16 matmul instructions={_C.cpu_has_bf16_matmul()}"
+            )
+        if request.param == "fp32-micro":
+            _C.set_cpu_gemm("fp32")
+            if not _C.fp32_micro_gemm():
+                pytest.skip(f"no oneDNN micro-kernel GEMMs here (needs AVX-512): cpu_isa={isa}")
+        if request.param == "aten":
+            _C.set_cpu_isa("avx2")
+        assert _C.native_bf16_gemm() == (request.param == "native")
+        yield request.param
+    finally:
+        _C.set_cpu_isa(isa)
+        _C.set_cpu_gemm(gemm)
+
+
+BF16_SHAPES = [(45, 64, 700), (38, 63, 517)]  # an odd H pads the bf16 GEMMs' K pairs
+BF16_IDS = ["N45-H64-V700", "N38-H63-V517"]
+
+
+@pytest.mark.parametrize("shape", BF16_SHAPES, ids=BF16_IDS)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("softcap", [None, 6.0], ids=["nocap", "cap6"])
+def test_bf16_error_within_2x_of_materialising_bf16(bf16_path, tiles, shape, bias, softcap):
+    """Both bf16 paths against the float64 truth on the same (bf16-rounded) inputs, within 2x
+    the error of plain PyTorch's ``(h @ W.T).float()`` + log-softmax (the reference in bf16)."""
+    h, W, y, b, _ = make_linear_logprob(
+        *shape, dtype=torch.bfloat16, bias=bias, n_ignore=3, wscale=3.0, bscale=0.5
+    )
+    outs, grads = run("cpu", h, W, y, b, softcap=softcap)
+    base_outs, base_grads = run("reference", h, W, y, b, softcap=softcap)
+    true_outs, true_grads = run(
+        "reference", h, W, y, b, softcap=softcap, compute_dtype=torch.float64
+    )
+    assert all(o.dtype == torch.float32 for o in outs)
+    assert [g.dtype for g in grads] == [torch.bfloat16] * len(grads)
+    names = ["lp", "lse", "sum_logprob", "grad_hidden", "grad_weight", "grad_bias"]
+    for name, a, base, truth in zip(
+        names, outs + grads, base_outs + base_grads, true_outs + true_grads, strict=False
+    ):
+        assert_close(a, truth, ref=base, rtol=1e-3, atol=1e-6, name=f"{bf16_path} {name}")
+
+
+def test_bf16_paths_differ_and_converted_is_the_fp32_kernel(tiles):
+    """Without native bf16 GEMMs a bf16 input runs exactly the fp32 kernel on its upcast values
+    (gradients rounded to bf16 once), on either fp32 GEMM path; the native path is a different
+    computation (bf16 GEMMs, bf16-rounded dz)."""
+    h, W, y, b, _ = make_linear_logprob(
+        41, 37, 611, dtype=torch.bfloat16, bias=True, n_ignore=3, **SCALES
+    )
+    isa, gemm = _C.cpu_isa(), _C.cpu_gemm()
+    converted = {}
+    try:
+        for mode, setup in [("aten", lambda: _C.set_cpu_isa("avx2")),
+                            ("fp32-micro", lambda: _C.set_cpu_gemm("fp32"))]:  # fmt: skip
+            setup()
+            if mode == "fp32-micro" and not _C.fp32_micro_gemm():
+                continue
+            outs, grads = run("cpu", h, W, y, b)
+            f32_outs, f32_grads = run("cpu", h.float(), W.float(), y, b.float())
+            _C.set_cpu_isa(isa)
+            _C.set_cpu_gemm(gemm)
+            for a, e in zip(outs, f32_outs, strict=True):
+                assert torch.equal(a, e), mode
+            for a, e in zip(grads[:2], f32_grads[:2], strict=True):
+                assert torch.equal(a, e.to(torch.bfloat16)), mode
+            # db: float64 sums rounded to bf16 directly vs through fp32 (one bf16 ulp at most)
+            torch.testing.assert_close(grads[2].float(), f32_grads[2], rtol=2**-8, atol=0)
+            converted[mode] = grads
+        if _C.native_bf16_gemm():
+            _, nat_grads = run("cpu", h, W, y, b)
+            for grads in converted.values():
+                assert not torch.equal(nat_grads[0], grads[0])
+                assert not torch.equal(nat_grads[1], grads[1])
+    finally:
+        _C.set_cpu_isa(isa)
+        _C.set_cpu_gemm(gemm)
+
+
+def _isas():
+    order = ["default", "avx2", "avx512"]
+    return order[: order.index(_C.detected_isa()) + 1]
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512", "avx512-aten"])
+@pytest.mark.parametrize("softcap", [None, 4.5], ids=["nocap", "cap4.5"])
+def test_every_epilogue_isa_matches_float64(tiles, isa, softcap):
+    """Each compiled version of the epilogue (csrc/vec_math.h RK_ISA_VARIANTS) that this CPU
+    can run, selected with set_cpu_isa as RAG_KERNELS_CPU_ISA would; on AVX-512 with the
+    micro-kernel GEMMs and (``-aten``) with ATen's."""
+    name = isa.removesuffix("-aten")
+    if name not in _isas():
+        pytest.skip(f"this CPU runs {_isas()}, not {name}")
+    h, W, y, b, _ = make_linear_logprob(
+        37, 50, 1031, dtype=torch.float32, bias=True, n_ignore=5, **SCALES
+    )
+    prev, gemm = _C.cpu_isa(), _C.cpu_gemm()
+    try:
+        _C.set_cpu_isa(name)
+        _C.set_cpu_gemm("aten" if isa.endswith("-aten") else "auto")
+        assert _C.cpu_isa() == name
+        outs, grads = run("cpu", h, W, y, b, softcap=softcap)
+    finally:
+        _C.set_cpu_isa(prev)
+        _C.set_cpu_gemm(gemm)
+    ref_outs, ref_grads = run("reference", h, W, y, b, softcap=softcap, compute_dtype=torch.float64)
+    tol = dict(elem_rtol=1e-5, rtol=1e-6, atol=1e-17)
+    names = ["lp", "lse", "sum_logprob", "grad_hidden", "grad_weight", "grad_bias"]
+    for name, a, e in zip(names, outs + grads, ref_outs + ref_grads, strict=True):
+        assert_close(a, e, **tol, name=f"{isa} {name}")
+
+
+def test_cpu_isa_override_is_checked():
+    with pytest.raises(RuntimeError, match="cpu_isa must be one of"):
+        _C.set_cpu_isa("avx3")
+    with pytest.raises(RuntimeError, match="cpu_gemm must be one of"):
+        _C.set_cpu_gemm("mkl")
+    prev = _C.cpu_isa()
+    _C.set_cpu_isa("avx512")  # never above what the CPU has
+    assert _C.cpu_isa() == _C.detected_isa()
+    _C.set_cpu_isa(prev)
 
 
 def test_zero_upstream_rows_contribute_exactly_nothing(tiles):

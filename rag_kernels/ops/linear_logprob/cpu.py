@@ -10,6 +10,15 @@ Tile sizes (rows x vocabulary columns per GEMM + epilogue step) default to
 :data:`DEFAULT_TILES` (tuned on 2 CPU cores at N=2048, H=576, V=49152). Override them with the
 environment variable ``RAG_KERNELS_LLP_CPU_TILES="rows,vocab"`` (read at import) or by setting
 :data:`TILE_ROWS` / :data:`TILE_VOCAB` (the tests do, so small shapes span several tiles).
+
+GEMM path and instruction set (docs/design.md §4.2): on AVX-512 CPUs the GEMMs run through
+oneDNN's BRGEMM micro-kernel with fp32 outputs, on bf16 operands for bf16 inputs where the CPU
+has bf16 matmul (AVX512_BF16 / AMX), else on fp32 operands; elsewhere (and for fp64) ATen's
+GEMMs, 16-bit inputs converted to fp32 tile by tile. ``RAG_KERNELS_CPU_ISA=avx2`` takes an
+AVX2-only CPU's paths, ``RAG_KERNELS_CPU_GEMM=fp32|aten`` keeps bf16 inputs off bf16 operands /
+the micro-kernel off (both read at the first call; ``rag_kernels.ops._C.set_cpu_isa`` /
+``set_cpu_gemm`` change them at run time, ``cpu_isa()`` / ``native_bf16_gemm()`` /
+``fp32_micro_gemm()`` report them).
 """
 
 from __future__ import annotations

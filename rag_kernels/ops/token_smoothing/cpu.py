@@ -18,7 +18,8 @@ the logit scratch would exceed 128 MiB; backward: 2048 rows x 1024 columns. A fo
 than V adds a first pass for the log-sum-exp (two GEMM passes, scratch rows x tile).
 Override with ``RAG_KERNELS_TS_CPU_TILES="rows,vocab"`` (both directions) or
 ``"rows,vocab,bwd_rows,bwd_vocab"`` (read at import), or set :data:`TILES` (the tests do, so
-small shapes span several tiles).
+small shapes span several tiles). GEMM paths and the ``RAG_KERNELS_CPU_ISA`` /
+``RAG_KERNELS_CPU_GEMM`` overrides as in ``linear_logprob/cpu.py`` (docs/design.md §4.2).
 """
 
 from __future__ import annotations

@@ -1,0 +1,306 @@
+// The GEMMs of the CPU LM-head kernels (linear_logprob.cpp, token_smoothing.cpp), behind one
+// interface so that the kernels' epilogues do not depend on the GEMM path (micro_gemm.h says
+// which path a call takes).
+//
+// Vocabulary-tile walk, one worker per thread (linear_logprob forward and backward,
+// token_smoothing backward). The active hidden rows are cut into blocks (row ranges, fixed up
+// front); per worker wk and vocabulary tile W_t = W[v0 : v0 + vt]:
+//   set_tile(wk, v0, vt)                 prepares W_t;
+//   logits(wk, blk, z)                   z [rows, vt] = h_blk W_t^T;
+//   grads(wk, blk, dz, dh, dw, first)    dh [rows, H] += dz W_t; dw [vt, H] = dz^T h_blk
+//                                        (first block of the tile) or += (later blocks);
+//   worker_done()                        on the worker's thread after its last tile.
+// AtenTileGemm<T>: ATen GEMMs in the compute dtype T (16-bit weights converted tile by tile).
+// MicroTileGemm<In>: micro-kernel GEMMs on In = bf16 or fp32 operands, fp32 z / dh / dW.
+//
+// Whole-machine logits (token_smoothing forward, which threads each GEMM and epilogue instead):
+// set_tile(v0, vt), then logits(z, r0, rows) -> z [rows, vt] = h[r0 : r0 + rows] W_t^T.
+// AtenLogits<T>, MicroLogits<In> (parallel over B panels, each packed on the fly, so no packed
+// copy of the weight is kept).
+#pragma once
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "micro_gemm.h"
+#include "tiling.h"
+#include "vec_math.h"
+
+namespace rag_kernels {
+namespace detail {
+
+using RowBlocks = std::vector<std::pair<int64_t, int64_t>>;  // (first row, rows)
+
+inline RowBlocks uniform_blocks(int64_t n, int64_t rows) {
+  RowBlocks b;
+  for (int64_t r0 = 0; r0 < n; r0 += rows) b.emplace_back(r0, std::min(rows, n - r0));
+  return b;
+}
+
+inline int64_t max_rows(const RowBlocks& blocks) {
+  int64_t m = 0;
+  for (const auto& b : blocks) m = std::max(m, b.second);
+  return m;
+}
+
+template <typename T>
+struct AtenTileGemm {
+  at::Tensor h, weight;  // h [Na, H] in T; weight [V, H] in T or a 16-bit type
+  RowBlocks blocks;
+  at::Tensor wbuf;  // [workers, VT * H]: converted weight tiles (16-bit weights only)
+  std::vector<at::Tensor> w;
+
+  AtenTileGemm(const at::Tensor& h_, at::Tensor weight_, RowBlocks blocks_, int64_t workers,
+               int64_t VT, bool /*backward*/, bool /*need_dh*/, bool /*need_dw*/)
+      : h(h_.scalar_type() == c10::CppTypeToScalarType<T>::value
+              ? h_.contiguous()
+              : h_.to(c10::CppTypeToScalarType<T>::value).contiguous()),
+        weight(std::move(weight_)),
+        blocks(std::move(blocks_)),
+        w(workers) {
+    if (weight.scalar_type() != h.scalar_type())
+      wbuf = at::empty({workers, VT * weight.size(1)}, h.options());
+  }
+  void set_tile(int64_t wk, int64_t v0, int64_t vt) {
+    at::Tensor wb = wbuf.defined() ? wbuf[wk] : wbuf;
+    w[wk] = weight_tile(weight, wb, v0, vt, h.scalar_type());
+  }
+  void logits(int64_t wk, int64_t blk, at::Tensor& z) {
+    at::mm_out(z, h.narrow(0, blocks[blk].first, blocks[blk].second), w[wk].t());
+  }
+  void grads(int64_t wk, int64_t blk, const at::Tensor& dz, at::Tensor* dh, at::Tensor* dw,
+             bool first) {
+    if (dh) dh->addmm_(dz, w[wk]);
+    if (dw) {
+      auto hb = h.narrow(0, blocks[blk].first, blocks[blk].second);
+      if (first)
+        at::mm_out(*dw, dz.t(), hb);
+      else
+        dw->addmm_(dz.t(), hb);
+    }
+  }
+  void worker_done() {}
+};
+
+// dz (fp32 [rows, n], ld n) -> bf16, row-major (ld ldr; columns n .. ldr - 1 zeroed), the A of
+// dh = dz W_t, and transposed (ld ldt; columns rows .. ldt - 1 zeroed), the A of dW = dz^T h,
+// in 16 x 16 blocks.
+RK_ISA_VARIANTS(inline void, dz_to_bf16,
+                (const float* dz, int64_t rows, int64_t n, uint16_t* row_major, int64_t ldr,
+                 uint16_t* transposed, int64_t ldt),
+                (dz, rows, n, row_major, ldr, transposed, ldt), {
+                  constexpr int64_t B = 16;
+                  for (int64_t i0 = 0; i0 < rows; i0 += B) {
+                    const int64_t i1 = std::min(rows, i0 + B);
+                    for (int64_t j0 = 0; j0 < n; j0 += B) {
+                      const int64_t j1 = std::min(n, j0 + B);
+                      for (int64_t i = i0; i < i1; ++i) {
+                        const float* zr = dz + i * n;
+                        uint16_t* out = row_major + i * ldr;
+                        for (int64_t j = j0; j < j1; ++j) {
+                          const uint16_t u = f32_to_bf16_bits(zr[j]);
+                          out[j] = u;
+                          if (transposed) transposed[j * ldt + i] = u;
+                        }
+                      }
+                    }
+                  }
+                  for (int64_t i = 0; i < rows; ++i)
+                    for (int64_t j = n; j < ldr; ++j) row_major[i * ldr + j] = 0;
+                  if (transposed)
+                    for (int64_t j = 0; j < n; ++j)
+                      for (int64_t i = rows; i < ldt; ++i) transposed[j * ldt + i] = 0;
+                })
+
+// src (fp32 [rows, n], ld lds) -> dst [n, rows] (ld ldd), in 16 x 16 blocks.
+RK_ISA_VARIANTS(inline void, transpose_f32,
+                (const float* src, int64_t rows, int64_t n, int64_t lds, float* dst, int64_t ldd),
+                (src, rows, n, lds, dst, ldd), {
+                  constexpr int64_t B = 16;
+                  for (int64_t i0 = 0; i0 < rows; i0 += B) {
+                    const int64_t i1 = std::min(rows, i0 + B);
+                    for (int64_t j0 = 0; j0 < n; j0 += B) {
+                      const int64_t j1 = std::min(n, j0 + B);
+                      for (int64_t i = i0; i < i1; ++i)
+                        for (int64_t j = j0; j < j1; ++j) dst[j * ldd + i] = src[i * lds + j];
+                    }
+                  }
+                })
+
+template <typename In>
+constexpr at::ScalarType scalar_type_of() {
+  return std::is_same_v<In, c10::BFloat16> ? at::kBFloat16 : at::kFloat;
+}
+
+// h [N, H] as the A operand of the logits GEMMs: In, rows padded to pad_k<In>(H) with zeros.
+template <typename In>
+inline at::Tensor a_rows(const at::Tensor& h) {
+  const int64_t H = h.size(1), Hp = pad_k<In>(H);
+  const auto dt = scalar_type_of<In>();
+  if (Hp == H) return h.scalar_type() == dt ? h.contiguous() : h.to(dt).contiguous();
+  auto out = at::zeros({h.size(0), Hp}, h.options().dtype(dt));
+  out.narrow(1, 0, H).copy_(h);
+  return out;
+}
+
+// Calls fn(const S* w) with the weight's data in its own 16-bit / fp32 type S.
+template <typename Fn>
+inline void with_weight_data(const at::Tensor& weight, const Fn& fn) {
+  switch (weight.scalar_type()) {
+    case at::kBFloat16: fn(weight.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: fn(weight.data_ptr<c10::Half>()); break;
+    default: fn(weight.data_ptr<float>()); break;
+  }
+}
+
+// Per tile: W_t packed by columns (B of the logits) and, for dh = dz W_t, by rows (bf16, or a
+// 16-bit weight on fp32 operands; an fp32 weight is read in place). Per block: dW (+)= dz^T h_blk
+// with A = dz transposed (rounded to bf16 for bf16 operands) and B = h_blk packed once per call,
+// straight into dw. (dW^T = h^T dz would pack dz with streaming writes instead of transposing
+// it, but needs an [H, vt] fp32 accumulator per worker: more memory, no faster overall.)
+template <typename In>
+struct MicroTileGemm {
+  static constexpr bool kBf16 = kPair<In> == 2;
+  at::Tensor hin;     // [Na, Hp] In (pad columns 0)
+  at::Tensor weight;  // [V, H]: In, or a 16-bit type converted while packing (In = float)
+  RowBlocks blocks;
+  int64_t H, Hp;
+  bool need_dh, need_dw, w_in_place;
+  at::Tensor hpack;           // h blocks packed as B operands of dW (need_dw)
+  std::vector<int64_t> hoff;  // offset of each block's packing in hpack
+  at::Tensor wcols, wrows;    // per worker: W_t packed for logits (K = H) and for dh (K = vt)
+  at::Tensor dza, dzt;        // per worker: dz as A of dh (bf16 only) and transposed, A of dW
+  std::vector<int64_t> vt_of, v0_of;  // per worker: current tile
+
+  MicroTileGemm(const at::Tensor& h, at::Tensor weight_, RowBlocks blocks_, int64_t workers,
+                int64_t VT, bool backward, bool need_dh_, bool need_dw_)
+      : hin(a_rows<In>(h)),
+        weight(std::move(weight_)),
+        blocks(std::move(blocks_)),
+        H(h.size(1)),
+        Hp(hin.size(1)),
+        need_dh(backward && need_dh_),
+        need_dw(backward && need_dw_),
+        w_in_place(!kBf16 && weight.scalar_type() == at::kFloat),
+        vt_of(workers, 0),
+        v0_of(workers, 0) {
+    const auto opts = hin.options();
+    const int64_t RT = max_rows(blocks);
+    wcols = at::empty({workers, packed_elems<In>(H, VT)}, opts);
+    if (need_dh && !w_in_place) wrows = at::empty({workers, packed_elems<In>(VT, H)}, opts);
+    if (backward && kBf16) dza = at::empty({workers, RT * pad_k<In>(VT)}, opts);
+    if (need_dw) {
+      dzt = at::empty({workers, VT * pad_k<In>(RT)}, opts);
+      int64_t total = 0;
+      for (const auto& b : blocks) {
+        hoff.push_back(total);
+        total += packed_elems<In>(b.second, H);
+      }
+      hpack = at::empty({total}, opts);
+      const In* src = hin.data_ptr<In>();
+      In* dst = hpack.data_ptr<In>();
+      at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+          pack_b_rows<In>(src + blocks[b].first * Hp, Hp, blocks[b].second, H, dst + hoff[b]);
+      });
+    }
+  }
+  void set_tile(int64_t wk, int64_t v0, int64_t vt) {
+    vt_of[wk] = vt;
+    v0_of[wk] = v0;
+    with_weight_data(weight, [&](const auto* w) {
+      pack_b_cols<In>(w + v0 * H, H, H, vt, wcols[wk].data_ptr<In>());
+      if (need_dh && !w_in_place) pack_b_rows<In>(w + v0 * H, H, vt, H, wrows[wk].data_ptr<In>());
+    });
+  }
+  void logits(int64_t wk, int64_t blk, at::Tensor& z) {
+    const int64_t vt = vt_of[wk], r0 = blocks[blk].first, rt = blocks[blk].second;
+    micro_gemm<In>(rt, vt, Hp, hin.data_ptr<In>() + r0 * Hp, Hp, wcols[wk].data_ptr<In>(),
+                   kPanel, panel_elems<In>(H), z.data_ptr<float>(), vt, false);
+  }
+  void grads(int64_t wk, int64_t blk, const at::Tensor& dz, at::Tensor* dh, at::Tensor* dw,
+             bool first) {
+    const int64_t vt = vt_of[wk], rt = blocks[blk].second;
+    const int64_t vtp = pad_k<In>(vt), rtp = pad_k<In>(rt);
+    const float* d = dz.data_ptr<float>();
+    const In* a_dh = reinterpret_cast<const In*>(d);  // fp32: dz in place
+    const In* a_dw = dw ? dzt[wk].data_ptr<In>() : nullptr;
+    if constexpr (kBf16) {
+      auto* za = reinterpret_cast<uint16_t*>(dza[wk].data_ptr<In>());
+      dz_to_bf16(d, rt, vt, za, vtp, reinterpret_cast<uint16_t*>(const_cast<In*>(a_dw)), rtp);
+      a_dh = reinterpret_cast<const In*>(za);
+    } else if (dw) {
+      transpose_f32(d, rt, vt, vt, reinterpret_cast<float*>(const_cast<In*>(a_dw)), rtp);
+    }
+    if (dh) {
+      if (w_in_place)
+        micro_gemm<In>(rt, H, vt, a_dh, vt,
+                       reinterpret_cast<const In*>(weight.data_ptr<float>() + v0_of[wk] * H), H,
+                       kPanel, dh->data_ptr<float>(), H, true);
+      else
+        micro_gemm<In>(rt, H, vtp, a_dh, kBf16 ? vtp : vt, wrows[wk].data_ptr<In>(), kPanel,
+                       panel_elems<In>(vt), dh->data_ptr<float>(), H, true);
+    }
+    if (dw)
+      micro_gemm<In>(vt, H, rtp, a_dw, rtp, hpack.data_ptr<In>() + hoff[blk], kPanel,
+                     panel_elems<In>(rt), dw->data_ptr<float>(), H, !first);
+  }
+  // The micro-kernel's hardware state (AMX tile configuration) belongs to the thread.
+  void worker_done() { at::native::cpublas::brgemm_release(kBf16); }
+};
+
+template <typename T>
+struct AtenLogits {
+  at::Tensor h, weight, wbuf, w;
+  AtenLogits(const at::Tensor& h_, at::Tensor weight_, int64_t VT)
+      : h(h_.scalar_type() == c10::CppTypeToScalarType<T>::value
+              ? h_.contiguous()
+              : h_.to(c10::CppTypeToScalarType<T>::value).contiguous()),
+        weight(std::move(weight_)) {
+    if (weight.scalar_type() != h.scalar_type())
+      wbuf = at::empty({VT * weight.size(1)}, h.options());
+  }
+  void set_tile(int64_t v0, int64_t vt) { w = weight_tile(weight, wbuf, v0, vt, h.scalar_type()); }
+  void logits(at::Tensor& z, int64_t r0, int64_t rows) {
+    at::mm_out(z, h.narrow(0, r0, rows), w.t());
+  }
+};
+
+template <typename In>
+struct MicroLogits {
+  at::Tensor hin, weight, pbuf;  // pbuf: one packed panel per thread
+  int64_t H, Hp, v0 = 0, vt = 0;
+  MicroLogits(const at::Tensor& h, at::Tensor weight_, int64_t /*VT*/)
+      : hin(a_rows<In>(h)), weight(std::move(weight_)), H(h.size(1)), Hp(hin.size(1)) {
+    pbuf = at::empty({at::get_num_threads(), panel_elems<In>(H)}, hin.options());
+  }
+  void set_tile(int64_t v0_, int64_t vt_) {
+    v0 = v0_;
+    vt = vt_;
+  }
+  void logits(at::Tensor& z, int64_t r0, int64_t rows) {
+    const int64_t panels = (vt + kPanel - 1) / kPanel;
+    const In* a = hin.data_ptr<In>() + r0 * Hp;
+    float* c = z.data_ptr<float>();
+    with_weight_data(weight, [&](const auto* w) {
+      at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+        In* bp = pbuf[at::get_thread_num()].template data_ptr<In>();
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t n0 = p * kPanel, nb = std::min(kPanel, vt - n0);
+          pack_b_cols<In>(w + (v0 + n0) * H, H, H, nb, bp);
+          micro_gemm<In>(rows, nb, Hp, a, Hp, bp, kPanel, panel_elems<In>(H), c + n0, vt, false);
+        }
+        at::native::cpublas::brgemm_release(kPair<In> == 2);
+      });
+    });
+  }
+};
+
+}  // namespace detail
+}  // namespace rag_kernels
