@@ -111,6 +111,20 @@ RK_INLINE bool has_nan(const T* z, int64_t n) {
   return bad != 0;
 }
 
+// max_v z and whether a NaN is among the n logits, in one pass.
+template <typename T>
+RK_INLINE T row_max_nan(const T* z, int64_t n, bool* nan) {
+  T mx = -std::numeric_limits<T>::infinity();
+  int bad = 0;
+#pragma omp simd reduction(max : mx) reduction(| : bad)
+  for (int64_t v = 0; v < n; ++v) {
+    mx = z[v] > mx ? z[v] : mx;
+    bad |= (z[v] != z[v]);
+  }
+  *nan = bad != 0;
+  return mx;
+}
+
 template <typename T>
 RK_INLINE T row_sum_exp(const T* z, int64_t n, T m) {
   T s = 0;
@@ -119,14 +133,14 @@ RK_INLINE T row_sum_exp(const T* z, int64_t n, T m) {
   return s;
 }
 
-// m(v) = max_k (c_k + z_k(v)) over the ka rows z, z + n, ...
+// m(v) = max_k (c_k + z_k(v)) over the ka rows z, z + ld, ... of n entries.
 template <typename T>
-RK_INLINE void max_over_docs(const T* z, int64_t ka, int64_t n, const T* c, T* mx) {
+RK_INLINE void max_over_docs(const T* z, int64_t ka, int64_t n, int64_t ld, const T* c, T* mx) {
   const T c0 = c[0];
 #pragma omp simd
   for (int64_t v = 0; v < n; ++v) mx[v] = z[v] + c0;
   for (int64_t k = 1; k < ka; ++k) {
-    const T* zk = z + k * n;
+    const T* zk = z + k * ld;
     const T ck = c[k];
 #pragma omp simd
     for (int64_t v = 0; v < n; ++v) {
@@ -144,6 +158,8 @@ RK_INLINE void lse_row(T* z, const T* b, int64_t n, T cap, T* mx, T* se) {
   *se = has_nan(z, n) ? std::numeric_limits<T>::quiet_NaN() : row_sum_exp(z, n, *mx);
 }
 
+constexpr int64_t kTokenChunk = 1024;
+
 // Pass 2, one token: ka rows of n logits (raw GEMM output) at z; c_k = pi_k - lse_k, or, when
 // `lse` is given (single-tile mode), lse_k is computed here from the complete rows, written to
 // lse[k] and c_k formed from pi. Returns sum_v m + log s; adds sum_v w_k to wsum[k].
@@ -157,17 +173,20 @@ RK_INLINE double fwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const
   if (y >= 0 && y < n)
     for (int64_t k = 0; k < ka; ++k) zy[k] = static_cast<double>(z[k * n + y]);
   bool nan_tok = false;
-  for (int64_t k = 0; k < ka; ++k) nan_tok = has_nan(z + k * n, n) || nan_tok;
   for (int64_t k = 0; k < ka; ++k) {
+    const T* zk = z + k * n;
     double lse;
-    if (lse_out) {
-      const T m = row_max(z + k * n, n);
-      lse = static_cast<double>(m) + std::log(static_cast<double>(row_sum_exp(z + k * n, n, m)));
-      if (nan_tok && has_nan(z + k * n, n)) lse = std::numeric_limits<double>::quiet_NaN();
+    bool bad;
+    if (lse_out) {  // max and NaN check in one pass; the row then sits in L2 for the sum
+      const T m = row_max_nan(zk, n, &bad);
+      lse = bad ? std::numeric_limits<double>::quiet_NaN()
+                : static_cast<double>(m) + std::log(static_cast<double>(row_sum_exp(zk, n, m)));
       lse_out[k] = lse;
     } else {
+      bad = has_nan(zk, n);
       lse = lse_in[k];
     }
+    nan_tok = nan_tok || bad;
     c[k] = static_cast<T>(pi[k] - lse);
   }
   if (nan_tok) {  // the token's statistic and every document's posterior mass are NaN
@@ -175,33 +194,43 @@ RK_INLINE double fwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const
     for (int64_t k = 0; k < ka; ++k) wsum[k] = q;
     return q;
   }
-  max_over_docs(z, ka, n, c, mx);
+  // The mixture over documents, in column chunks: the ka rows of a chunk stay in L1 across its
+  // five loops (with one vocabulary tile covering V, a token's rows are ka * V floats).
+  double total = 0;
+  std::vector<double> wk(ka, 0.0);
+  for (int64_t v0 = 0; v0 < n; v0 += kTokenChunk) {
+    const int64_t nc = std::min(kTokenChunk, n - v0);
+    T* zc = z + v0;
+    max_over_docs(zc, ka, nc, n, c, mx);
 #pragma omp simd
-  for (int64_t v = 0; v < n; ++v) s[v] = 0;
-  for (int64_t k = 0; k < ka; ++k) {
-    T* zk = z + k * n;
-    const T ck = c[k];
+    for (int64_t v = 0; v < nc; ++v) s[v] = 0;
+    for (int64_t k = 0; k < ka; ++k) {
+      T* zk = zc + k * n;
+      const T ck = c[k];
 #pragma omp simd
-    for (int64_t v = 0; v < n; ++v) {
-      const T e = rk_exp(zk[v] + ck - mx[v]);
-      zk[v] = e;
-      s[v] += e;
+      for (int64_t v = 0; v < nc; ++v) {
+        const T e = rk_exp(zk[v] + ck - mx[v]);
+        zk[v] = e;
+        s[v] += e;
+      }
+    }
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t v = 0; v < nc; ++v) {
+      acc += mx[v] + ts_log(s[v]);
+      s[v] = T(1) / s[v];
+    }
+    total += static_cast<double>(acc);
+    for (int64_t k = 0; k < ka; ++k) {
+      const T* zk = zc + k * n;
+      T w = 0;
+#pragma omp simd reduction(+ : w)
+      for (int64_t v = 0; v < nc; ++v) w += zk[v] * s[v];
+      wk[k] += static_cast<double>(w);
     }
   }
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t v = 0; v < n; ++v) {
-    acc += mx[v] + ts_log(s[v]);
-    s[v] = T(1) / s[v];
-  }
-  for (int64_t k = 0; k < ka; ++k) {
-    const T* zk = z + k * n;
-    T w = 0;
-#pragma omp simd reduction(+ : w)
-    for (int64_t v = 0; v < n; ++v) w += zk[v] * s[v];
-    wsum[k] += static_cast<double>(w);
-  }
-  return static_cast<double>(acc);
+  for (int64_t k = 0; k < ka; ++k) wsum[k] += wk[k];
+  return total;
 }
 
 // Backward, one token with upstream g: z (raw GEMM output, ka rows of n) <- dz wrt the raw
@@ -213,7 +242,7 @@ RK_INLINE void bwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const T
                          const T* lse, const T* gw, T g, const T* glp, int64_t y, T* mx, T* s,
                          T* e) {
   for (int64_t k = 0; k < ka; ++k) prep_row<T, kBias, kCap>(z + k * n, b, n, cap);
-  max_over_docs(z, ka, n, c, mx);
+  max_over_docs(z, ka, n, n, c, mx);
 #pragma omp simd
   for (int64_t v = 0; v < n; ++v) s[v] = 0;
   for (int64_t k = 0; k < ka; ++k) {  // e_k(v) = exp(a_k(v) - m(v)), kept for the next loop
