@@ -77,6 +77,36 @@ _IS_XDIST_WORKER = False
 _TEST_END = pytest.StashKey[float]()
 
 
+@pytest.fixture(params=["native", "fp32-micro", "aten"])
+def bf16_path(request):
+    """The three GEMM paths of bf16 inputs (csrc/micro_gemm.h): ``native`` bf16 micro-kernel
+    GEMMs with fp32 outputs (skipped where the CPU has no bf16 matmul); ``fp32-micro``, fp32
+    micro-kernel GEMMs on operands converted while packing (an AVX-512 CPU without bf16 matmul;
+    forced with set_cpu_gemm("fp32") as RAG_KERNELS_CPU_GEMM=fp32 does); ``aten``, tiles
+    converted to fp32 for ATen's GEMMs (an AVX2-only CPU; forced with set_cpu_isa("avx2") as
+    RAG_KERNELS_CPU_ISA=avx2 does). Shared by the C++ kernels' bf16 tests; restores both settings."""
+    from rag_kernels.ops import _C
+
+    isa, gemm = _C.cpu_isa(), _C.cpu_gemm()
+    try:
+        if request.param == "native" and not _C.native_bf16_gemm():
+            pytest.skip(
+                f"no native bf16 GEMM here: cpu_isa={isa}, "
+                f"bf16 matmul instructions={_C.cpu_has_bf16_matmul()}"
+            )
+        if request.param == "fp32-micro":
+            _C.set_cpu_gemm("fp32")
+            if not _C.fp32_micro_gemm():
+                pytest.skip(f"no oneDNN micro-kernel GEMMs here (needs AVX-512): cpu_isa={isa}")
+        if request.param == "aten":
+            _C.set_cpu_isa("avx2")
+        assert _C.native_bf16_gemm() == (request.param == "native")
+        yield request.param
+    finally:
+        _C.set_cpu_isa(isa)
+        _C.set_cpu_gemm(gemm)
+
+
 def pytest_configure(config):
     global _IS_XDIST_WORKER
     _IS_XDIST_WORKER = hasattr(config, "workerinput")

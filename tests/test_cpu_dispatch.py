@@ -45,29 +45,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(params=["native", "fp32-micro", "aten"])
-def bf16_path(request):
-    """As in test_linear_logprob_cpu.py."""
-    isa, gemm = _C.cpu_isa(), _C.cpu_gemm()
-    try:
-        if request.param == "native" and not _C.native_bf16_gemm():
-            pytest.skip(
-                f"no native bf16 GEMM here: cpu_isa={isa}, "
-                f"bf16 matmul instructions={_C.cpu_has_bf16_matmul()}"
-            )
-        if request.param == "fp32-micro":
-            _C.set_cpu_gemm("fp32")
-            if not _C.fp32_micro_gemm():
-                pytest.skip(f"no oneDNN micro-kernel GEMMs here (needs AVX-512): cpu_isa={isa}")
-        if request.param == "aten":
-            _C.set_cpu_isa("avx2")
-        assert _C.native_bf16_gemm() == (request.param == "native")
-        yield request.param
-    finally:
-        _C.set_cpu_isa(isa)
-        _C.set_cpu_gemm(gemm)
-
-
 @pytest.fixture(params=[(0, 0, 0, 0), (5, 16, 7, 16)], ids=["default-tiles", "small-tiles"])
 def ts_tiles(request):
     old = ts_cpu.TILES
@@ -174,6 +151,38 @@ def test_every_token_smoothing_epilogue_isa_matches_float64(ts_tiles, isa):
     for name, x, tx in zip(["out", "hidden", "weight", "doc_scores", "bias"], [out, *g],
                            [truth, *truth_g], strict=True):  # fmt: skip
         assert_close(x, tx, rtol=2e-5, atol=1e-6, name=f"{isa} {name}")
+
+
+def test_token_smoothing_wide_vocab_spans_several_column_chunks():
+    """One vocabulary tile covering V = 2500: the forward mixes documents in column chunks of
+    1024 (csrc/token_smoothing.cpp, kTokenChunk), a ragged last one included; NaN in one
+    kept document's hidden state still makes its token's statistic NaN."""
+    B, K, T, H, V = 2, 3, 4, 16, 2500
+    hidden, weight, scores, b, mask = make_token_smoothing(
+        B, K, T, H, V, bias=True, doc_mask=True, hscale=2.0
+    )
+    upstream = torch.rand(B, T, dtype=torch.float64)
+    opts = TokenSmoothingOptions()
+    out, g = _grads(
+        lambda h, w, s, bb: token_smoothing_core(h, w, s, None, bb, mask, opts, "cpu")[0],
+        [x.float() for x in (hidden, weight, scores, b)],
+        upstream,
+    )
+    truth, truth_g = _grads(
+        lambda h, w, s, bb: token_smoothing_reference(h, w, s, bb, None, mask),
+        [hidden, weight, scores, b],
+        upstream,
+    )
+    for name, x, tx in zip(["out", "hidden", "weight", "doc_scores", "bias"], [out, *g],
+                           [truth, *truth_g], strict=True):  # fmt: skip
+        assert_close(x, tx, rtol=2e-5, atol=1e-6, name=name)
+    k = int(mask[0].nonzero()[0, 0])
+    h_nan = hidden.float().clone()
+    h_nan[0, k, 2, 5] = float("nan")
+    with torch.no_grad():
+        o = token_smoothing_core(h_nan, weight.float(), scores.float(), None, b.float(), mask,
+                                 opts, "cpu")[0]  # fmt: skip
+    assert torch.isnan(o[0, 2]) and not torch.isnan(o[0, :2]).any() and not torch.isnan(o[1]).any()
 
 
 def _in_subprocess(code: str, isa: str, extra: dict | None = None) -> subprocess.CompletedProcess:

@@ -126,34 +126,6 @@ def test_low_precision_error_within_2x_of_pytorch(tiles, dtype, bias, softcap):
         assert_close(a, truth, ref=base, rtol=1e-3, atol=1e-6, name=name)
 
 
-@pytest.fixture(params=["native", "fp32-micro", "aten"])
-def bf16_path(request):
-    """The three GEMM paths of bf16 inputs (csrc/micro_gemm.h): ``native`` bf16 micro-kernel
-    GEMMs with fp32 outputs (skipped where the CPU has no bf16 matmul); ``fp32-micro``, fp32
-    micro-kernel GEMMs on operands converted while packing (an AVX-512 CPU without bf16 matmul;
-    forced with set_cpu_gemm("fp32") as RAG_KERNELS_CPU_GEMM=fp32 does); ``aten``, tiles
-    converted to fp32 for ATen's GEMMs (an AVX2-only CPU; forced with set_cpu_isa("avx2") as
-    RAG_KERNELS_CPU_ISA=avx2 does)."""
-    isa, gemm = _C.cpu_isa(), _C.cpu_gemm()
-    try:
-        if request.param == "native" and not _C.native_bf16_gemm():
-            pytest.skip(
-                f"no native bf16 GEMM here: cpu_isa={isa}, "
-                f"bf16 matmul instructions={_C.cpu_has_bf16_matmul()}"
-            )
-        if request.param == "fp32-micro":
-            _C.set_cpu_gemm("fp32")
-            if not _C.fp32_micro_gemm():
-                pytest.skip(f"no oneDNN micro-kernel GEMMs here (needs AVX-512): cpu_isa={isa}")
-        if request.param == "aten":
-            _C.set_cpu_isa("avx2")
-        assert _C.native_bf16_gemm() == (request.param == "native")
-        yield request.param
-    finally:
-        _C.set_cpu_isa(isa)
-        _C.set_cpu_gemm(gemm)
-
-
 BF16_SHAPES = [(45, 64, 700), (38, 63, 517)]  # an odd H pads the bf16 GEMMs' K pairs
 BF16_IDS = ["N45-H64-V700", "N38-H63-V517"]
 

@@ -80,7 +80,7 @@ Returns fp32 (fp64 for fp64 inputs).
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
@@ -734,8 +734,26 @@ _RAG_LOSS_OPTIONS = (
 )  # fmt: skip
 
 
+class _BatchTensors:
+    """What the two batch types share: ``num_queries`` and moving every tensor field."""
+
+    @property
+    def num_queries(self) -> int:
+        """B."""
+        return self.target.shape[0]
+
+    def to(self, device):
+        """The batch with its tensors on ``device``."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+
 @dataclass
-class RagBatch:
+class RagBatch(_BatchTensors):
     """B queries × K documents for a causal LM, aligned so one ``target`` serves all K.
 
     Row ``b*K + k`` of ``input_ids`` is ``prompt(question b, document k) + answer b (+ eos)``,
@@ -760,21 +778,6 @@ class RagBatch:
     target: torch.Tensor
     n_docs: int
     ignore_index: int = -100
-
-    @property
-    def num_queries(self) -> int:
-        """B."""
-        return self.target.shape[0]
-
-    def to(self, device) -> RagBatch:
-        """The batch with its tensors on ``device``."""
-        return replace(
-            self,
-            input_ids=self.input_ids.to(device),
-            attention_mask=self.attention_mask.to(device),
-            position_ids=self.position_ids.to(device),
-            target=self.target.to(device),
-        )
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:
@@ -1224,7 +1227,7 @@ _SEQ2SEQ_FAMILIES = ("bart", "t5")
 
 
 @dataclass
-class Seq2SeqRagBatch:
+class Seq2SeqRagBatch(_BatchTensors):
     """B queries × K documents for an encoder–decoder model (BART, mBART, T5, mT5, UMT5).
 
     Row ``b*K + k`` of ``input_ids`` is the encoder input prompt(question b, document k),
@@ -1248,20 +1251,6 @@ class Seq2SeqRagBatch:
     target: torch.Tensor
     n_docs: int
     ignore_index: int = -100
-
-    @property
-    def num_queries(self) -> int:
-        """B."""
-        return self.target.shape[0]
-
-    def to(self, device) -> Seq2SeqRagBatch:
-        """The batch with its tensors on ``device``."""
-        return replace(
-            self,
-            input_ids=self.input_ids.to(device),
-            attention_mask=self.attention_mask.to(device),
-            target=self.target.to(device),
-        )
 
 
 def seq2seq_prompt_ids(
