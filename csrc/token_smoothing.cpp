@@ -339,9 +339,9 @@ struct Layout {
 };
 
 // Kept documents: pi_bk != -inf (NaN counts as kept, so it propagates). Tokens: all, or, when
-// `g` is given, those with g[b,t] != 0.
+// `g` is given, those with g[b,t] != 0, or, when `y` is given, those with a target y[b,t] >= 0.
 Layout make_layout(const double* pi, const double* g, int64_t B, int64_t K, int64_t T,
-                   int64_t row_tile) {
+                   int64_t row_tile, const int64_t* y = nullptr) {
   Layout L;
   const double ninf = -std::numeric_limits<double>::infinity();
   std::vector<int64_t> docs, toks;
@@ -351,7 +351,7 @@ Layout make_layout(const double* pi, const double* g, int64_t B, int64_t K, int6
     for (int64_t k = 0; k < K; ++k)
       if (!(pi[b * K + k] == ninf)) docs.push_back(k);
     for (int64_t t = 0; t < T; ++t)
-      if (!g || g[b * T + t] != 0.0) toks.push_back(t);
+      if ((!g || g[b * T + t] != 0.0) && (!y || y[b * T + t] >= 0)) toks.push_back(t);
     const int64_t ka = static_cast<int64_t>(docs.size());
     if (ka == 0 || toks.empty()) continue;
     const int64_t tb = std::max<int64_t>(1, row_tile / ka);
@@ -556,11 +556,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_smoothing_fwd(
   if (row_tile <= 0) row_tile = default_fwd_rows(V);
   if (vocab_tile <= 0) vocab_tile = std::max<int64_t>(V, 1);
   auto pi = log_prior.to(at::kDouble).contiguous();
-  auto L = make_layout(pi.data_ptr<double>(), nullptr, B, K, T, row_tile);
+  // With a target, tokens without one (negative ids: padding) are not computed at all: their
+  // out, lse, wsum and lp are 0 (the op's contract gives them no value).
+  auto y = targets_of(target, B * T, V);
+  auto L = make_layout(pi.data_ptr<double>(), nullptr, B, K, T, row_tile,
+                       target.has_value() ? y.data() : nullptr);
   auto out = at::full({B, T}, -std::numeric_limits<double>::infinity(), opts);  // no kept doc
+  if (target.has_value()) out.masked_fill_(target->lt(0), 0.0);
   auto lse = at::zeros({B, K, T}, opts), wsum = at::zeros({B, K, T}, opts);
   auto lp = target.has_value() ? at::zeros({B, K, T}, opts) : at::empty({0}, opts);
-  auto y = targets_of(target, B * T, V);
   const int64_t Na = static_cast<int64_t>(L.rows.size());
   if (Na == 0 || V == 0) return {out, lse, wsum, lp};
   auto idx = index_tensor(L.rows);

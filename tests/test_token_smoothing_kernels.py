@@ -160,6 +160,38 @@ def test_cpu_zero_upstream_tokens_are_skipped(cpu_tiles):
 
 
 @needs_cpu
+@pytest.mark.parametrize("cpu_tiles", TILES, ids=TILE_IDS, indirect=True)
+def test_cpu_forward_skips_tokens_without_target(cpu_tiles):
+    """With a target, the forward never computes (nor reads) the rows of tokens whose id is
+    negative (padding): out, lse, wsum and lp are 0 there; the other tokens are unchanged (up to the
+    GEMM blocking of a different row grouping)."""
+    B, K, T, H, V = 2, 3, 6, 5, 23
+    hidden, weight, scores, b, _ = make_token_smoothing(B, K, T, H, V, bias=True)
+    target = torch.randint(0, V, (B, T))
+    target[0, 1] = -1
+    target[1, 3:] = -100
+    ignored = target < 0
+    log_prior = torch.log_softmax(scores.detach(), -1)
+    opts = TokenSmoothingOptions()
+    h_poison = hidden.detach().clone()
+    h_poison.permute(0, 2, 1, 3)[ignored] = float("nan")
+    out, lse, wsum, lp = ts_cpu.forward(h_poison, weight, log_prior, b, target, opts)
+    ref_out, ref_lse, ref_wsum, _ = ts_cpu.forward(
+        hidden.detach(), weight, log_prior, b, None, opts
+    )
+    assert (out[ignored] == 0).all()
+    for x in (lse, wsum, lp):
+        assert (x.permute(0, 2, 1)[ignored] == 0).all()
+    torch.testing.assert_close(out[~ignored], ref_out[~ignored], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        lse.permute(0, 2, 1)[~ignored], ref_lse.permute(0, 2, 1)[~ignored], rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(
+        wsum.permute(0, 2, 1)[~ignored], ref_wsum.permute(0, 2, 1)[~ignored], rtol=1e-12, atol=1e-12
+    )
+
+
+@needs_cpu
 def test_cpu_fp32_error_within_twice_pytorch():
     B, K, T, H, V = 2, 4, 9, 33, 301
     hidden, weight, scores, b, doc_mask = make_token_smoothing(

@@ -4,7 +4,8 @@
 bias[V]?, target[B,T]?, softcap?, row_tile, vocab_tile) -> (out[B,T], lse[B,K,T], wsum[B,K,T],
 lp)``: ``out`` the statistic, ``lse`` the per-row log-sum-exp of the logits, ``wsum_bkt =
 sum_v w_bkt(v)`` (document k's posterior mass summed over the vocabulary) and, with a target,
-``lp[B,K,T] = z_bkt(y_bt) - lse_bkt`` (0 where ``y < 0``; an empty tensor without target).
+``lp[B,K,T] = z_bkt(y_bt) - lse_bkt`` (an empty tensor without target). With a target,
+tokens with ``y < 0`` (padding) are skipped: out, lse, wsum and lp are 0 there.
 fp32 (fp64 for fp64 inputs). Documents with ``log_prior == -inf`` are masked: their hidden rows
 are never read; lse, wsum and lp are 0 there. ``token_smoothing_bwd(..., target?, lse, wsum,
 grad_out?, grad_lp?, softcap, needs_hidden, needs_weight, needs_bias, row_tile, vocab_tile)
