@@ -15,8 +15,8 @@ Providers:
   ``hidden @ weight.T`` of shape ``[B*K, T, V]``.
 * ``rk_reference``: ``rk.hf.rag_sequence_get_nll`` / ``rag_token_get_nll`` with
   ``impl="reference"``.
-* ``rk_fused``: the same with ``impl="auto"`` (C++ on CPU, Triton on CUDA; whatever pieces
-  have fast kernels use them).
+* ``rk_fused``: the same with ``impl="auto"`` (C++ on CPU, Triton on CUDA), unavailable
+  (not silently the reference) where those kernels do not load.
 * ``gemm_floor``: not a loss, a yardstick. The four ``[rows, H] x [H, V]``-sized matmuls
   any exact method that never keeps the ``[rows, V]`` logits performs (forward logits for
   the log-sum-exp; backward: the logits again, ``dh``, ``dW``), over the rows that take part
@@ -133,6 +133,19 @@ def _rk_hf_available(case: Case) -> str | None:
     return None
 
 
+def _rk_fused_available(case: Case) -> str | None:
+    """``impl="auto"`` falls back to the reference where no fused kernel runs: refuse, so that a
+    missing C++ build (or GPU kernel) is never timed under the fused provider's name."""
+    import rag_kernels as rk
+
+    need = "triton" if case.device.startswith("cuda") else "cpu"
+    for op in ("linear_logprob", "token_smoothing", "marginalize"):
+        have = rk.available_impls(op)
+        if need not in have:
+            return f"rag_kernels {op}(impl={need!r}) cannot run here; available: {list(have)}"
+    return _rk_hf_available(case)
+
+
 def _setup_rk(impl: str):
     def setup(case: Case):
         from rag_kernels import hf
@@ -219,7 +232,7 @@ def _setup_gemm_floor(case: Case):
 PROVIDERS = [
     Provider("hf_get_nll", _setup_hf, _hf_available),
     Provider("rk_reference", _setup_rk("reference"), _rk_hf_available),
-    Provider("rk_fused", _setup_rk("auto"), _rk_hf_available),
+    Provider("rk_fused", _setup_rk("auto"), _rk_fused_available),
     Provider("cce_marginalize", _setup_cce_marg, _cce_marg_available),
     Provider("gemm_floor", _setup_gemm_floor),
 ]

@@ -274,3 +274,18 @@ def test_rag_loss_quick(tmp_path):
     assert "rk_reference / hf_get_nll" in proc.stdout or "rk_reference" not in {
         r["provider"] for r in rows
     }
+
+
+def test_rag_loss_fused_provider_refuses_without_fused_kernels(monkeypatch):
+    """``rk_fused`` runs ``impl="auto"``, which falls back to the reference where the C++ build
+    did not load: the provider must then be unavailable, never the reference under its name."""
+    import rag_kernels as rk
+    from benchmarks import rag_loss
+
+    case = Case({"B": 2, "K": 3, "T": 9, "H": 17, "V": 101}, "token_eps0.1", "cpu", "float32")
+    real = rk.available_impls
+    if "cpu" in real("linear_logprob"):
+        assert rag_loss._rk_fused_available(case) is None
+    monkeypatch.setattr(rk, "available_impls", lambda op: tuple(i for i in real(op) if i != "cpu"))
+    reason = rag_loss._rk_fused_available(case)
+    assert reason and "impl='cpu'" in reason
