@@ -6,8 +6,9 @@ ignore_index, softcap?, row_tile, vocab_tile) -> (lp, lse, sum_logprob)``, each 
 needs_hidden, needs_weight, needs_bias, row_tile, vocab_tile) -> (dh, dW, db)`` recomputes the
 logits tile by tile; a gradient that is not needed comes back as an empty ``[0]`` tensor.
 
-Tile sizes (rows x vocabulary columns per GEMM + epilogue step) default to
-:data:`DEFAULT_TILES` (tuned on 2 CPU cores at N=2048, H=576, V=49152). Override them with the
+Tile sizes (rows x vocabulary columns per GEMM + epilogue step): 0 (:data:`DEFAULT_TILES`)
+lets the kernel pick per GEMM path, 256 x 1024 on the oneDNN micro-kernel paths and 256 x 2048
+on ATen's (tuned on 2 CPU cores at N=2048, H=576, V=49152). Override them with the
 environment variable ``RAG_KERNELS_LLP_CPU_TILES="rows,vocab"`` (read at import) or by setting
 :data:`TILE_ROWS` / :data:`TILE_VOCAB` (the tests do, so small shapes span several tiles).
 
@@ -29,7 +30,7 @@ import torch
 
 from ..registry import cpu_available
 
-DEFAULT_TILES = (256, 2048)  # a 2 MB fp32 logit tile stays in L2
+DEFAULT_TILES = (0, 0)  # the kernel's defaults for its GEMM path (csrc/linear_logprob.cpp)
 
 
 def _tiles_from_env() -> tuple[int, int]:
