@@ -185,6 +185,45 @@ def test_token_smoothing_wide_vocab_spans_several_column_chunks():
     assert torch.isnan(o[0, 2]) and not torch.isnan(o[0, :2]).any() and not torch.isnan(o[1]).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_token_smoothing_aten_forward_splits_columns_over_threads(dtype):
+    """ATen path, 2 threads, V = 2500: the forward's logits run as 1024-column GEMMs (a ragged
+    last one) written into a strided view of one buffer (csrc/tile_gemm.h, AtenLogits); with
+    a target, padding tokens are skipped. Outputs and gradients match float64."""
+    B, K, T, H, V = 2, 3, 5, 16, 2500
+    hidden, weight, scores, b, mask = make_token_smoothing(
+        B, K, T, H, V, bias=True, doc_mask=True, hscale=2.0
+    )
+    target = torch.randint(0, V, (B, T))
+    target[1, 3:] = -1
+    upstream = torch.rand(B, T, dtype=torch.float64)
+    opts = TokenSmoothingOptions(softcap=6.0)
+
+    def outputs(h, w, s, bb, impl):
+        out, lp = token_smoothing_core(h, w, s, target, bb, mask, opts, impl)
+        return out + 0.37 * lp.sum(1)
+
+    prev_threads, gemm = torch.get_num_threads(), _C.cpu_gemm()
+    try:
+        torch.set_num_threads(2)
+        _C.set_cpu_gemm("aten")
+        out, g = _grads(
+            lambda h, w, s, bb: outputs(h, w, s, bb, "cpu"),
+            [x.to(dtype) for x in (hidden, weight, scores, b)],
+            upstream,
+        )
+    finally:
+        _C.set_cpu_gemm(gemm)
+        torch.set_num_threads(prev_threads)
+    truth, truth_g = _grads(
+        lambda h, w, s, bb: outputs(h, w, s, bb, "reference"), [hidden, weight, scores, b], upstream
+    )
+    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    for name, x, tx in zip(["out", "hidden", "weight", "doc_scores", "bias"], [out, *g],
+                           [truth, *truth_g], strict=True):  # fmt: skip
+        assert_close(x, tx, rtol=tol, atol=tol / 20, name=f"{dtype} {name}")
+
+
 def _in_subprocess(code: str, isa: str, extra: dict | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, RAG_KERNELS_CPU_ISA=isa, **(extra or {}))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH", "")) if p)
