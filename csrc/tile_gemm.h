@@ -106,7 +106,7 @@ inline void dz_block_scalar(const float* dz, int64_t n, int64_t i0, int64_t i1, 
     const float* zr = dz + i * n;
     for (int64_t j = j0; j < j1; ++j) {
       if constexpr (std::is_same_v<Out, float>) {
-        dst[j * ldt + i] = zr[j];
+        if (dst) dst[j * ldt + i] = zr[j];
       } else {
         const uint16_t u = f32_to_bf16_bits(zr[j]);
         row_major[i * ldr + j] = u;
@@ -149,7 +149,8 @@ RK_TARGET_AVX512 RK_INLINE void transpose16(__m512 r[16]) {
 RK_TARGET_AVX512 RK_INLINE __m256i to_bf16_16(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __m512i biased = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+  __m512i r = _mm512_srli_epi32(biased, 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
   return _mm512_cvtepi32_epi16(r);
 }
