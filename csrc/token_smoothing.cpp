@@ -24,8 +24,10 @@
 // epilogue, dz rounded to bf16 for the gradient GEMMs, dh / dW accumulated in fp32), else on
 // fp32 operands (16-bit weights converted while packing); elsewhere, and for fp64, ATen GEMMs
 // in the compute dtype (the W tile of a 16-bit weight converted once per tile).
-// Forward GEMMs use ATen's threads and the per-token epilogue is parallel over the tokens of a
-// group; the backward runs one worker per thread over vocabulary tiles (csrc/tiling.h).
+// Forward GEMMs run on all threads (over B panels on the micro-kernel paths, over 1024-column
+// chunks on ATen's, csrc/tile_gemm.h) and the per-token epilogue is parallel over the tokens of
+// a group; with a target, tokens without one (padding) are not computed. The backward runs one
+// worker per thread over vocabulary tiles (csrc/tiling.h).
 // Math: rag_kernels/ops/token_smoothing/__init__.py and docs/design.md §2.3.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
