@@ -179,6 +179,32 @@ class Provider:
             return f"availability check failed: {type(exc).__name__}: {exc}"
 
 
+# ----------------------------------------------------------------------------- yardsticks
+
+
+def gemm_floor(h, w, backward: bool = True, tile: int = 2048):
+    """The ``gemm_floor`` yardstick of the LM-head benchmarks: the ``[rows, H] x [H, V]`` matmuls
+    alone that an exact method keeping no ``[rows, V]`` logits runs, in vocabulary tiles of
+    ``tile`` with torch's own threading and no epilogue. Forward: the logits (the log-sum-exp
+    pass); with ``backward``, then per tile the logits again, ``dh`` and ``dW`` (four GEMMs in
+    all). Returns ``(dh, dW)`` (``None`` without ``backward``)."""
+    import torch
+
+    V = w.shape[0]
+    for v0 in range(0, V, tile):
+        h @ w[v0 : v0 + tile].T
+    if not backward:
+        return None
+    dh = torch.zeros_like(h)
+    dw = torch.empty_like(w)
+    for v0 in range(0, V, tile):
+        wt = w[v0 : v0 + tile]
+        z = h @ wt.T
+        dh.addmm_(z, wt)
+        torch.mm(z.T, h, out=dw[v0 : v0 + tile])
+    return dh, dw
+
+
 # ----------------------------------------------------------------------------- statistics
 
 

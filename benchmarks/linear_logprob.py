@@ -20,10 +20,10 @@ Every provider computes the per-row target log-prob (or its negation, the per-ro
   the op's ``triton_backward`` keyword where it has one, else ``RAG_KERNELS_TRITON_BACKWARD``
   set around each timed call.
 * ``rk_reference``: ``rk.linear_logprob(impl="reference")`` (materialises the logits).
-* ``gemm_floor`` (CPU only): not an op, a yardstick, as in ``benchmarks.rag_loss``: the
-  ``[N, H] x [H, V]``-sized matmuls alone that an exact method keeping no logits runs (fwd:
-  the logits; fwd+bwd: the logits, then in the backward the logits again, ``dh`` and ``dW``),
-  in vocabulary tiles of 2048 with torch's own threading and no epilogue. Naive runs three
+* ``gemm_floor`` (CPU only): not an op, a yardstick (``benchmarks.harness.gemm_floor``, as in
+  ``benchmarks.rag_loss``): the ``[N, H] x [H, V]``-sized matmuls alone that an exact method
+  keeping no logits runs (fwd: the logits; fwd+bwd: the logits, then in the backward the
+  logits again, ``dh`` and ``dW``), in vocabulary tiles of 2048, no epilogue. Naive runs three
   of these four; ``gemm_floor / naive`` shows where the fourth costs more than naive's
   softmax passes over its logits.
 * ``naive_bf16``, ``rk_fused_bf16`` (CPU only; the CUDA cases are bf16 already): ``naive`` and
@@ -50,7 +50,7 @@ import itertools
 import os
 import sys
 
-from benchmarks.harness import Benchmark, Case, Provider, Unavailable
+from benchmarks.harness import Benchmark, Case, Provider, Unavailable, gemm_floor
 from benchmarks.plot import plot_csv
 
 MODES = ("fwd", "fwd+bwd")
@@ -240,29 +240,9 @@ def _setup_rk_atomic(case: Case):
 
 
 def _setup_gemm_floor(case: Case):
-    import torch
-
     hidden, weight, _, _ = _inputs(case)
-    h, w_all = hidden.detach(), weight.detach()
-    V, tile = w_all.shape[0], 2048
-
-    def logits_only():
-        for v0 in range(0, V, tile):
-            h @ w_all[v0 : v0 + tile].T
-
-    def fwd_bwd():
-        dh = torch.zeros_like(h)
-        dw = torch.empty_like(w_all)
-        for v0 in range(0, V, tile):  # forward: the log-sum-exp pass
-            h @ w_all[v0 : v0 + tile].T
-        for v0 in range(0, V, tile):  # backward: the logits again, then both gradients
-            w = w_all[v0 : v0 + tile]
-            z = h @ w.T
-            dh.addmm_(z, w)
-            torch.mm(z.T, h, out=dw[v0 : v0 + tile])
-        return dh, dw
-
-    return logits_only if case.mode == "fwd" else fwd_bwd
+    h, w = hidden.detach(), weight.detach()
+    return lambda: gemm_floor(h, w, backward=case.mode != "fwd")
 
 
 PROVIDERS = [

@@ -37,7 +37,7 @@ import importlib.util
 import sys
 import types
 
-from benchmarks.harness import Benchmark, Case, Provider, Unavailable
+from benchmarks.harness import Benchmark, Case, Provider, Unavailable, gemm_floor
 from benchmarks.plot import plot_csv
 
 PAD, BOS = 2, 1
@@ -205,28 +205,12 @@ def _setup_cce_marg(case: Case):
 
 
 def _setup_gemm_floor(case: Case):
-    """The matmuls alone: the floor of any exact method that does not keep the logits."""
-    import torch
-
+    """The matmuls alone (``benchmarks.harness.gemm_floor``) over the rows that take part."""
     hidden, weight, _, target, _ = _inputs(case)
-    B, K, T, H, V = (case.shape[d] for d in "BKTHV")
+    B, K, T, H = (case.shape[d] for d in "BKTH")
     rows = (_shifted(target) != PAD)[:, None, :].expand(B, K, T).reshape(-1).nonzero().squeeze(1)
     h2, w2 = hidden.detach().reshape(-1, H), weight.detach()
-    tile = 2048
-
-    def fwd_bwd():
-        h = h2.index_select(0, rows)
-        dh = torch.zeros_like(h)
-        dw = torch.empty_like(w2)
-        for v0 in range(0, V, tile):
-            w = w2[v0 : v0 + tile]
-            z = h @ w.T  # forward: the log-sum-exp pass
-            z = h @ w.T  # backward: the logits again, then both gradients
-            dh.addmm_(z, w)
-            torch.mm(z.T, h, out=dw[v0 : v0 + tile])
-        return dh, dw
-
-    return fwd_bwd
+    return lambda: gemm_floor(h2.index_select(0, rows), w2)
 
 
 PROVIDERS = [

@@ -35,6 +35,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors or models (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): more threads only spin against the other jobs
+    on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def no_models(monkeypatch, tmp_path):
     """Fail the test if a model is loaded (validation must come first); run in tmp_path."""

@@ -36,13 +36,7 @@ from rag_kernels.ops.token_smoothing.reference import token_smoothing_reference 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only spin against the other jobs on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=[(0, 0, 0, 0), (5, 16, 7, 16)], ids=["default-tiles", "small-tiles"])

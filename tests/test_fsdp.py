@@ -33,7 +33,7 @@ import torch
 import torch.multiprocessing as mp
 
 import rag_kernels as rk
-from toolkit import tiny_dataset
+from toolkit import tiny_dataset, tiny_train_config
 
 pytest.importorskip("faiss")
 
@@ -139,23 +139,10 @@ def _errors(model, batch, scores) -> dict:
 
 
 def _loop_config(out_dir: str, **kw):
-    from rag_kernels.cotrain.training import TrainConfig
-
-    base = dict(
-        generator="tiny-random",
-        retriever="tiny-random",
-        steps=2,
-        batch_size=2,
-        docs=3,
-        output_dir=out_dir,
-        progress=False,
-        skip_initial_eval=True,
-        lr_generator=1e-3,
-        lr_retriever=1e-3,
-        warmup_steps=0,
-        generator_train_layers=-1,  # the tied embedding / head trains too
-    )
-    return TrainConfig(**(base | kw))
+    """tiny_train_config's run for 2 steps, without the initial evaluation, decoding with
+    TrainConfig's own settings."""
+    base = dict(steps=2, skip_initial_eval=True, max_new_tokens=12, eval_batch_size=16)
+    return tiny_train_config(out_dir, **(base | kw))
 
 
 def _s2s_config(out_dir: str, bart_dir: str, **kw):

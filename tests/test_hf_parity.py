@@ -59,13 +59,7 @@ BOS_MODES = {
 IMPLS_F64 = impl_params("linear_logprob", ("reference", "cpu"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only spin against the other jobs on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _make_case(shape, pads: str, all_bos: bool, dtype=torch.float64, seed=0):

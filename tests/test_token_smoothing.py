@@ -16,14 +16,7 @@ from rag_kernels.ops.linear_logprob.reference import linear_logprob_reference
 from rag_kernels.ops.token_smoothing import token_smoothing
 from toolkit import impl_params, make_token_smoothing
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only spin against the other jobs on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TS_IMPLS = impl_params("token_smoothing", ("reference", "cpu"))  # float64-capable

@@ -162,20 +162,7 @@ def _ddp_worker(rank, world, port, out_dir):
     )
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        cfg = TrainConfig(
-            generator="tiny-random",
-            retriever="tiny-random",
-            steps=2,
-            batch_size=2,
-            docs=3,
-            output_dir=out_dir,
-            progress=False,
-            skip_initial_eval=True,
-            lr_generator=1e-3,
-            lr_retriever=1e-3,
-            warmup_steps=0,  # full LR from the first step
-            generator_train_layers=-1,
-        )
+        cfg = tiny_train_config(out_dir, steps=2, skip_initial_eval=True)
         tr = CoTrainer(cfg, dataset=tiny_dataset())
         tr.refresh_index()
         tr.train_step()

@@ -115,6 +115,18 @@ def _cut_document(tokenizer, document, max_doc_tokens: int):
     return tokenizer.decode(ids)
 
 
+def _cut_documents(tokenizer, documents, max_doc_tokens):
+    """:func:`_cut_document` on every passage of a ``[B][K]`` list (anything else as given)."""
+    if not isinstance(documents, (list, tuple)):
+        return documents
+    return [
+        [_cut_document(tokenizer, d, max_doc_tokens) for d in docs]
+        if isinstance(docs, (list, tuple))
+        else docs
+        for docs in documents
+    ]
+
+
 def prompt_ids(
     tokenizer,
     question: str,
@@ -164,13 +176,7 @@ def build_generator_batch(
     ``rk.hf.build_rag_batch`` with the prompts of :func:`prompt_ids` (template ``prompt``),
     EOS appended when the tokenizer has one, at most ``max_answer_tokens`` answer tokens (EOS
     included; None = all), and padding with id 0 when it has no pad token."""
-    if isinstance(documents, (list, tuple)):
-        documents = [
-            [_cut_document(tokenizer, d, max_doc_tokens) for d in docs]
-            if isinstance(docs, (list, tuple))
-            else docs
-            for docs in documents
-        ]
+    documents = _cut_documents(tokenizer, documents, max_doc_tokens)
     pad = tokenizer.pad_token_id
     return build_rag_batch(
         tokenizer,
@@ -223,13 +229,7 @@ def build_seq2seq_generator_batch(
     ``max_answer_tokens`` tokens), ``[B, T]`` shared by the K documents.
     ``rk.hf.seq2seq_rag_hidden(model, batch)`` gives the decoder states ``[B, K, T, H]`` for
     ``rk.rag_loss``; ``rk.hf.build_seq2seq_rag_batch`` with the co-training defaults."""
-    if isinstance(documents, (list, tuple)):
-        documents = [
-            [_cut_document(tokenizer, d, max_doc_tokens) for d in docs]
-            if isinstance(docs, (list, tuple))
-            else docs
-            for docs in documents
-        ]
+    documents = _cut_documents(tokenizer, documents, max_doc_tokens)
     pad = tokenizer.pad_token_id
     return build_seq2seq_rag_batch(
         tokenizer,

@@ -63,15 +63,22 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device):
-    """``(input_ids, attention_mask, position_ids)``, left-padded to the longest row."""
+def _padded(rows: Sequence[Sequence[int]], pad_id: int, left: bool):
+    """``(input_ids, attention_mask)`` on CPU, padded to the longest row on the left or right."""
     L = max(len(r) for r in rows)
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), L), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            ids[i, L - len(r) :] = torch.as_tensor(list(r), dtype=torch.long)
-            mask[i, L - len(r) :] = 1
+            cols = slice(L - len(r), L) if left else slice(0, len(r))
+            ids[i, cols] = torch.as_tensor(list(r), dtype=torch.long)
+            mask[i, cols] = 1
+    return ids, mask
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device):
+    """``(input_ids, attention_mask, position_ids)``, left-padded to the longest row."""
+    ids, mask = _padded(rows, pad_id, left=True)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), pos.to(device)
 
@@ -82,13 +89,7 @@ def _is_seq2seq(model) -> bool:
 
 def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, device):
     """``(input_ids, attention_mask)``, right-padded to the longest row."""
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-            mask[i, : len(r)] = 1
+    ids, mask = _padded(rows, pad_id, left=False)
     return ids.to(device), mask.to(device)
 
 
