@@ -32,7 +32,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("native_bf16_gemm", &d::native_bf16_gemm,
         "bf16 inputs run bf16 micro-kernel GEMMs with fp32 outputs (else they run in fp32)");
   m.def("fp32_micro_gemm", &d::fp32_micro_gemm,
-        "fp32 (and converted 16-bit) inputs run oneDNN micro-kernel GEMMs (else ATen's)");
+        "fp32 (and converted 16-bit) inputs run micro-kernel GEMMs (else ATen's)");
+  m.def("fp32_gemm", [] { return std::string(d::fp32_gemm_name()); },
+        "The fp32 GEMM kernel: 'onednn' (AVX-512), 'avx2' (this project's) or 'aten'");
   m.def("cpu_gemm", [] { return std::string(d::gemm_mode_name(d::gemm_mode())); },
         "GEMM mode: 'auto', 'fp32' or 'aten' (RAG_KERNELS_CPU_GEMM)");
   m.def("set_cpu_gemm", [](const std::string& name) { d::set_cpu_gemm(name); },

@@ -1,28 +1,32 @@
 // Micro-kernel GEMMs with fp32 outputs for the CPU LM-head kernels (linear_logprob.cpp,
-// token_smoothing.cpp): ATen's oneDNN BRGEMM micro-kernel (at::native::cpublas::brgemm, the one
-// CPU flash attention uses) on B operands packed into panels of kPanel columns.
+// token_smoothing.cpp) on B operands packed into panels of kPanel columns: ATen's oneDNN BRGEMM
+// micro-kernel (at::native::cpublas::brgemm, the one CPU flash attention uses) on AVX-512 CPUs,
+// this project's AVX2 + FMA fp32 kernel (avx2_gemm.h) on the others.
 //
 // Why not at::mm: bf16 at::mm rounds its output to bf16, which would round every logit and make
-// the dh / dW sums over vocabulary tiles bf16 accumulations; the micro-kernel keeps fp32
-// outputs and accumulates into them (add_C). For fp32, ATen's GEMM is MKL's, which runs
-// AVX2-class code on AMD CPUs even where they have AVX-512 (here about half the micro-kernel's
-// rate at the kernels' tile shapes); oneDNN uses the CPU's AVX-512.
+// the dh / dW sums over vocabulary tiles bf16 accumulations; the micro-kernels keep fp32
+// outputs and accumulate into them (add_C). For fp32, ATen's GEMM is MKL's, which runs
+// AVX2-class code on AMD CPUs even where they have AVX-512 (here about half oneDNN's rate at the
+// kernels' tile shapes), and on AVX2 CPUs repacks both operands on every tile-sized call (the
+// AVX2 kernel reads the panels packed once per tile: ≈ 1.15x MKL's rate there).
 //
 // Dispatch (per call, gemm_path below):
-//   * bf16 inputs: bf16 x bf16 -> fp32 micro-kernel GEMMs ("native bf16") when cpu_isa() is
+//   * bf16 inputs: bf16 x bf16 -> fp32 oneDNN GEMMs ("native bf16") when cpu_isa() is
 //     AVX-512 and the CPU has AVX512_BF16 or AMX-BF16 (bf16 dot products); dz is rounded to
 //     bf16 for the two gradient GEMMs, as plain PyTorch's bf16 backward rounds it.
 //   * fp32 inputs, and bf16 / fp16 inputs without native bf16 matmul: fp32 micro-kernel GEMMs
-//     when cpu_isa() is AVX-512 (16-bit weights are converted to fp32 while packing: one tile
-//     at a time, never the whole weight); ATen GEMMs in fp32 otherwise. A 16-bit input thus
-//     never runs slower than the same values in fp32.
+//     (16-bit weights are converted to fp32 while packing: one tile at a time, never the whole
+//     weight): oneDNN's when cpu_isa() is AVX-512, else the AVX2 kernel when cpu_isa() is at
+//     least AVX2; ATen GEMMs in fp32 on older CPUs. A 16-bit input thus never runs slower than
+//     the same values in fp32.
 //   * fp64: ATen GEMMs.
-// Every micro-kernel path also needs oneDNN enabled (torch.backends.mkldnn) and a probe GEMM
-// through the micro-kernel that gives the exact result (false when this torch build has no
-// micro-kernel, or ONEDNN_MAX_CPU_ISA is below AVX-512). RAG_KERNELS_CPU_ISA=avx2 (or
-// set_cpu_isa) therefore forces the ATen / conversion paths, as on an AVX2-only CPU;
-// RAG_KERNELS_CPU_GEMM=fp32 keeps bf16 inputs off bf16 operands (the path of an AVX-512 CPU
-// without bf16 matmul) and RAG_KERNELS_CPU_GEMM=aten forces ATen GEMMs on any CPU.
+// oneDNN's paths also need oneDNN enabled (torch.backends.mkldnn) and a probe GEMM through the
+// micro-kernel that gives the exact result (false when this torch build has no micro-kernel, or
+// ONEDNN_MAX_CPU_ISA is below AVX-512); without them fp32 takes the AVX2 kernel.
+// RAG_KERNELS_CPU_ISA=avx2 (or set_cpu_isa) therefore gives an AVX2-only CPU's paths (the AVX2
+// kernel, bf16 converted); RAG_KERNELS_CPU_GEMM=fp32 keeps bf16 inputs off bf16 operands (the
+// path of an AVX-512 CPU without bf16 matmul) and RAG_KERNELS_CPU_GEMM=aten forces ATen GEMMs
+// on any CPU.
 #pragma once
 #include <ATen/Context.h>
 #include <ATen/native/CPUBlas.h>
@@ -40,6 +44,7 @@
 #include <string>
 #include <type_traits>
 
+#include "avx2_gemm.h"
 #include "vec_math.h"
 
 namespace rag_kernels {
@@ -150,9 +155,11 @@ inline void pack_b_cols(const S* src, int64_t ld, int64_t K, int64_t N, In* out)
 // panel p at B + p * panel_stride with leading dimension ldb. Packed: ldb = kPanel,
 // panel_stride = panel_elems(K) (more when B is a K-slice of a bigger packing). fp32 B may
 // also be a plain row-major [K, N] (ld): ldb = ld, panel_stride = kPanel.
+// onednn_gemm: through oneDNN's micro-kernel; micro_gemm (below): the micro-kernel of this
+// call's path.
 template <typename In>
-inline void micro_gemm(int64_t M, int64_t N, int64_t K, const In* A, int64_t lda, const In* B,
-                       int64_t ldb, int64_t panel_stride, float* C, int64_t ldc, bool add_C) {
+inline void onednn_gemm(int64_t M, int64_t N, int64_t K, const In* A, int64_t lda, const In* B,
+                        int64_t ldb, int64_t panel_stride, float* C, int64_t ldc, bool add_C) {
   for (int64_t m0 = 0; m0 < M; m0 += kGemmRows) {
     const int64_t mb = std::min(kGemmRows, M - m0);
     for (int64_t p = 0, n0 = 0; n0 < N; ++p, n0 += kPanel)
@@ -162,7 +169,7 @@ inline void micro_gemm(int64_t M, int64_t N, int64_t K, const In* A, int64_t lda
   }
 }
 
-// Small GEMMs through the micro-kernel (ragged M, N, K; small integers, so exact), compared
+// Small GEMMs through oneDNN's micro-kernel (ragged M, N, K; small integers, so exact), compared
 // with the exact product: B packed by rows and by columns, and (fp32) B unpacked. False if
 // one throws or disagrees.
 template <typename In>
@@ -186,13 +193,13 @@ inline bool micro_gemm_probe() {
     };
     bool ok = true;
     pack_b_rows<In>(b, N, K, N, bp);
-    micro_gemm<In>(M, N, pad_k<In>(K), a, Kp, bp, kPanel, panel_elems<In>(K), c, N, false);
+    onednn_gemm<In>(M, N, pad_k<In>(K), a, Kp, bp, kPanel, panel_elems<In>(K), c, N, false);
     ok = ok && check();
     pack_b_cols<In>(bt, K, K, N, bp);
-    micro_gemm<In>(M, N, pad_k<In>(K), a, Kp, bp, kPanel, panel_elems<In>(K), c, N, false);
+    onednn_gemm<In>(M, N, pad_k<In>(K), a, Kp, bp, kPanel, panel_elems<In>(K), c, N, false);
     ok = ok && check();
     if constexpr (kPair<In> == 1) {
-      micro_gemm<In>(M, N, K, a, Kp, b, N, kPanel, c, N, false);
+      onednn_gemm<In>(M, N, K, a, Kp, b, N, kPanel, c, N, false);
       ok = ok && check();
     }
     at::native::cpublas::brgemm_release(kPair<In> == 2);
@@ -248,8 +255,8 @@ inline const char* gemm_mode_name(GemmMode m) {
   return m == GemmMode::kFp32 ? "fp32" : m == GemmMode::kAten ? "aten" : "auto";
 }
 
-// ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) below AVX-512: the micro-kernel would run AVX2
-// code (or fall back to ATen's GEMM per panel), slower than ATen's own GEMM.
+// ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) below AVX-512: oneDNN's micro-kernel would run AVX2
+// code (or fall back to ATen's GEMM per panel), slower than the AVX2 kernel.
 inline bool onednn_below_avx512() {
   static const bool below = [] {
     for (const char* name : {"ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"}) {
@@ -266,24 +273,36 @@ inline bool onednn_below_avx512() {
   return below;
 }
 
-inline bool micro_gemm_usable() {
+inline bool onednn_usable() {
   return cpu_isa() == CpuIsa::kAvx512 && gemm_mode() != GemmMode::kAten &&
          !onednn_below_avx512() && at::globalContext().userEnabledMkldnn();
 }
 
 // bf16 inputs run bf16 micro-kernel GEMMs.
 inline bool native_bf16_gemm() {
-  if (!micro_gemm_usable() || gemm_mode() != GemmMode::kAuto || !cpu_has_bf16_matmul())
-    return false;
+  if (!onednn_usable() || gemm_mode() != GemmMode::kAuto || !cpu_has_bf16_matmul()) return false;
   static const bool ok = micro_gemm_probe<c10::BFloat16>();
   return ok;
 }
 
-// fp32 (and converted 16-bit) inputs run fp32 micro-kernel GEMMs.
-inline bool fp32_micro_gemm() {
-  if (!micro_gemm_usable()) return false;
+// fp32 (and converted 16-bit) inputs run oneDNN's fp32 micro-kernel GEMMs.
+inline bool onednn_fp32_gemm() {
+  if (!onednn_usable()) return false;
   static const bool ok = micro_gemm_probe<float>();
   return ok;
+}
+
+// ... or, without them, the AVX2 kernel (avx2_gemm.h).
+inline bool avx2_fp32_gemm() {
+  return RK_X86_DISPATCH && static_cast<int>(cpu_isa()) >= static_cast<int>(CpuIsa::kAvx2) &&
+         gemm_mode() != GemmMode::kAten && !onednn_fp32_gemm();
+}
+
+inline bool fp32_micro_gemm() { return onednn_fp32_gemm() || avx2_fp32_gemm(); }
+
+// Which fp32 GEMM kernel fp32 inputs run: "onednn", "avx2" or "aten".
+inline const char* fp32_gemm_name() {
+  return onednn_fp32_gemm() ? "onednn" : avx2_fp32_gemm() ? "avx2" : "aten";
 }
 
 // The GEMM path of a call with input dtype dt.
@@ -292,6 +311,30 @@ inline GemmPath gemm_path(at::ScalarType dt) {
   if (dt == at::kDouble) return GemmPath::kAten;
   if (dt == at::kBFloat16 && native_bf16_gemm()) return GemmPath::kMicroBf16;
   return fp32_micro_gemm() ? GemmPath::kMicroF32 : GemmPath::kAten;
+}
+
+// C[M, N] (+)= A[M, K] B[K, N] through the micro-kernel of this call's path (onednn_gemm's
+// contract): bf16 operands always run oneDNN's (gemm_path only picks them where it runs), fp32
+// ones oneDNN's or the AVX2 kernel.
+template <typename In>
+inline void micro_gemm(int64_t M, int64_t N, int64_t K, const In* A, int64_t lda, const In* B,
+                       int64_t ldb, int64_t panel_stride, float* C, int64_t ldc, bool add_C) {
+#if RK_X86_DISPATCH
+  if constexpr (kPair<In> == 1) {
+    if (!onednn_fp32_gemm()) {
+      avx2_gemm(M, N, K, A, lda, 1, B, ldb, kPanel, panel_stride, C, ldc, add_C, kGemmRows);
+      return;
+    }
+  }
+#endif
+  onednn_gemm<In>(M, N, K, A, lda, B, ldb, panel_stride, C, ldc, add_C);
+}
+
+// After a thread's last micro-kernel GEMM: oneDNN's hardware state (the AMX tile
+// configuration) belongs to the thread.
+template <typename In>
+inline void micro_gemm_release() {
+  if (kPair<In> == 2 || onednn_fp32_gemm()) at::native::cpublas::brgemm_release(kPair<In> == 2);
 }
 
 // fp32 -> bf16, round to nearest even (NaN stays NaN), as c10::BFloat16 rounds.

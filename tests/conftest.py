@@ -88,14 +88,16 @@ _IS_XDIST_WORKER = False
 _TEST_END = pytest.StashKey[float]()
 
 
-@pytest.fixture(params=["native", "fp32-micro", "aten"])
+@pytest.fixture(params=["native", "fp32-micro", "avx2", "aten"])
 def bf16_path(request):
-    """The three GEMM paths of bf16 inputs (csrc/micro_gemm.h): ``native`` bf16 micro-kernel
+    """The GEMM paths of bf16 inputs (csrc/micro_gemm.h): ``native`` bf16 oneDNN micro-kernel
     GEMMs with fp32 outputs (skipped where the CPU has no bf16 matmul); ``fp32-micro``, fp32
-    micro-kernel GEMMs on operands converted while packing (an AVX-512 CPU without bf16 matmul;
-    forced with set_cpu_gemm("fp32") as RAG_KERNELS_CPU_GEMM=fp32 does); ``aten``, tiles
-    converted to fp32 for ATen's GEMMs (an AVX2-only CPU; forced with set_cpu_isa("avx2") as
-    RAG_KERNELS_CPU_ISA=avx2 does). Shared by the C++ kernels' bf16 tests; restores both settings."""
+    oneDNN micro-kernel GEMMs on operands converted while packing (an AVX-512 CPU without bf16
+    matmul; forced with set_cpu_gemm("fp32") as RAG_KERNELS_CPU_GEMM=fp32 does); ``avx2``, the
+    AVX2 fp32 kernel on operands converted while packing (an AVX2-only CPU; forced with
+    set_cpu_isa("avx2") as RAG_KERNELS_CPU_ISA=avx2 does); ``aten``, tiles converted to fp32
+    for ATen's GEMMs (set_cpu_gemm("aten")). Shared by the C++ kernels' bf16 tests; restores
+    both settings."""
     from rag_kernels.ops import _C
 
     isa, gemm = _C.cpu_isa(), _C.cpu_gemm()
@@ -107,10 +109,15 @@ def bf16_path(request):
             )
         if request.param == "fp32-micro":
             _C.set_cpu_gemm("fp32")
-            if not _C.fp32_micro_gemm():
+            if _C.fp32_gemm() != "onednn":
                 pytest.skip(f"no oneDNN micro-kernel GEMMs here (needs AVX-512): cpu_isa={isa}")
-        if request.param == "aten":
+        if request.param == "avx2":
             _C.set_cpu_isa("avx2")
+            if _C.fp32_gemm() != "avx2":
+                pytest.skip(f"no AVX2 here: detected_isa={_C.detected_isa()}")
+        if request.param == "aten":
+            _C.set_cpu_gemm("aten")
+            assert _C.fp32_gemm() == "aten"
         assert _C.native_bf16_gemm() == (request.param == "native")
         yield request.param
     finally:

@@ -112,7 +112,7 @@ def test_rag_loss_bf16_eps01_within_2x_of_materialising_bf16(bf16_path, mode):
         assert_close(x, tx, ref=bx, rtol=1e-3, atol=1e-5, name=f"{bf16_path} {mode} {name}")
 
 
-@pytest.mark.parametrize("isa", ["default", "avx2", "avx512", "avx512-aten"])
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx2-aten", "avx512", "avx512-aten"])
 def test_every_token_smoothing_epilogue_isa_matches_float64(ts_tiles, isa):
     order = ["default", "avx2", "avx512"]
     runs = order[: order.index(_C.detected_isa()) + 1]

@@ -155,18 +155,21 @@ def test_bf16_error_within_2x_of_materialising_bf16(bf16_path, tiles, shape, bia
 
 def test_bf16_paths_differ_and_converted_is_the_fp32_kernel(tiles):
     """Without native bf16 GEMMs a bf16 input runs exactly the fp32 kernel on its upcast values
-    (gradients rounded to bf16 once), on either fp32 GEMM path; the native path is a different
-    computation (bf16 GEMMs, bf16-rounded dz)."""
+    (gradients rounded to bf16 once), on every fp32 GEMM path (ATen's, the AVX2 kernel,
+    oneDNN's); the native path is a different computation (bf16 GEMMs, bf16-rounded dz)."""
     h, W, y, b, _ = make_linear_logprob(
         41, 37, 611, dtype=torch.bfloat16, bias=True, n_ignore=3, **SCALES
     )
     isa, gemm = _C.cpu_isa(), _C.cpu_gemm()
     converted = {}
     try:
-        for mode, setup in [("aten", lambda: _C.set_cpu_isa("avx2")),
-                            ("fp32-micro", lambda: _C.set_cpu_gemm("fp32"))]:  # fmt: skip
+        for mode, setup in [("aten", lambda: _C.set_cpu_gemm("aten")),
+                            ("avx2", lambda: _C.set_cpu_isa("avx2")),
+                            ("onednn", lambda: _C.set_cpu_gemm("fp32"))]:  # fmt: skip
             setup()
-            if mode == "fp32-micro" and not _C.fp32_micro_gemm():
+            if _C.fp32_gemm() != mode:
+                _C.set_cpu_isa(isa)
+                _C.set_cpu_gemm(gemm)
                 continue
             outs, grads = run("cpu", h, W, y, b)
             f32_outs, f32_grads = run("cpu", h.float(), W.float(), y, b.float())
@@ -194,12 +197,17 @@ def _isas():
     return order[: order.index(_C.detected_isa()) + 1]
 
 
-@pytest.mark.parametrize("isa", ["default", "avx2", "avx512", "avx512-aten"])
+# fp32 GEMM kernel of each ISA setting (csrc/micro_gemm.h); "-aten": set_cpu_gemm("aten")
+FP32_GEMM = {"default": "aten", "avx2": "avx2", "avx512": "onednn"}
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx2-aten", "avx512", "avx512-aten"])
 @pytest.mark.parametrize("softcap", [None, 4.5], ids=["nocap", "cap4.5"])
 def test_every_epilogue_isa_matches_float64(tiles, isa, softcap):
     """Each compiled version of the epilogue (csrc/vec_math.h RK_ISA_VARIANTS) that this CPU
-    can run, selected with set_cpu_isa as RAG_KERNELS_CPU_ISA would; on AVX-512 with the
-    micro-kernel GEMMs and (``-aten``) with ATen's."""
+    can run, selected with set_cpu_isa as RAG_KERNELS_CPU_ISA would, with that ISA's fp32
+    micro-kernel GEMMs (oneDNN's on AVX-512, the AVX2 kernel on AVX2) and (``-aten``) with
+    ATen's."""
     name = isa.removesuffix("-aten")
     if name not in _isas():
         pytest.skip(f"this CPU runs {_isas()}, not {name}")
@@ -211,6 +219,7 @@ def test_every_epilogue_isa_matches_float64(tiles, isa, softcap):
         _C.set_cpu_isa(name)
         _C.set_cpu_gemm("aten" if isa.endswith("-aten") else "auto")
         assert _C.cpu_isa() == name
+        assert _C.fp32_gemm() == ("aten" if isa.endswith("-aten") else FP32_GEMM[name])
         outs, grads = run("cpu", h, W, y, b, softcap=softcap)
     finally:
         _C.set_cpu_isa(prev)
@@ -220,6 +229,53 @@ def test_every_epilogue_isa_matches_float64(tiles, isa, softcap):
     names = ["lp", "lse", "sum_logprob", "grad_hidden", "grad_weight", "grad_bias"]
     for name, a, e in zip(names, outs + grads, ref_outs + ref_grads, strict=True):
         assert_close(a, e, **tol, name=f"{isa} {name}")
+
+
+# (N, H, V, row tile, vocabulary tile): row blocks (the M of logits and dh) and vocabulary tiles
+# (the M of dW) that leave 1 .. 5 rows after the 6-row runs, strips of 16 columns cut to 1 .. 15 (masked), K = H as small as 1, the gradient GEMMs'
+# K (rows of a block, columns of a tile) odd, and one block / tile covering everything.
+AVX2_SHAPES = [
+    pytest.param(1, 1, 17, 0, 0, id="N1-H1-V17"),
+    pytest.param(15, 8, 33, 0, 0, id="N15-H8-V33"),
+    pytest.param(11, 3, 130, 5, 48, id="N11-H3-V130-t5x48"),
+    pytest.param(40, 19, 1000, 13, 200, id="N40-H19-V1000-t13x200"),
+    pytest.param(64, 72, 640, 64, 320, id="N64-H72-V640-t64x320"),
+    pytest.param(250, 33, 997, 256, 512, id="N250-H33-V997-t256x512"),
+    pytest.param(9, 130, 71, 4, 71, id="N9-H130-V71-t4x71"),
+]
+
+
+@pytest.mark.parametrize("N, H, V, row_tile, vocab_tile", AVX2_SHAPES)
+def test_avx2_gemm_odd_shapes_match_float64(monkeypatch, N, H, V, row_tile, vocab_tile):
+    """The AVX2 fp32 micro-kernel (csrc/avx2_gemm.h: 6 x 16 register blocks, masked ragged
+    strips) in all three of its GEMMs (logits, dh += dz W, dW = dz^T h) against float64, fp32
+    and bf16 inputs (converted while packing), with bias and softcap."""
+    if "avx2" not in _isas():
+        pytest.skip(f"this CPU runs {_isas()}")
+    monkeypatch.setattr(llp_cpu, "TILE_ROWS", row_tile)
+    monkeypatch.setattr(llp_cpu, "TILE_VOCAB", vocab_tile)
+    h, W, y, b, _ = make_linear_logprob(N, H, V, dtype=torch.float32, bias=True, **SCALES)
+    prev, gemm = _C.cpu_isa(), _C.cpu_gemm()
+    try:
+        _C.set_cpu_isa("avx2")
+        _C.set_cpu_gemm("auto")
+        assert _C.fp32_gemm() == "avx2"
+        outs, grads = run("cpu", h, W, y, b, softcap=30.0)
+        hb, Wb, bb = h.bfloat16(), W.bfloat16(), b.bfloat16()
+        b_outs, b_grads = run("cpu", hb, Wb, y, bb, softcap=30.0)
+    finally:
+        _C.set_cpu_isa(prev)
+        _C.set_cpu_gemm(gemm)
+    ref_outs, ref_grads = run("reference", h, W, y, b, softcap=30.0, compute_dtype=torch.float64)
+    bref_outs, bref_grads = run("reference", hb, Wb, y, bb, softcap=30.0,
+                                compute_dtype=torch.float64)  # fmt: skip
+    names = ["lp", "lse", "sum_logprob", "grad_hidden", "grad_weight", "grad_bias"]
+    for name, a, e in zip(names, outs + grads, ref_outs + ref_grads, strict=True):
+        assert_close(a, e, elem_rtol=1e-5, rtol=1e-6, atol=1e-17, name=f"fp32 {name}")
+    # bf16: the exact values of the bf16 inputs in fp32, gradients rounded to bf16 once
+    for name, a, e in zip(names, b_outs + b_grads, bref_outs + bref_grads, strict=True):
+        tol = dict(rtol=2**-8, atol=1e-6) if name.startswith("grad") else dict(rtol=1e-5, atol=1e-5)
+        assert_close(a.double(), e, **tol, name=f"bf16 {name}")
 
 
 def test_cpu_isa_override_is_checked():
