@@ -2,7 +2,7 @@
 // says when it runs): C[M, N] (+)= A[M, K] B[K, N], fp32, single-threaded.
 //
 // Why not ATen's (MKL's) GEMM there: called once per (vocabulary tile, row block), MKL packs
-// both operands on every call and reached about 107-118 GFLOP/s per core at the kernels' tile
+// both operands on every call and reached about 100-118 GFLOP/s per core at the kernels' tile
 // shapes on a Zen 5 core capped at AVX2 (FMA peak there: 134.6 GFLOP/s, measured), while this
 // kernel reads the B panels the kernels pack once per tile and A in place, and ran at
 // 125-130 GFLOP/s on the same core (operands in L2, shapes [256, 576] x [576, 1024] and
@@ -12,8 +12,9 @@
 // six broadcasts of A entries feed 12 FMAs. Columns go in strips of 16 (the last one masked),
 // rows in runs of 6 within blocks of kGemmRows rows (the A block then stays in L2 across the
 // strips). A entry (i, k) is read at A[i * a_row + k * a_k]: a_row = lda, a_k = 1 for a
-// row-major A, a_row = 1, a_k = ld for the transpose of a row-major matrix (the dz^T of dW =
-// dz^T h, read without transposing dz). B row k of panel p (kPanel columns) at
+// row-major A (every call in the kernels: reading dW's dz^T in place, a_row = 1 and
+// a_k = vocabulary tile, ran at 0.6-0.75x the rate of a transposed copy, the power-of-two
+// stride thrashing L1 sets; tile_gemm.h transposes dz instead). B row k of panel p at
 // B + p * panel_stride + k * ldb, as micro_gemm's B. Each C entry is one fp32 dot product over
 // k in order (plus the old C value first, with add_C), so the result does not depend on how
 // M and N are blocked.

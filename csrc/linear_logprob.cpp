@@ -10,12 +10,13 @@
 // Rows with target == ignore_index (and, in the backward, rows whose upstream gradients are
 // all zero) are compacted away first, so they cost no FLOPs and their hidden states are never
 // read. Extra memory is O(threads * (row_tile * vocab_tile + N * H)).
-// GEMMs (csrc/tile_gemm.h, csrc/micro_gemm.h): on AVX-512 CPUs oneDNN micro-kernel GEMMs with
-// fp32 outputs, on bf16 operands for bf16 inputs where the CPU has bf16 matmul (AVX512_BF16 /
-// AMX: fp32 logits and epilogue, dz rounded to bf16 for the gradient GEMMs, dh and dW
-// accumulated in fp32), else on fp32 operands (16-bit weights converted while packing);
-// elsewhere, and for fp64, ATen GEMMs in the compute dtype (a 16-bit weight's tile converted
-// to fp32 once per tile). The epilogue is compiled per ISA (csrc/vec_math.h).
+// GEMMs (csrc/tile_gemm.h, csrc/micro_gemm.h): micro-kernel GEMMs with fp32 outputs, on bf16
+// operands for bf16 inputs where the CPU has bf16 matmul (oneDNN's, AVX512_BF16 / AMX: fp32
+// logits and epilogue, dz rounded to bf16 for the gradient GEMMs, dh and dW accumulated in
+// fp32), else on fp32 operands (16-bit weights converted while packing; oneDNN's on AVX-512
+// CPUs, csrc/avx2_gemm.h on AVX2 ones); for fp64 and on pre-AVX2 CPUs ATen GEMMs in the
+// compute dtype (a 16-bit weight's tile converted to fp32 once per tile). The epilogue is
+// compiled per ISA (csrc/vec_math.h).
 // Parallel over vocabulary tiles (one worker per intra-op thread, single-threaded GEMMs):
 // one parallel region per pass, so the cost of synchronisation does not grow with the tile
 // count (this beat GEMM-level threading + a row-parallel epilogue on 2 busy cores).
@@ -51,7 +52,8 @@ using rag_kernels::detail::variant_of;
 
 // Default tiles (rows x vocabulary columns), per GEMM path (cpu.py documents them): 1024
 // columns on the micro-kernel paths (bf16 fwd+bwd ran about 5 % faster than at 2048 on a
-// 2-core Zen 5, fp32 the same), 2048 on ATen's.
+// 2-core Zen 5, fp32 the same; the AVX2 kernel's fp32 backward 1-2 % slower than at 512, within
+// the noise), 2048 on ATen's.
 constexpr int64_t kDefaultRowTile = 256;
 constexpr int64_t kDefaultVocabTileMicro = 1024;
 constexpr int64_t kDefaultVocabTileAten = 2048;

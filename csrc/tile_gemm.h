@@ -11,7 +11,8 @@
 //                                        (first block of the tile) or += (later blocks);
 //   worker_done()                        on the worker's thread after its last tile.
 // AtenTileGemm<T>: ATen GEMMs in the compute dtype T (16-bit weights converted tile by tile).
-// MicroTileGemm<In>: micro-kernel GEMMs on In = bf16 or fp32 operands, fp32 z / dh / dW.
+// MicroTileGemm<In>: micro-kernel GEMMs (oneDNN's, or for fp32 the AVX2 one) on In = bf16 or
+// fp32 operands, fp32 z / dh / dW.
 //
 // Whole-machine logits (token_smoothing forward, which threads each GEMM and epilogue instead):
 // set_tile(v0, vt), then logits(z, r0, rows) -> z [rows, vt] = h[r0 : r0 + rows] W_t^T.

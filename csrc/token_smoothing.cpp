@@ -19,11 +19,12 @@
 //   dz_k(v) = g (w_k(v) - p_k(v) wsum_k) + g_lp,k (1[v=y] - p_k(v))   (times 1 - (z/c)^2
 // under softcap), p_k = exp(z_k - lse_k); then dh += dz W_tile, dW_tile += dz^T h,
 // db += sum_rows dz (6NHV). d out / d pi_bk = sum_t g wsum_bkt is formed by the Python shell.
-// GEMMs (csrc/tile_gemm.h, csrc/micro_gemm.h): on AVX-512 CPUs oneDNN micro-kernel GEMMs with
-// fp32 outputs, on bf16 operands for bf16 inputs where the CPU has bf16 matmul (fp32 logits and
-// epilogue, dz rounded to bf16 for the gradient GEMMs, dh / dW accumulated in fp32), else on
-// fp32 operands (16-bit weights converted while packing); elsewhere, and for fp64, ATen GEMMs
-// in the compute dtype (the W tile of a 16-bit weight converted once per tile).
+// GEMMs (csrc/tile_gemm.h, csrc/micro_gemm.h): micro-kernel GEMMs with fp32 outputs, on bf16
+// operands for bf16 inputs where the CPU has bf16 matmul (oneDNN's; fp32 logits and epilogue,
+// dz rounded to bf16 for the gradient GEMMs, dh / dW accumulated in fp32), else on fp32
+// operands (16-bit weights converted while packing; oneDNN's on AVX-512 CPUs, csrc/avx2_gemm.h
+// on AVX2 ones); for fp64 and on pre-AVX2 CPUs ATen GEMMs in the compute dtype (the W tile of
+// a 16-bit weight converted once per tile).
 // Forward GEMMs run on all threads (over B panels on the micro-kernel paths, over 1024-column
 // chunks on ATen's, csrc/tile_gemm.h) and the per-token epilogue is parallel over the tokens of
 // a group; with a target, tokens without one (padding) are not computed. The backward runs one

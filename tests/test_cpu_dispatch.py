@@ -232,13 +232,14 @@ def test_env_override_caps_the_isa_and_forces_converted_bf16():
         "from rag_kernels.ops import _C\n"
         "h = torch.randn(5, 8, dtype=torch.bfloat16); w = torch.randn(11, 8, dtype=torch.bfloat16)\n"
         "rk.linear_logprob(h, w, torch.arange(5), impl='cpu')\n"
-        "print(_C.cpu_isa(), _C.detected_isa(), _C.native_bf16_gemm())\n"
+        "print(_C.cpu_isa(), _C.detected_isa(), _C.native_bf16_gemm(), _C.fp32_gemm())\n"
     )
     proc = _in_subprocess(code, "avx2")
     assert proc.returncode == 0, proc.stderr
-    isa, detected, native = proc.stdout.split()
+    isa, detected, native, fp32_gemm = proc.stdout.split()
     assert isa == ("avx2" if detected in ("avx2", "avx512") else "default")
     assert native == "False"
+    assert fp32_gemm == ("avx2" if isa == "avx2" else "aten")
 
 
 def test_env_gemm_mode_aten_turns_the_micro_kernels_off():
@@ -246,12 +247,12 @@ def test_env_gemm_mode_aten_turns_the_micro_kernels_off():
         "import torch, rag_kernels as rk\n"
         "from rag_kernels.ops import _C\n"
         "rk.linear_logprob(torch.randn(5, 8), torch.randn(11, 8), torch.arange(5), impl='cpu')\n"
-        "print(_C.cpu_gemm(), _C.fp32_micro_gemm(), _C.native_bf16_gemm())\n"
+        "print(_C.cpu_gemm(), _C.fp32_micro_gemm(), _C.native_bf16_gemm(), _C.fp32_gemm())\n"
     )
     env = {"RAG_KERNELS_CPU_GEMM": "aten"}
     proc = _in_subprocess(code, "auto", env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["aten", "False", "False"]
+    assert proc.stdout.split() == ["aten", "False", "False", "aten"]
 
 
 def test_env_override_bad_value_names_the_variable():

@@ -7,19 +7,20 @@ needs_hidden, needs_weight, needs_bias, row_tile, vocab_tile) -> (dh, dW, db)`` 
 logits tile by tile; a gradient that is not needed comes back as an empty ``[0]`` tensor.
 
 Tile sizes (rows x vocabulary columns per GEMM + epilogue step): 0 (:data:`DEFAULT_TILES`)
-lets the kernel pick per GEMM path, 256 x 1024 on the oneDNN micro-kernel paths and 256 x 2048
-on ATen's (tuned on 2 CPU cores at N=2048, H=576, V=49152). Override them with the
+lets the kernel pick per GEMM path, 256 x 1024 on the micro-kernel paths and 256 x 2048 on
+ATen's (tuned on 2 CPU cores at N=2048, H=576, V=49152). Override them with the
 environment variable ``RAG_KERNELS_LLP_CPU_TILES="rows,vocab"`` (read at import) or by setting
 :data:`TILE_ROWS` / :data:`TILE_VOCAB` (the tests do, so small shapes span several tiles).
 
-GEMM path and instruction set (docs/design.md §4.2): on AVX-512 CPUs the GEMMs run through
-oneDNN's BRGEMM micro-kernel with fp32 outputs, on bf16 operands for bf16 inputs where the CPU
-has bf16 matmul (AVX512_BF16 / AMX), else on fp32 operands; elsewhere (and for fp64) ATen's
-GEMMs, 16-bit inputs converted to fp32 tile by tile. ``RAG_KERNELS_CPU_ISA=avx2`` takes an
+GEMM path and instruction set (docs/design.md §4.2): micro-kernel GEMMs with fp32 outputs on
+panels packed once per tile: oneDNN's BRGEMM on bf16 operands for bf16 inputs where the CPU
+has bf16 matmul (AVX512_BF16 / AMX), else on fp32 operands (16-bit inputs converted while
+packing) — oneDNN's on AVX-512 CPUs, the project's AVX2 kernel (csrc/avx2_gemm.h) on AVX2
+ones; ATen's GEMMs for fp64 and on pre-AVX2 CPUs. ``RAG_KERNELS_CPU_ISA=avx2`` takes an
 AVX2-only CPU's paths, ``RAG_KERNELS_CPU_GEMM=fp32|aten`` keeps bf16 inputs off bf16 operands /
-the micro-kernel off (both read at the first call; ``rag_kernels.ops._C.set_cpu_isa`` /
+the micro-kernels off (both read at the first call; ``rag_kernels.ops._C.set_cpu_isa`` /
 ``set_cpu_gemm`` change them at run time, ``cpu_isa()`` / ``native_bf16_gemm()`` /
-``fp32_micro_gemm()`` report them).
+``fp32_gemm()`` report them).
 """
 
 from __future__ import annotations
