@@ -105,17 +105,18 @@ inline void pack_b_rows(const S* src, int64_t ld, int64_t K, int64_t N, In* out)
   }
 }
 
-// 32-bit transpose in 8 x 8 blocks: dst[c * kPanel + r] = src[r * lds + c], r < rows <= kPanel,
-// c < cols (a panel of pack_b_cols when one B entry is 32 bits: a bf16 pair or an fp32).
-inline void transpose32_to_panel(const uint32_t* src, int64_t lds, int64_t rows, int64_t cols,
-                                 uint32_t* dst) {
+// Transpose in 8 x 8 blocks, converting S -> D: dst[c * kPanel + r] = src[r * lds + c],
+// r < rows <= kPanel, c < cols (a panel of pack_b_cols when one B entry is 32 bits: a bf16 pair
+// or an fp32 copied as uint32_t, or a 16-bit weight converted to fp32).
+template <typename D, typename S>
+inline void transpose_to_panel(const S* src, int64_t lds, int64_t rows, int64_t cols, D* dst) {
   constexpr int64_t B = 8;
   for (int64_t r0 = 0; r0 < rows; r0 += B) {
     const int64_t r1 = std::min(rows, r0 + B);
     for (int64_t c0 = 0; c0 < cols; c0 += B) {
       const int64_t c1 = std::min(cols, c0 + B);
       for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = c0; c < c1; ++c) dst[c * kPanel + r] = src[r * lds + c];
+        for (int64_t c = c0; c < c1; ++c) dst[c * kPanel + r] = static_cast<D>(src[r * lds + c]);
     }
   }
 }
@@ -126,11 +127,17 @@ inline void pack_b_cols(const S* src, int64_t ld, int64_t K, int64_t N, In* out)
   const int64_t Kp = pad_k<In>(K);
   for (int64_t p0 = 0; p0 < N; p0 += kPanel, out += Kp * kPanel) {
     const int64_t nb = std::min(kPanel, N - p0);
-    // Same-type entries of 32 bits (a bf16 pair, an fp32) with even rows: a 32-bit transpose.
+    // Same-type entries of 32 bits (a bf16 pair, an fp32) with even rows: a 32-bit transpose;
+    // fp32 entries from a 16-bit weight: a converting one (blocked, instead of walking each
+    // column with writes kPanel apart).
     constexpr bool k32 = std::is_same_v<S, In> && sizeof(In) * P == 4;
-    if (k32 && (P == 1 || ((ld & 1) == 0 && (K & 1) == 0))) {
-      transpose32_to_panel(reinterpret_cast<const uint32_t*>(src + p0 * ld), ld / P, nb, K / P,
-                           reinterpret_cast<uint32_t*>(out));
+    constexpr bool kConvert = !std::is_same_v<S, In> && P == 1;
+    if ((k32 && (P == 1 || ((ld & 1) == 0 && (K & 1) == 0))) || kConvert) {
+      if constexpr (kConvert)
+        transpose_to_panel<In>(src + p0 * ld, ld, nb, K, out);
+      else
+        transpose_to_panel<uint32_t>(reinterpret_cast<const uint32_t*>(src + p0 * ld), ld / P,
+                                     nb, K / P, reinterpret_cast<uint32_t*>(out));
       if (nb < kPanel)
         for (int64_t k2 = 0; k2 < Kp / P; ++k2)
           for (int64_t n = nb; n < kPanel; ++n)
