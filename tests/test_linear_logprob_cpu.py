@@ -278,6 +278,31 @@ def test_avx2_gemm_odd_shapes_match_float64(monkeypatch, N, H, V, row_tile, voca
         assert_close(a.double(), e, **tol, name=f"bf16 {name}")
 
 
+def test_onednn_disabled_runs_the_avx2_kernel(tiles):
+    """With oneDNN turned off (torch.backends.mkldnn), fp32 and bf16 inputs take the AVX2
+    kernel on any AVX2 CPU (AVX-512 ones included), never oneDNN's micro-kernel, and still
+    match float64."""
+    if "avx2" not in _isas():
+        pytest.skip(f"this CPU runs {_isas()}")
+    h, W, y, b, _ = make_linear_logprob(37, 50, 1031, dtype=torch.float32, bias=True, **SCALES)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert _C.fp32_gemm() == "avx2" and not _C.native_bf16_gemm()
+        outs, grads = run("cpu", h, W, y, b)
+        hb, Wb, bb = h.bfloat16(), W.bfloat16(), b.bfloat16()
+        b_outs, b_grads = run("cpu", hb, Wb, y, bb)
+        f32_outs, f32_grads = run("cpu", hb.float(), Wb.float(), y, bb.float())
+    assert _C.fp32_gemm() == FP32_GEMM[_C.cpu_isa()]
+    ref_outs, ref_grads = run("reference", h, W, y, b, compute_dtype=torch.float64)
+    names = ["lp", "lse", "sum_logprob", "grad_hidden", "grad_weight", "grad_bias"]
+    for name, a, e in zip(names, outs + grads, ref_outs + ref_grads, strict=True):
+        assert_close(a, e, elem_rtol=1e-5, rtol=1e-6, atol=1e-17, name=name)
+    # bf16: the AVX2 fp32 kernel on the upcast values, gradients rounded to bf16 once (db: the
+    # float64 sums rounded to bf16 directly vs through fp32, one bf16 ulp at most)
+    for name, a, e in zip(names[:5], b_outs + b_grads[:2], f32_outs + f32_grads[:2], strict=True):
+        assert torch.equal(a, e.to(a.dtype)), f"bf16 {name}"
+    torch.testing.assert_close(b_grads[2].float(), f32_grads[2], rtol=2**-8, atol=0)
+
+
 def test_cpu_isa_override_is_checked():
     with pytest.raises(RuntimeError, match="cpu_isa must be one of"):
         _C.set_cpu_isa("avx3")
