@@ -329,7 +329,7 @@ inline void micro_gemm(int64_t M, int64_t N, int64_t K, const In* A, int64_t lda
 #if RK_X86_DISPATCH
   if constexpr (kPair<In> == 1) {
     if (!onednn_fp32_gemm()) {
-      avx2_gemm(M, N, K, A, lda, 1, B, ldb, kPanel, panel_stride, C, ldc, add_C, kGemmRows);
+      avx2_gemm(M, N, K, A, lda, B, ldb, kPanel, panel_stride, C, ldc, add_C, kGemmRows);
       return;
     }
   }

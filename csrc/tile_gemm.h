@@ -97,9 +97,10 @@ struct AtenTileGemm {
 // blocks: dz (fp32 [rows, n], ld n) transposed into dst (ld ldt) as fp32 (transpose_dz<float>)
 // or, rounded to bf16, both row-major into row_major (ld ldr: the A of dh = dz W_t) and
 // transposed into dst (the A of dW = dz^T h; dst may be null) (transpose_dz<bf16>). The pad
-// columns of the bf16 layouts (n .. ldr - 1, rows .. ldt - 1) are zeroed. Full blocks take an
-// AVX-512 register transpose (the only path that calls these runs on AVX-512 CPUs), the ragged
-// edges and other CPUs a scalar loop; both round exactly as f32_to_bf16_bits.
+// columns of the bf16 layouts (n .. ldr - 1, rows .. ldt - 1) are zeroed. Full blocks take a
+// register transpose (16 x 16 on AVX-512; 8 x 8 on AVX2, fp32 only: the bf16 layouts are only
+// written where oneDNN's bf16 GEMMs run, on AVX-512), the ragged edges and other CPUs a scalar
+// loop; both round exactly as f32_to_bf16_bits.
 template <typename Out>
 inline void dz_block_scalar(const float* dz, int64_t n, int64_t i0, int64_t i1, int64_t j0,
                             int64_t j1, Out* row_major, int64_t ldr, Out* dst, int64_t ldt) {
@@ -185,9 +186,7 @@ RK_TARGET_AVX512 void transpose_dz_avx512(const float* dz, int64_t rows, int64_t
   dz_block_scalar(dz, n, rf, rows, 0, n, row_major, ldr, dst, ldt);
 }
 
-// The fp32 transpose on AVX2 (the AVX2 kernel's dW = dz^T h; its A read in place, with the
-// power-of-two stride of dz's rows, ran at 0.6-0.75x the rate of a transposed copy): 8 x 8
-// blocks in registers.
+// The fp32 transpose on AVX2 (the A of the AVX2 kernel's dW = dz^T h, csrc/avx2_gemm.h).
 RK_TARGET_AVX2 inline void transpose_dz_avx2(const float* dz, int64_t rows, int64_t n,
                                              float* dst, int64_t ldt) {
   constexpr int64_t B = 8;

@@ -31,6 +31,8 @@ def tiles(request, monkeypatch):
 
 # weight ~ N(0, 1.5^2 / H), bias ~ N(0, 0.25): logits of a realistic spread
 SCALES = dict(wscale=1.5, bscale=0.5)
+# what run() returns: the outputs, then the gradients
+NAMES = ["lp", "lse", "sum_logprob", "grad_hidden", "grad_weight", "grad_bias"]
 
 
 def upstream(N, seed=1):
@@ -118,9 +120,8 @@ def test_low_precision_error_within_2x_of_pytorch(tiles, dtype, bias, softcap):
     )
     assert all(o.dtype == torch.float32 for o in outs)
     assert [g.dtype for g in grads] == [dtype] * len(grads)
-    names = ["lp", "lse", "sum_logprob", "grad_hidden", "grad_weight", "grad_bias"]
     for name, a, base, truth in zip(
-        names, outs + grads, base_outs + base_grads, true_outs + true_grads, strict=False
+        NAMES, outs + grads, base_outs + base_grads, true_outs + true_grads, strict=False
     ):
         assert not torch.isnan(a).any(), name
         assert_close(a, truth, ref=base, rtol=1e-3, atol=1e-6, name=name)
@@ -146,11 +147,19 @@ def test_bf16_error_within_2x_of_materialising_bf16(bf16_path, tiles, shape, bia
     )
     assert all(o.dtype == torch.float32 for o in outs)
     assert [g.dtype for g in grads] == [torch.bfloat16] * len(grads)
-    names = ["lp", "lse", "sum_logprob", "grad_hidden", "grad_weight", "grad_bias"]
     for name, a, base, truth in zip(
-        names, outs + grads, base_outs + base_grads, true_outs + true_grads, strict=False
+        NAMES, outs + grads, base_outs + base_grads, true_outs + true_grads, strict=False
     ):
         assert_close(a, truth, ref=base, rtol=1e-3, atol=1e-6, name=f"{bf16_path} {name}")
+
+
+def assert_is_the_fp32_kernel(outs, grads, f32_outs, f32_grads, what):
+    """A bf16 run's outputs and gradients are the fp32 kernel's on the upcast values, the
+    gradients rounded to bf16 once (db: float64 sums rounded to bf16 directly vs through fp32,
+    one bf16 ulp at most)."""
+    for name, a, e in zip(NAMES[:5], outs + grads[:2], f32_outs + f32_grads[:2], strict=True):
+        assert torch.equal(a, e.to(a.dtype)), f"{what} {name}"
+    torch.testing.assert_close(grads[2].float(), f32_grads[2], rtol=2**-8, atol=0)
 
 
 def test_bf16_paths_differ_and_converted_is_the_fp32_kernel(tiles):
@@ -175,12 +184,7 @@ def test_bf16_paths_differ_and_converted_is_the_fp32_kernel(tiles):
             f32_outs, f32_grads = run("cpu", h.float(), W.float(), y, b.float())
             _C.set_cpu_isa(isa)
             _C.set_cpu_gemm(gemm)
-            for a, e in zip(outs, f32_outs, strict=True):
-                assert torch.equal(a, e), mode
-            for a, e in zip(grads[:2], f32_grads[:2], strict=True):
-                assert torch.equal(a, e.to(torch.bfloat16)), mode
-            # db: float64 sums rounded to bf16 directly vs through fp32 (one bf16 ulp at most)
-            torch.testing.assert_close(grads[2].float(), f32_grads[2], rtol=2**-8, atol=0)
+            assert_is_the_fp32_kernel(outs, grads, f32_outs, f32_grads, mode)
             converted[mode] = grads
         if _C.native_bf16_gemm():
             _, nat_grads = run("cpu", h, W, y, b)
@@ -227,14 +231,14 @@ def test_every_epilogue_isa_matches_float64(tiles, isa, softcap):
         _C.set_cpu_gemm(gemm)
     ref_outs, ref_grads = run("reference", h, W, y, b, softcap=softcap, compute_dtype=torch.float64)
     tol = dict(elem_rtol=1e-5, rtol=1e-6, atol=1e-17)
-    names = ["lp", "lse", "sum_logprob", "grad_hidden", "grad_weight", "grad_bias"]
-    for name, a, e in zip(names, outs + grads, ref_outs + ref_grads, strict=True):
+    for name, a, e in zip(NAMES, outs + grads, ref_outs + ref_grads, strict=True):
         assert_close(a, e, **tol, name=f"{isa} {name}")
 
 
 # (N, H, V, row tile, vocabulary tile): row blocks (the M of logits and dh) and vocabulary tiles
-# (the M of dW) that leave 1 .. 5 rows after the 6-row runs, strips of 16 columns cut to 1 .. 15 (masked), K = H as small as 1, the gradient GEMMs'
-# K (rows of a block, columns of a tile) odd, and one block / tile covering everything.
+# (the M of dW) that leave 1 .. 5 rows after the 6-row runs, strips of 16 columns cut to
+# 1 .. 15 (masked), K = H as small as 1, the gradient GEMMs' K (rows of a block, columns of a
+# tile) odd, and one block / tile covering everything.
 AVX2_SHAPES = [
     pytest.param(1, 1, 17, 0, 0, id="N1-H1-V17"),
     pytest.param(15, 8, 33, 0, 0, id="N15-H8-V33"),
@@ -270,11 +274,10 @@ def test_avx2_gemm_odd_shapes_match_float64(monkeypatch, N, H, V, row_tile, voca
     ref_outs, ref_grads = run("reference", h, W, y, b, softcap=30.0, compute_dtype=torch.float64)
     bref_outs, bref_grads = run("reference", hb, Wb, y, bb, softcap=30.0,
                                 compute_dtype=torch.float64)  # fmt: skip
-    names = ["lp", "lse", "sum_logprob", "grad_hidden", "grad_weight", "grad_bias"]
-    for name, a, e in zip(names, outs + grads, ref_outs + ref_grads, strict=True):
+    for name, a, e in zip(NAMES, outs + grads, ref_outs + ref_grads, strict=True):
         assert_close(a, e, elem_rtol=1e-5, rtol=1e-6, atol=1e-17, name=f"fp32 {name}")
     # bf16: the exact values of the bf16 inputs in fp32, gradients rounded to bf16 once
-    for name, a, e in zip(names, b_outs + b_grads, bref_outs + bref_grads, strict=True):
+    for name, a, e in zip(NAMES, b_outs + b_grads, bref_outs + bref_grads, strict=True):
         tol = dict(rtol=2**-8, atol=1e-6) if name.startswith("grad") else dict(rtol=1e-5, atol=1e-5)
         assert_close(a.double(), e, **tol, name=f"bf16 {name}")
 
@@ -294,14 +297,9 @@ def test_onednn_disabled_runs_the_avx2_kernel(tiles):
         f32_outs, f32_grads = run("cpu", hb.float(), Wb.float(), y, bb.float())
     assert _C.fp32_gemm() in FP32_GEMM[_C.cpu_isa()]
     ref_outs, ref_grads = run("reference", h, W, y, b, compute_dtype=torch.float64)
-    names = ["lp", "lse", "sum_logprob", "grad_hidden", "grad_weight", "grad_bias"]
-    for name, a, e in zip(names, outs + grads, ref_outs + ref_grads, strict=True):
+    for name, a, e in zip(NAMES, outs + grads, ref_outs + ref_grads, strict=True):
         assert_close(a, e, elem_rtol=1e-5, rtol=1e-6, atol=1e-17, name=name)
-    # bf16: the AVX2 fp32 kernel on the upcast values, gradients rounded to bf16 once (db: the
-    # float64 sums rounded to bf16 directly vs through fp32, one bf16 ulp at most)
-    for name, a, e in zip(names[:5], b_outs + b_grads[:2], f32_outs + f32_grads[:2], strict=True):
-        assert torch.equal(a, e.to(a.dtype)), f"bf16 {name}"
-    torch.testing.assert_close(b_grads[2].float(), f32_grads[2], rtol=2**-8, atol=0)
+    assert_is_the_fp32_kernel(b_outs, b_grads, f32_outs, f32_grads, "bf16")
 
 
 def test_cpu_isa_override_is_checked():
