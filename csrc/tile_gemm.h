@@ -147,38 +147,46 @@ RK_TARGET_AVX512 RK_INLINE void transpose16(__m512 r[16]) {
   }
 }
 
-// f32_to_bf16_bits on 16 lanes.
-RK_TARGET_AVX512 RK_INLINE __m256i to_bf16_16(__m512 x) {
+// f32_to_bf16_bits on 16 lanes, in two steps: the rounded bits in the low half of each 32-bit
+// lane (bf16_bits_32, which transpose16 can move like floats), then packed (pack_bf16_16).
+RK_TARGET_AVX512 RK_INLINE __m512 bf16_bits_32(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   const __m512i biased = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
   __m512i r = _mm512_srli_epi32(biased, 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
+  return _mm512_castsi512_ps(r);
+}
+RK_TARGET_AVX512 RK_INLINE __m256i pack_bf16_16(__m512 bits) {
+  return _mm512_cvtepi32_epi16(_mm512_castps_si512(bits));
 }
 
 template <typename Out>
 RK_TARGET_AVX512 void transpose_dz_avx512(const float* dz, int64_t rows, int64_t n,
                                           Out* row_major, int64_t ldr, Out* dst, int64_t ldt) {
   constexpr int64_t B = 16;
+  constexpr bool kBf16 = !std::is_same_v<Out, float>;
   const int64_t rf = rows / B * B, nf = n / B * B;
   __m512 r[16];
   for (int64_t i0 = 0; i0 < rf; i0 += B) {
     for (int64_t j0 = 0; j0 < nf; j0 += B) {
+      // bf16: round once, then store and transpose the rounded bits
       for (int64_t i = 0; i < B; ++i) {
         r[i] = _mm512_loadu_ps(dz + (i0 + i) * n + j0);
-        if constexpr (!std::is_same_v<Out, float>)
+        if constexpr (kBf16) {
+          r[i] = bf16_bits_32(r[i]);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(row_major + (i0 + i) * ldr + j0),
-                              to_bf16_16(r[i]));
+                              pack_bf16_16(r[i]));
+        }
       }
       if (!dst) continue;
       transpose16(r);
       for (int64_t j = 0; j < B; ++j) {
-        if constexpr (std::is_same_v<Out, float>)
-          _mm512_storeu_ps(dst + (j0 + j) * ldt + i0, r[j]);
-        else
+        if constexpr (kBf16)
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (j0 + j) * ldt + i0),
-                              to_bf16_16(r[j]));
+                              pack_bf16_16(r[j]));
+        else
+          _mm512_storeu_ps(dst + (j0 + j) * ldt + i0, r[j]);
       }
     }
     dz_block_scalar(dz, n, i0, i0 + B, nf, n, row_major, ldr, dst, ldt);
@@ -242,6 +250,31 @@ inline void transpose_dz(const float* dz, int64_t rows, int64_t n, Out* row_majo
       for (int64_t j = 0; j < n; ++j)
         for (int64_t i = rows; i < ldt; ++i) dst[j * ldt + i] = 0;
   }
+}
+
+// dst[i] = bf16(src[i]), i < n, rounded as f32_to_bf16_bits (a bf16 dW tile accumulated in
+// fp32; ATen's copy_ there ran its AVX2 loop on AVX-512 CPUs).
+#if RK_X86_DISPATCH
+RK_TARGET_AVX512 inline void round_to_bf16_avx512(const float* src, int64_t n, uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        pack_bf16_16(bf16_bits_32(_mm512_loadu_ps(src + i))));
+  for (; i < n; ++i) dst[i] = f32_to_bf16_bits(src[i]);
+}
+#endif
+
+// grad (bf16, fp16 or fp32, contiguous rows) <- src (fp32, same shape, contiguous).
+inline void store_grad_tile(at::Tensor grad, const at::Tensor& src) {
+#if RK_X86_DISPATCH
+  if (grad.scalar_type() == at::kBFloat16 && grad.is_contiguous() && src.is_contiguous() &&
+      cpu_isa() == CpuIsa::kAvx512) {
+    round_to_bf16_avx512(src.data_ptr<float>(), src.numel(),
+                         reinterpret_cast<uint16_t*>(grad.data_ptr<at::BFloat16>()));
+    return;
+  }
+#endif
+  grad.copy_(src);
 }
 
 template <typename In>

@@ -677,7 +677,8 @@ void backward_kernel(Gemm& gemm, int64_t Na, int64_t H, int64_t V, int64_t VT, i
         for (int64_t v = 0; v < vt; ++v) db[v0 + v] += cp[v];
       }
     }
-    if (grad_weight && dwbuf.defined()) grad_weight->narrow(0, v0, vt).copy_(dw);
+    if (grad_weight && dwbuf.defined())
+      rag_kernels::detail::store_grad_tile(grad_weight->narrow(0, v0, vt), dw);
   }, [&](int64_t) { gemm.worker_done(); });
   if (dh && workers > 1) at::sum_out(*dh, dh_parts, {0});
 }

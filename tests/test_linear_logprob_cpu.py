@@ -282,6 +282,26 @@ def test_avx2_gemm_odd_shapes_match_float64(monkeypatch, N, H, V, row_tile, voca
         assert_close(a.double(), e, **tol, name=f"bf16 {name}")
 
 
+def test_a_bf16_matmul_cpu_runs_native_bf16_gemms():
+    """Where the CPU has bf16 matmul (AVX512_BF16 / AMX) and oneDNN's fp32 micro-kernel runs,
+    its bf16 one must pass its probe (csrc/micro_gemm.h: exact small GEMMs through the bf16
+    panel packings) too: a failing probe (a broken VNNI packing, say) would otherwise send
+    every bf16 input down the converted fp32 path, right but at half the speed, and the
+    ``native`` tests would only skip."""
+    isa, gemm = _C.cpu_isa(), _C.cpu_gemm()
+    try:
+        _C.set_cpu_isa("auto")
+        _C.set_cpu_gemm("auto")
+        if not (_C.cpu_isa() == "avx512" and _C.cpu_has_bf16_matmul()):
+            pytest.skip(f"cpu_isa={_C.cpu_isa()}, bf16 matmul={_C.cpu_has_bf16_matmul()}")
+        if _C.fp32_gemm() != "onednn":
+            pytest.skip(f"no oneDNN micro-kernel in this torch build: {_C.fp32_gemm()}")
+        assert _C.native_bf16_gemm()
+    finally:
+        _C.set_cpu_isa(isa)
+        _C.set_cpu_gemm(gemm)
+
+
 def test_onednn_disabled_runs_the_avx2_kernel(tiles):
     """With oneDNN turned off (torch.backends.mkldnn), fp32 and bf16 inputs take the AVX2
     kernel on any AVX2 CPU (AVX-512 ones included), never oneDNN's micro-kernel, and still
