@@ -216,6 +216,13 @@ struct RowTargets {
         group(target.dim() == 2 && target.size(0) > 0 ? N / target.size(0) : N),  // B = 0: N = 0
         p(ids.data_ptr<int64_t>()) {}
   int64_t operator()(int64_t row) const { return p[(row / group) * inner + row % inner]; }
+  // The target of each active row idx[0 .. n) (looked up once, not once per vocabulary tile).
+  std::vector<int64_t> of_rows(const at::Tensor& idx) const {
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    std::vector<int64_t> out(idx.numel());
+    for (int64_t i = 0; i < idx.numel(); ++i) out[i] = (*this)(ip[i]);
+    return out;
+  }
   // [N] bool: the row's target is not ignore_index (the only per-row expansion: a mask).
   at::Tensor kept_rows(int64_t N, int64_t ignore_index) const {
     auto keep = ids.ne(ignore_index);
@@ -270,7 +277,7 @@ void with_gemm(const at::Tensor& h, const at::Tensor& weight, rag_kernels::detai
 // Gemm: AtenTileGemm<T> or MicroTileGemm<In> (T = float), csrc/tile_gemm.h.
 template <typename T, typename Gemm>
 void forward_kernel(Gemm& gemm, int64_t Na, int64_t V, int64_t VT, int64_t workers,
-                    const RowTargets& targets, const int64_t* idx, const T* bias,
+                    const int64_t* y, const T* bias,
                     std::optional<double> softcap, const at::TensorOptions& zopts,
                     double* lse_out, double* zy_out, double* zsum_out) {
   const bool has_cap = softcap.has_value();
@@ -301,11 +308,12 @@ void forward_kernel(Gemm& gemm, int64_t Na, int64_t V, int64_t VT, int64_t worke
             T mx, sm;
             fwd_prep_row(variant, zr, bias ? bias + v0 : nullptr, vt, cap, &mx, &sm);
             zss[r] += static_cast<double>(sm);
-            const int64_t yr = targets(idx[r]) - v0;
+            const int64_t yr = y[r] - v0;
             if (yr >= 0 && yr < vt) zy_out[r] = static_cast<double>(zr[yr]);
             const double m_new = std::max(mxs[r], static_cast<double>(mx));
             const double s_tile = static_cast<double>(sum_exp_row(zr, vt, static_cast<T>(m_new)));
-            sms[r] = sms[r] * std::exp(mxs[r] - m_new) + s_tile;
+            // the running max rarely moves after the first tiles: skip exp(0) = 1 (exact)
+            sms[r] = (m_new == mxs[r] ? sms[r] : sms[r] * std::exp(mxs[r] - m_new)) + s_tile;
             mxs[r] = m_new;
           }
         }
@@ -347,11 +355,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_fwd(
   const Tiles tiles = pick_tiles(row_tile, vocab_tile, hidden.scalar_type());
   const int64_t VT = std::min(tiles.vocab, V), workers = num_workers(V, VT);
   auto blocks = rag_kernels::detail::uniform_blocks(Na, std::min(tiles.rows, Na));
-  const int64_t* ip = idx.data_ptr<int64_t>();
+  const std::vector<int64_t> y_a = targets.of_rows(idx);
   with_gemm(h, weight, std::move(blocks), workers, VT, false, false, false, b,
             [&](auto& gemm, auto* bias_p) {
               using T = std::remove_const_t<std::remove_pointer_t<decltype(bias_p)>>;
-              forward_kernel<T>(gemm, Na, V, VT, workers, targets, ip, bias_p, softcap, out_opts,
+              forward_kernel<T>(gemm, Na, V, VT, workers, y_a.data(), bias_p, softcap, out_opts,
                                 lse_a.data_ptr<double>(), zy_a.data_ptr<double>(),
                                 zs_a.data_ptr<double>());
             });
@@ -368,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_fwd(
 // whose dW tiles accumulate in fp32 and are rounded once into grad_weight).
 template <typename T, typename Gemm>
 void backward_kernel(Gemm& gemm, int64_t Na, int64_t H, int64_t V, int64_t VT, int64_t workers,
-                     const RowTargets& targets, const int64_t* idx, const T* bias,
+                     const int64_t* y, const T* bias,
                      std::optional<double> softcap, const at::TensorOptions& zopts,
                      const double* lse, const double* coef_y, const double* coef_p,
                      const double* coef_c, at::Tensor* dh, at::Tensor* grad_weight, double* db) {
@@ -402,7 +410,7 @@ void backward_kernel(Gemm& gemm, int64_t Na, int64_t H, int64_t V, int64_t VT, i
           for (int64_t i = 0; i < rt; ++i) {
             const int64_t r = r0 + i;
             T* zr = zp + i * vt;
-            const int64_t yr = targets(idx[r]) - v0;
+            const int64_t yr = y[r] - v0;
             const bool has_y = yr >= 0 && yr < vt;
             T dcap_y = 1;
             if (has_y && has_cap) {
@@ -490,11 +498,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_bwd(
   const Tiles tiles = pick_tiles(row_tile, vocab_tile, hidden.scalar_type());
   const int64_t VT = std::min(tiles.vocab, V), workers = num_workers(V, VT);
   auto blocks = rag_kernels::detail::uniform_blocks(Na, std::min(tiles.rows, Na));
-  const int64_t* ip = idx.data_ptr<int64_t>();
+  const std::vector<int64_t> y_a = targets.of_rows(idx);
   with_gemm(h, weight, std::move(blocks), workers, VT, true, needs_hidden, needs_weight, b,
             [&](auto& gemm, auto* bias_p) {
               using T = std::remove_const_t<std::remove_pointer_t<decltype(bias_p)>>;
-              backward_kernel<T>(gemm, Na, H, V, VT, workers, targets, ip, bias_p, softcap,
+              backward_kernel<T>(gemm, Na, H, V, VT, workers, y_a.data(), bias_p, softcap,
                                  zopts, lse_a.data_ptr<double>(), glp_a.data_ptr<double>(),
                                  c_a.data_ptr<double>(), gs_a.data_ptr<double>(),
                                  needs_hidden ? &dh : nullptr,

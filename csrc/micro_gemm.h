@@ -146,6 +146,54 @@ inline void pack_b_rows(const S* src, int64_t ld, int64_t K, int64_t N, In* out)
   }
 }
 
+#if RK_X86_DISPATCH
+// 16 x 16 fp32 transpose in registers: r[i] holds row i on entry, column i on return.
+RK_TARGET_AVX512 RK_INLINE void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  // per 128-bit lane k, u[4 g + j] holds column 4 k + j of rows 4 g .. 4 g + 3
+  for (int g = 0; g < 16; g += 4) {
+    const __m512d a = _mm512_castps_pd(t[g]), b = _mm512_castps_pd(t[g + 1]);
+    const __m512d c = _mm512_castps_pd(t[g + 2]), d = _mm512_castps_pd(t[g + 3]);
+    u[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 lo01 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44);
+    const __m512 hi01 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xEE);
+    const __m512 lo23 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512 hi23 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_f32x4(lo01, lo23, 0x88);
+    r[4 + j] = _mm512_shuffle_f32x4(lo01, lo23, 0xDD);
+    r[8 + j] = _mm512_shuffle_f32x4(hi01, hi23, 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(hi01, hi23, 0xDD);
+  }
+}
+
+// transpose_to_panel for 32-bit entries (below): full 16 x 16 blocks in registers.
+RK_TARGET_AVX512 inline void transpose_to_panel32_avx512(const uint32_t* src, int64_t lds,
+                                                         int64_t rows, int64_t cols,
+                                                         uint32_t* dst) {
+  const int64_t rf = rows / 16 * 16, cf = cols / 16 * 16;
+  __m512 r[16];
+  for (int64_t r0 = 0; r0 < rf; r0 += 16)
+    for (int64_t c0 = 0; c0 < cf; c0 += 16) {
+      for (int i = 0; i < 16; ++i)
+        r[i] = _mm512_castsi512_ps(_mm512_loadu_si512(src + (r0 + i) * lds + c0));
+      transpose16(r);
+      for (int j = 0; j < 16; ++j)
+        _mm512_storeu_si512(dst + (c0 + j) * kPanel + r0, _mm512_castps_si512(r[j]));
+    }
+  for (int64_t rr = 0; rr < rows; ++rr)
+    for (int64_t c = rr < rf ? cf : 0; c < cols; ++c) dst[c * kPanel + rr] = src[rr * lds + c];
+}
+#endif
+
 // Transpose in 8 x 8 blocks, converting S -> D: dst[c * kPanel + r] = src[r * lds + c],
 // r < rows <= kPanel, c < cols (a panel of pack_b_cols when one B entry is 32 bits: a bf16 pair
 // or an fp32 copied as uint32_t, or a 16-bit weight converted to fp32).
@@ -176,6 +224,11 @@ inline void pack_b_cols(const S* src, int64_t ld, int64_t K, int64_t N, In* out)
     if ((k32 && (P == 1 || ((ld & 1) == 0 && (K & 1) == 0))) || kConvert) {
       if constexpr (kConvert)
         transpose_to_panel<In>(src + p0 * ld, ld, nb, K, out);
+#if RK_X86_DISPATCH
+      else if (cpu_isa() == CpuIsa::kAvx512)
+        transpose_to_panel32_avx512(reinterpret_cast<const uint32_t*>(src + p0 * ld), ld / P, nb,
+                                    K / P, reinterpret_cast<uint32_t*>(out));
+#endif
       else
         transpose_to_panel<uint32_t>(reinterpret_cast<const uint32_t*>(src + p0 * ld), ld / P,
                                      nb, K / P, reinterpret_cast<uint32_t*>(out));

@@ -119,34 +119,6 @@ inline void dz_block_scalar(const float* dz, int64_t n, int64_t i0, int64_t i1, 
 }
 
 #if RK_X86_DISPATCH
-// 16 x 16 fp32 transpose in registers: r[i] holds row i on entry, column i on return.
-RK_TARGET_AVX512 RK_INLINE void transpose16(__m512 r[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  // per 128-bit lane k, u[4 g + j] holds column 4 k + j of rows 4 g .. 4 g + 3
-  for (int g = 0; g < 16; g += 4) {
-    const __m512d a = _mm512_castps_pd(t[g]), b = _mm512_castps_pd(t[g + 1]);
-    const __m512d c = _mm512_castps_pd(t[g + 2]), d = _mm512_castps_pd(t[g + 3]);
-    u[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    u[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  for (int j = 0; j < 4; ++j) {
-    const __m512 lo01 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44);
-    const __m512 hi01 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xEE);
-    const __m512 lo23 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44);
-    const __m512 hi23 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
-    r[j] = _mm512_shuffle_f32x4(lo01, lo23, 0x88);
-    r[4 + j] = _mm512_shuffle_f32x4(lo01, lo23, 0xDD);
-    r[8 + j] = _mm512_shuffle_f32x4(hi01, hi23, 0x88);
-    r[12 + j] = _mm512_shuffle_f32x4(hi01, hi23, 0xDD);
-  }
-}
-
 // f32_to_bf16_bits on 16 lanes, in two steps: the rounded bits in the low half of each 32-bit
 // lane (bf16_bits_32, which transpose16 can move like floats), then packed (pack_bf16_16).
 RK_TARGET_AVX512 RK_INLINE __m512 bf16_bits_32(__m512 x) {
