@@ -311,6 +311,14 @@ void forward_kernel(Gemm& gemm, int64_t Na, int64_t V, int64_t VT, int64_t worke
             const int64_t yr = y[r] - v0;
             if (yr >= 0 && yr < vt) zy_out[r] = static_cast<double>(zr[yr]);
             const double m_new = std::max(mxs[r], static_cast<double>(mx));
+            if (m_new == -std::numeric_limits<double>::infinity()) {
+              // every logit so far is -inf (a -inf bias masking whole tiles): they add 0, and
+              // shifting by m_new would give exp(-inf + inf) = NaN; a NaN still propagates
+              // (max skips NaN, so check the sum at a finite shift)
+              if (std::isnan(sum_exp_row(zr, vt, T(0))))
+                sms[r] = mxs[r] = std::numeric_limits<double>::quiet_NaN();
+              continue;
+            }
             const double s_tile = static_cast<double>(sum_exp_row(zr, vt, static_cast<T>(m_new)));
             // the running max rarely moves after the first tiles: skip exp(0) = 1 (exact)
             sms[r] = (m_new == mxs[r] ? sms[r] : sms[r] * std::exp(mxs[r] - m_new)) + s_tile;

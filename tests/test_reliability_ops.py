@@ -126,6 +126,85 @@ def test_nan_in_weight_propagates(impl):
         assert torch.isnan(x).all(), (name, x)
 
 
+def _masked_vocab_bias(V, masked):
+    b = torch.zeros(V)
+    b[masked] = float("-inf")
+    return b
+
+
+# Whole vocabulary tiles / splits under a -inf bias: the first tiles (the online max stays
+# -inf), a middle run, and all but the last column.
+MASKED = [
+    pytest.param(slice(0, 260), id="leading"),
+    pytest.param(slice(64, 230), id="middle"),
+    pytest.param(slice(0, 299), id="all-but-one"),
+]
+
+
+@pytest.mark.parametrize("impl", LLP)
+@pytest.mark.parametrize("masked", MASKED)
+def test_minus_inf_bias_over_whole_vocabulary_tiles(impl, masked, monkeypatch):
+    """A -inf bias masks vocabulary entries (their probability is 0). Where it covers a whole
+    vocabulary tile before any finite logit (cpu) or a whole vocabulary split (triton), the
+    online log-sum-exp shifted by a -inf running max: exp(-inf - -inf) = NaN in every output
+    and gradient. The masked entries must simply not count, as in the reference."""
+    from rag_kernels.ops.linear_logprob import cpu as llp_cpu
+
+    monkeypatch.setattr(llp_cpu, "TILE_ROWS", 4)
+    monkeypatch.setattr(llp_cpu, "TILE_VOCAB", 64)  # V = 300: five tiles, two workers
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 6, 8, 300
+    h = torch.randn(N, H, generator=g)
+    w = torch.randn(V, H, generator=g)
+    b = _masked_vocab_bias(V, masked)
+    kept = torch.ones(V, dtype=torch.bool)
+    kept[masked] = False
+    y = kept.nonzero().squeeze(1)[torch.randint(0, int(kept.sum()), (N,), generator=g)]
+    results = []
+    for which in (impl, "reference"):
+        hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
+        lp, lse, _ = rk.linear_logprob(hh, ww, y, bias=bb, impl=which, return_stats=True)
+        results.append((lp, lse, *_grads(lp.sum() + 0.5 * lse.sum(), hh, ww, bb)))
+    for name, a, e in zip(("logprob", "lse", "hidden grad", "weight grad", "bias grad"),
+                          *results, strict=True):  # fmt: skip
+        assert torch.isfinite(a).all(), f"{name}: {a}"
+        assert_close(a, e, rtol=1e-5, atol=1e-5, name=name)
+    # a NaN logit under the mask (NaN weight row) still makes every row NaN
+    w[masked.start] = NAN
+    for name, x in zip(("logprob", "lse", "sum_logprob"),
+                       rk.linear_logprob(h, w, y, bias=b, impl=impl, return_stats=True),
+                       strict=True):  # fmt: skip
+        assert torch.isnan(x).all(), (name, x)
+
+
+@pytest.mark.parametrize("impl", TS)
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+@pytest.mark.parametrize("masked", MASKED)
+def test_rag_loss_minus_inf_bias_over_whole_vocabulary_tiles(impl, mode, masked, monkeypatch):
+    """The same vocabulary mask through rag_loss (the token-smoothing kernels)."""
+    from rag_kernels.ops.token_smoothing import cpu as ts_cpu
+
+    monkeypatch.setattr(ts_cpu, "TILES", (4, 64, 4, 64))
+    g = torch.Generator().manual_seed(4)
+    B, K, T, H, V = 2, 3, 4, 8, 300
+    h = torch.randn(B, K, T, H, generator=g)
+    w = torch.randn(V, H, generator=g)
+    s = torch.randn(B, K, generator=g)
+    b = _masked_vocab_bias(V, masked)
+    kept = torch.ones(V, dtype=torch.bool)
+    kept[masked] = False
+    y = kept.nonzero().squeeze(1)[torch.randint(0, int(kept.sum()), (B, T), generator=g)]
+    results = []
+    for which in (impl, "reference"):
+        hh, ww, ss, bb = (x.clone().requires_grad_() for x in (h, w, s, b))
+        loss = rk.rag_loss(hh, ww, y, ss, mode=mode, bias=bb, impl=which)
+        results.append((loss, *_grads(loss, hh, ww, ss, bb)))
+    names = ("loss", "hidden grad", "weight grad", "doc_scores grad", "bias grad")
+    for name, a, e in zip(names, *results, strict=True):
+        assert torch.isfinite(a).all(), f"{name}: {a}"
+        assert_close(a, e, rtol=1e-5, atol=1e-5, name=name)
+
+
 @pytest.mark.parametrize("impl", MARG)
 @pytest.mark.parametrize("token_mode", [False, True], ids=["sequence", "token"])
 def test_zero_likelihood_on_every_document_gives_inf_loss(impl, token_mode):

@@ -219,7 +219,9 @@ def linear_logprob_fwd_kernel(
         )
         zm = tl.where(v_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(zm, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new[:, None]), axis=1)
+        # all -inf so far (a -inf bias over whole tiles): shift by 0, not by -inf (NaN)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(zm - shift[:, None]), axis=1)
         m = m_new
         zt += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
         zs += tl.sum(tl.where(v_ok[None, :], z, 0.0), axis=1)

@@ -202,7 +202,9 @@ def token_smoothing_lse_kernel(
             zt += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
         z = tl.where(v_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        # all -inf so far (a -inf bias over whole tiles): shift by 0, not by -inf (NaN)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
         m = m_new
     tl.store(m_ptr + pid_s.to(tl.int64) * N + flat, m, mask=ok)
     tl.store(s_ptr + pid_s.to(tl.int64) * N + flat, s, mask=ok)
