@@ -247,7 +247,11 @@ def sharded_linear_logprob(
         big = torch.logsumexp(lse_all, dim=0)
         rel = lse_all - big  # log m_r <= 0
         lp = (g[:, :n, 1] + rel).gather(0, owner[None])[0]
-        s = g[:, :n, 2].sum(dim=0) + (sizes[:, None] * rel).sum(dim=0)
+        # rank r adds sum_v z_v - V_r LSE = S_r + V_r (lse_r - LSE); a shard masked whole by a
+        # -inf bias has lse_r = -inf and S_r = NaN (-inf + inf): its part is -inf
+        part = g[:, :n, 2] + sizes[:, None] * rel
+        masked = (lse_all == float("-inf")) & (sizes[:, None] > 0)
+        s = torch.where(masked, float("-inf"), part).sum(dim=0)
         kept = rows_t != opts.ignore_index
         zero = torch.zeros((), dtype=F64, device=g.device)
 
