@@ -48,7 +48,7 @@ LLP_CASES = {
     # (plain PyTorch's), which reaches dh through the 0 upstream weight of that shard.
     "masked_shard": dict(bias=True, masked=slice(13, V_FULL)),
 }
-KERNEL_ONLY = {"masked_shard"}
+KERNEL_ONLY = {"masked_shard", "sequence_masked_shard", "token_masked_shard"}
 TRITON_CASES = ["bias_softcap", "masked_shard"]
 RAG_CASES = {
     f"{mode}_eps{eps}": dict(mode=mode, label_smoothing=eps)
@@ -59,6 +59,8 @@ RAG_CASES["token_eps0.2_bias_softcap"] = dict(mode="token", label_smoothing=0.2,
                                               softcap=3.0)  # fmt: skip
 RAG_CASES["sequence_eps0.2_bias_softcap"] = dict(mode="sequence", label_smoothing=0.2,
                                                  bias=True, softcap=3.0)  # fmt: skip
+for _mode in ("sequence", "token"):  # a -inf bias over ids 13..22 (LLP_CASES["masked_shard"])
+    RAG_CASES[f"{_mode}_masked_shard"] = dict(mode=_mode, bias=True, masked=slice(13, V_FULL))
 
 
 def _free_port() -> int:
@@ -146,7 +148,10 @@ def _rag_data(bias_on):
 def run_rag(case, impl, weight, bias, vp):
     kw = dict(RAG_CASES[case])
     bias_on = kw.pop("bias", False)
+    masked = kw.pop("masked", None)
     hidden, _, target, scores, doc_mask, _, up = _rag_data(bias_on)
+    if masked is not None:
+        target = torch.where(target >= masked.start, target % masked.start, target)
     h, w, s = _leaf(hidden), _leaf(weight), _leaf(scores)
     b = _leaf(bias) if bias_on else None
     loss = rk.rag_loss(
@@ -204,6 +209,8 @@ def _all_cases(world):
                 (("llp", case, impl), lambda w, b, vp, c=case, i=impl: run_llp(c, i, w, b, vp))
             )
         for case in RAG_CASES:
+            if impl == "reference" and case in KERNEL_ONLY:
+                continue
             cases.append(
                 (("rag", case, impl), lambda w, b, vp, c=case, i=impl: run_rag(c, i, w, b, vp))
             )
@@ -229,6 +236,10 @@ def _head(key):
         _, w, _, b, _, _ = _llp_data(key[1])
         return w, b
     _, w, _, _, _, b, _ = _rag_data(True)
+    masked = RAG_CASES.get(key[1], {}).get("masked") if key[0] == "rag" else None
+    if masked is not None:
+        b = b.clone()
+        b[masked] = float("-inf")
     return w, b
 
 
@@ -360,15 +371,16 @@ def _compare(world, got, expected, rtol=RTOL, head_rows=("dW", "db", "dW2")):
 # ---------------------------------------------------------------------------------- tests
 
 
-LLP_PARAMS = [
-    pytest.param(case, impl, id=f"{case}-{impl}")
-    for impl in IMPLS
-    for case in LLP_CASES
-    if not (impl == "reference" and case in KERNEL_ONLY)
-]
+def _params(cases):
+    return [
+        pytest.param(case, impl, id=f"{case}-{impl}")
+        for impl in IMPLS
+        for case in cases
+        if not (impl == "reference" and case in KERNEL_ONLY)
+    ]
 
 
-@pytest.mark.parametrize("case,impl", LLP_PARAMS)
+@pytest.mark.parametrize("case,impl", _params(LLP_CASES))
 def test_linear_logprob(ranks, case, impl):
     world, got = ranks
     key = ("llp", case, impl)
@@ -394,11 +406,10 @@ def test_linear_logprob_triton(ranks, case):
     _compare(world, [g[key] for g in got], expected, rtol=2e-5)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", list(RAG_CASES))
+@pytest.mark.parametrize("case,impl", _params(RAG_CASES))
 def test_rag_loss(ranks, case, impl):
     world, got = ranks
-    w, b = _head(("rag",))
+    w, b = _head(("rag", case))
     expected = run_rag(case, "reference", w, b, {})
     _compare(world, [g[("rag", case, impl)] for g in got], expected)
 
