@@ -126,10 +126,12 @@ def test_nan_in_weight_propagates(impl):
         assert torch.isnan(x).all(), (name, x)
 
 
-def _masked_vocab_bias(V, masked):
+def _masked_vocab(V, masked, shape, g):
+    """A bias of 0 with -inf on ``masked``, and targets of ``shape`` outside the mask."""
     b = torch.zeros(V)
     b[masked] = float("-inf")
-    return b
+    ids = (b == 0).nonzero().squeeze(1)
+    return b, ids[torch.randint(0, ids.numel(), shape, generator=g)]
 
 
 # Whole vocabulary tiles / splits under a -inf bias: the first tiles (the online max stays
@@ -156,10 +158,7 @@ def test_minus_inf_bias_over_whole_vocabulary_tiles(impl, masked, monkeypatch):
     N, H, V = 6, 8, 300
     h = torch.randn(N, H, generator=g)
     w = torch.randn(V, H, generator=g)
-    b = _masked_vocab_bias(V, masked)
-    kept = torch.ones(V, dtype=torch.bool)
-    kept[masked] = False
-    y = kept.nonzero().squeeze(1)[torch.randint(0, int(kept.sum()), (N,), generator=g)]
+    b, y = _masked_vocab(V, masked, (N,), g)
     results = []
     for which in (impl, "reference"):
         hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
@@ -190,10 +189,7 @@ def test_rag_loss_minus_inf_bias_over_whole_vocabulary_tiles(impl, mode, masked,
     h = torch.randn(B, K, T, H, generator=g)
     w = torch.randn(V, H, generator=g)
     s = torch.randn(B, K, generator=g)
-    b = _masked_vocab_bias(V, masked)
-    kept = torch.ones(V, dtype=torch.bool)
-    kept[masked] = False
-    y = kept.nonzero().squeeze(1)[torch.randint(0, int(kept.sum()), (B, T), generator=g)]
+    b, y = _masked_vocab(V, masked, (B, T), g)
     results = []
     for which in (impl, "reference"):
         hh, ww, ss, bb = (x.clone().requires_grad_() for x in (h, w, s, b))
