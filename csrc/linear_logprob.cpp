@@ -158,6 +158,11 @@ inline void bwd_row_dispatch(int variant, double* z, const double* b, int64_t n,
   bwd_row_d(variant, z, b, n, cap, lse, c, gs);
 }
 
+// The shift of an online log-sum-exp whose running max is m: m, or 0 while m is -inf (every
+// logit so far -inf, e.g. a -inf bias over whole tiles), where exp(z - m) would be
+// exp(-inf + inf) = NaN.
+inline double lse_shift(double m) { return m == -std::numeric_limits<double>::infinity() ? 0.0 : m; }
+
 // Scalar softcapped logit of one entry (the target column).
 template <typename T>
 T capped(T x, bool has_cap, T cap) {
@@ -311,16 +316,11 @@ void forward_kernel(Gemm& gemm, int64_t Na, int64_t V, int64_t VT, int64_t worke
             const int64_t yr = y[r] - v0;
             if (yr >= 0 && yr < vt) zy_out[r] = static_cast<double>(zr[yr]);
             const double m_new = std::max(mxs[r], static_cast<double>(mx));
-            if (m_new == -std::numeric_limits<double>::infinity()) {
-              // every logit so far is -inf (a -inf bias masking whole tiles): they add 0, and
-              // shifting by m_new would give exp(-inf + inf) = NaN; a NaN still propagates
-              // (max skips NaN, so check the sum at a finite shift)
-              if (std::isnan(sum_exp_row(zr, vt, T(0))))
-                sms[r] = mxs[r] = std::numeric_limits<double>::quiet_NaN();
-              continue;
-            }
-            const double s_tile = static_cast<double>(sum_exp_row(zr, vt, static_cast<T>(m_new)));
-            // the running max rarely moves after the first tiles: skip exp(0) = 1 (exact)
+            const double s_tile =
+                static_cast<double>(sum_exp_row(zr, vt, static_cast<T>(lse_shift(m_new))));
+            // the running max rarely moves after the first tiles: skip exp(0) = 1 (exact); while
+            // it is -inf, the sum (of exps clamped at exp(-87), or NaN) is dropped by the
+            // exp(-inf) = 0 of the first finite max, a NaN kept
             sms[r] = (m_new == mxs[r] ? sms[r] : sms[r] * std::exp(mxs[r] - m_new)) + s_tile;
             mxs[r] = m_new;
           }
@@ -331,12 +331,14 @@ void forward_kernel(Gemm& gemm, int64_t Na, int64_t V, int64_t VT, int64_t worke
   for (int64_t r = 0; r < Na; ++r) {
     double m = -std::numeric_limits<double>::infinity(), s = 0.0, zs = 0.0;
     for (int64_t wk = 0; wk < workers; ++wk) m = std::max(m, run_max[wk * Na + r]);
+    const double shift = lse_shift(m);
     for (int64_t wk = 0; wk < workers; ++wk) {
       // != 0 (not > 0): a NaN partial sum (NaN in the weight or hidden row) must propagate
-      if (run_sum[wk * Na + r] != 0.0) s += run_sum[wk * Na + r] * std::exp(run_max[wk * Na + r] - m);
+      if (run_sum[wk * Na + r] != 0.0)
+        s += run_sum[wk * Na + r] * std::exp(run_max[wk * Na + r] - shift);
       zs += run_zsum[wk * Na + r];
     }
-    lse_out[r] = m + std::log(s);
+    lse_out[r] = shift + std::log(s);
     zsum_out[r] = zs;
   }
 }

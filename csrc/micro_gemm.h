@@ -146,6 +146,22 @@ inline void pack_b_rows(const S* src, int64_t ld, int64_t K, int64_t N, In* out)
   }
 }
 
+// Transpose in 8 x 8 blocks, converting S -> D: dst[c * kPanel + r] = src[r * lds + c],
+// r < rows <= kPanel, c < cols (a panel of pack_b_cols when one B entry is 32 bits: a bf16 pair
+// or an fp32 copied as uint32_t, or a 16-bit weight converted to fp32).
+template <typename D, typename S>
+inline void transpose_to_panel(const S* src, int64_t lds, int64_t rows, int64_t cols, D* dst) {
+  constexpr int64_t B = 8;
+  for (int64_t r0 = 0; r0 < rows; r0 += B) {
+    const int64_t r1 = std::min(rows, r0 + B);
+    for (int64_t c0 = 0; c0 < cols; c0 += B) {
+      const int64_t c1 = std::min(cols, c0 + B);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = c0; c < c1; ++c) dst[c * kPanel + r] = static_cast<D>(src[r * lds + c]);
+    }
+  }
+}
+
 #if RK_X86_DISPATCH
 // 16 x 16 fp32 transpose in registers: r[i] holds row i on entry, column i on return.
 RK_TARGET_AVX512 RK_INLINE void transpose16(__m512 r[16]) {
@@ -175,7 +191,7 @@ RK_TARGET_AVX512 RK_INLINE void transpose16(__m512 r[16]) {
   }
 }
 
-// transpose_to_panel for 32-bit entries (below): full 16 x 16 blocks in registers.
+// transpose_to_panel for 32-bit entries (above): full 16 x 16 blocks in registers.
 RK_TARGET_AVX512 inline void transpose_to_panel32_avx512(const uint32_t* src, int64_t lds,
                                                          int64_t rows, int64_t cols,
                                                          uint32_t* dst) {
@@ -189,26 +205,11 @@ RK_TARGET_AVX512 inline void transpose_to_panel32_avx512(const uint32_t* src, in
       for (int j = 0; j < 16; ++j)
         _mm512_storeu_si512(dst + (c0 + j) * kPanel + r0, _mm512_castps_si512(r[j]));
     }
-  for (int64_t rr = 0; rr < rows; ++rr)
-    for (int64_t c = rr < rf ? cf : 0; c < cols; ++c) dst[c * kPanel + rr] = src[rr * lds + c];
+  // the ragged edges: columns cf.. of the full rows, then the rows rf..
+  transpose_to_panel<uint32_t>(src + cf, lds, rf, cols - cf, dst + cf * kPanel);
+  transpose_to_panel<uint32_t>(src + rf * lds, lds, rows - rf, cols, dst + rf);
 }
 #endif
-
-// Transpose in 8 x 8 blocks, converting S -> D: dst[c * kPanel + r] = src[r * lds + c],
-// r < rows <= kPanel, c < cols (a panel of pack_b_cols when one B entry is 32 bits: a bf16 pair
-// or an fp32 copied as uint32_t, or a 16-bit weight converted to fp32).
-template <typename D, typename S>
-inline void transpose_to_panel(const S* src, int64_t lds, int64_t rows, int64_t cols, D* dst) {
-  constexpr int64_t B = 8;
-  for (int64_t r0 = 0; r0 < rows; r0 += B) {
-    const int64_t r1 = std::min(rows, r0 + B);
-    for (int64_t c0 = 0; c0 < cols; c0 += B) {
-      const int64_t c1 = std::min(cols, c0 + B);
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = c0; c < c1; ++c) dst[c * kPanel + r] = static_cast<D>(src[r * lds + c]);
-    }
-  }
-}
 
 template <typename In, typename S>
 inline void pack_b_cols(const S* src, int64_t ld, int64_t K, int64_t N, In* out) {

@@ -50,6 +50,25 @@ LLP_CASES = {
 }
 KERNEL_ONLY = {"masked_shard", "sequence_masked_shard", "token_masked_shard"}
 TRITON_CASES = ["bias_softcap", "masked_shard"]
+
+
+def _runs(impl, case):
+    return not (impl == "reference" and case in KERNEL_ONLY)
+
+
+def _masked_bias(bias, masked):
+    """``bias`` with -inf on the ids ``masked``."""
+    bias = bias.clone()
+    bias[masked] = float("-inf")
+    return bias
+
+
+def _off_mask(target, masked):
+    """``target`` with the ids of ``masked`` (``masked.start ..``) moved below it (ignored
+    entries, negative, stay)."""
+    return torch.where(target >= masked.start, target % masked.start, target)
+
+
 RAG_CASES = {
     f"{mode}_eps{eps}": dict(mode=mode, label_smoothing=eps)
     for mode in ("sequence", "token")
@@ -107,10 +126,7 @@ def _llp_data(case):
     ignore = kw.get("ignore_index", IGNORE)
     target = c.target.clone()
     if "masked" in kw:
-        m = kw["masked"]
-        bias = c.bias.clone()
-        bias[m] = float("-inf")
-        target = torch.where((target >= m.start) & (target != IGNORE), target % m.start, target)
+        bias, target = _masked_bias(c.bias, kw["masked"]), _off_mask(target, kw["masked"])
         return c.hidden, c.weight, target, bias, [*c.upstream[:2], 0 * c.upstream[2]], ignore
     if ignore != IGNORE:
         target[target == IGNORE] = ignore  # the rows NaN-poisoned by make_linear_logprob
@@ -151,7 +167,7 @@ def run_rag(case, impl, weight, bias, vp):
     masked = kw.pop("masked", None)
     hidden, _, target, scores, doc_mask, _, up = _rag_data(bias_on)
     if masked is not None:
-        target = torch.where(target >= masked.start, target % masked.start, target)
+        target = _off_mask(target, masked)
     h, w, s = _leaf(hidden), _leaf(weight), _leaf(scores)
     b = _leaf(bias) if bias_on else None
     loss = rk.rag_loss(
@@ -202,15 +218,11 @@ def _all_cases(world):
     """(key, function(weight, bias, vp)) of every case for ``world`` ranks."""
     cases = []
     for impl in IMPLS:
-        for case in LLP_CASES:
-            if impl == "reference" and case in KERNEL_ONLY:
-                continue
+        for case in [c for c in LLP_CASES if _runs(impl, c)]:
             cases.append(
                 (("llp", case, impl), lambda w, b, vp, c=case, i=impl: run_llp(c, i, w, b, vp))
             )
-        for case in RAG_CASES:
-            if impl == "reference" and case in KERNEL_ONLY:
-                continue
+        for case in [c for c in RAG_CASES if _runs(impl, c)]:
             cases.append(
                 (("rag", case, impl), lambda w, b, vp, c=case, i=impl: run_rag(c, i, w, b, vp))
             )
@@ -238,8 +250,7 @@ def _head(key):
     _, w, _, _, _, b, _ = _rag_data(True)
     masked = RAG_CASES.get(key[1], {}).get("masked") if key[0] == "rag" else None
     if masked is not None:
-        b = b.clone()
-        b[masked] = float("-inf")
+        b = _masked_bias(b, masked)
     return w, b
 
 
@@ -376,7 +387,7 @@ def _params(cases):
         pytest.param(case, impl, id=f"{case}-{impl}")
         for impl in IMPLS
         for case in cases
-        if not (impl == "reference" and case in KERNEL_ONLY)
+        if _runs(impl, case)
     ]
 
 
