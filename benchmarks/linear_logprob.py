@@ -26,6 +26,12 @@ Every provider computes the per-row target log-prob (or its negation, the per-ro
   logits again, ``dh`` and ``dW``), in vocabulary tiles of 2048, no epilogue. Naive runs three
   of these four; ``gemm_floor / naive`` shows where the fourth costs more than naive's
   softmax passes over its logits.
+* ``rk_gemm_floor``, ``rk_gemm_floor_bf16`` (CPU only): not ops, yardsticks for ``rk_fused`` /
+  ``rk_fused_bf16``: the C++ kernel's own GEMM machinery without its epilogues
+  (``rag_kernels.ops.linear_logprob.cpu.gemm_floor``: the same GEMM path, tiles, threads,
+  packing and ``dz`` / ``dW`` layouts, no softmax or log-sum-exp), fp32 and bf16 inputs. Their
+  ratio is what the bf16 GEMMs alone gain over fp32 on this CPU, so ``rk_fused_bf16 / rk_fused``
+  can be read against it.
 * ``naive_bf16``, ``rk_fused_bf16`` (CPU only; the CUDA cases are bf16 already): ``naive`` and
   ``rk_fused`` on bf16 inputs (``hidden``, ``weight``), in the same run as the fp32 providers, so
   ``rk_fused_bf16 / rk_fused`` is a side-by-side ratio. The row's ``bf16_gemm`` column says
@@ -196,7 +202,7 @@ def _cpu_only(case: Case) -> str | None:
     return None if case.device == "cpu" else "CPU only: the CUDA cases are bf16 already"
 
 
-def _rk_fused_bf16_available(case: Case) -> str | None:
+def _cpu_kernel_available(case: Case) -> str | None:
     return _cpu_only(case) or _rk_fused_available(case)
 
 
@@ -239,6 +245,14 @@ def _setup_rk_atomic(case: Case):
     return call
 
 
+def _setup_rk_gemm_floor(case: Case):
+    from rag_kernels.ops.linear_logprob import cpu
+
+    hidden, weight, _, _ = _inputs(case)
+    h, w = hidden.detach(), weight.detach()
+    return lambda: cpu.gemm_floor(h, w, backward=case.mode != "fwd")
+
+
 def _setup_gemm_floor(case: Case):
     hidden, weight, _, _ = _inputs(case)
     h, w = hidden.detach(), weight.detach()
@@ -255,8 +269,10 @@ PROVIDERS = [
     Provider("rk_fused_atomic", _setup_rk_atomic, _rk_atomic_available),
     Provider("rk_reference", _setup_rk("reference")),
     Provider("naive_bf16", _setup_naive, _cpu_only, dtype="bfloat16"),
-    Provider("rk_fused_bf16", _setup_rk(None), _rk_fused_bf16_available, dtype="bfloat16"),
+    Provider("rk_fused_bf16", _setup_rk(None), _cpu_kernel_available, dtype="bfloat16"),
     Provider("gemm_floor", _setup_gemm_floor, _cpu_only),
+    Provider("rk_gemm_floor", _setup_rk_gemm_floor, _cpu_kernel_available),
+    Provider("rk_gemm_floor_bf16", _setup_rk_gemm_floor, _cpu_kernel_available, dtype="bfloat16"),
 ]
 
 

@@ -45,6 +45,7 @@ namespace {
 using rag_kernels::detail::acc_type;
 using rag_kernels::detail::max_rows;
 using rag_kernels::detail::for_each_vocab_tile;
+using rag_kernels::detail::lse_shift;
 using rag_kernels::detail::num_workers;
 using rag_kernels::detail::rk_exp;
 using rag_kernels::detail::rk_tanh;
@@ -157,11 +158,6 @@ inline void bwd_row_dispatch(int variant, double* z, const double* b, int64_t n,
                              double lse, double c, double gs) {
   bwd_row_d(variant, z, b, n, cap, lse, c, gs);
 }
-
-// The shift of an online log-sum-exp whose running max is m: m, or 0 while m is -inf (every
-// logit so far -inf, e.g. a -inf bias over whole tiles), where exp(z - m) would be
-// exp(-inf + inf) = NaN.
-inline double lse_shift(double m) { return m == -std::numeric_limits<double>::infinity() ? 0.0 : m; }
 
 // Scalar softcapped logit of one entry (the target column).
 template <typename T>
@@ -279,7 +275,28 @@ void with_gemm(const at::Tensor& h, const at::Tensor& weight, rag_kernels::detai
   }
 }
 
-// Gemm: AtenTileGemm<T> or MicroTileGemm<In> (T = float), csrc/tile_gemm.h.
+// The forward's tile walk: per (vocabulary tile, row block) the logits z [rows, vt] (row-major,
+// at zp) of W_t, handed to epilogue(wk, blk, v0, vt, zp). Gemm: AtenTileGemm<T> or
+// MicroTileGemm<In> (T = float), csrc/tile_gemm.h.
+template <typename T, typename Gemm, typename Epilogue>
+void forward_walk(Gemm& gemm, int64_t V, int64_t VT, int64_t workers,
+                  const at::TensorOptions& zopts, const Epilogue& epilogue) {
+  const auto& blocks = gemm.blocks;
+  at::Tensor zbuf = at::empty({workers, max_rows(blocks) * VT}, zopts);  // a tile per worker
+  for_each_vocab_tile(
+      V, VT, workers,
+      [&](int64_t wk, int64_t v0, int64_t vt) {
+        gemm.set_tile(wk, v0, vt);
+        at::Tensor zw = zbuf[wk];
+        for (int64_t blk = 0; blk < static_cast<int64_t>(blocks.size()); ++blk) {
+          at::Tensor z = zw.narrow(0, 0, blocks[blk].second * vt).view({blocks[blk].second, vt});
+          gemm.logits(wk, blk, z);
+          epilogue(wk, blk, v0, vt, zw.data_ptr<T>());
+        }
+      },
+      [&](int64_t) { gemm.worker_done(); });
+}
+
 template <typename T, typename Gemm>
 void forward_kernel(Gemm& gemm, int64_t Na, int64_t V, int64_t VT, int64_t workers,
                     const int64_t* y, const T* bias,
@@ -289,44 +306,34 @@ void forward_kernel(Gemm& gemm, int64_t Na, int64_t V, int64_t VT, int64_t worke
   const T cap = has_cap ? static_cast<T>(*softcap) : T(0);
   const int variant = variant_of(bias != nullptr, has_cap);
   const auto& blocks = gemm.blocks;
-  // Per worker: a logit tile and partial row statistics.
-  at::Tensor zbuf = at::empty({workers, max_rows(blocks) * VT}, zopts);
+  // Per worker: partial row statistics.
   std::vector<double> run_max(workers * Na, -std::numeric_limits<double>::infinity());
   std::vector<double> run_sum(workers * Na, 0.0), run_zsum(workers * Na, 0.0);
 
-  for_each_vocab_tile(
-      V, VT, workers,
-      [&](int64_t wk, int64_t v0, int64_t vt) {
-        gemm.set_tile(wk, v0, vt);
-        at::Tensor zw = zbuf[wk];
-        T* zp = zw.data_ptr<T>();
-        double* mxs = run_max.data() + wk * Na;
-        double* sms = run_sum.data() + wk * Na;
-        double* zss = run_zsum.data() + wk * Na;
-        for (int64_t blk = 0; blk < static_cast<int64_t>(blocks.size()); ++blk) {
-          const int64_t r0 = blocks[blk].first, rt = blocks[blk].second;
-          at::Tensor z = zw.narrow(0, 0, rt * vt).view({rt, vt});
-          gemm.logits(wk, blk, z);
-          for (int64_t i = 0; i < rt; ++i) {
-            const int64_t r = r0 + i;
-            T* zr = zp + i * vt;
-            T mx, sm;
-            fwd_prep_row(variant, zr, bias ? bias + v0 : nullptr, vt, cap, &mx, &sm);
-            zss[r] += static_cast<double>(sm);
-            const int64_t yr = y[r] - v0;
-            if (yr >= 0 && yr < vt) zy_out[r] = static_cast<double>(zr[yr]);
-            const double m_new = std::max(mxs[r], static_cast<double>(mx));
-            const double s_tile =
-                static_cast<double>(sum_exp_row(zr, vt, static_cast<T>(lse_shift(m_new))));
-            // the running max rarely moves after the first tiles: skip exp(0) = 1 (exact); while
-            // it is -inf, the sum (of exps clamped at exp(-87), or NaN) is dropped by the
-            // exp(-inf) = 0 of the first finite max, a NaN kept
-            sms[r] = (m_new == mxs[r] ? sms[r] : sms[r] * std::exp(mxs[r] - m_new)) + s_tile;
-            mxs[r] = m_new;
-          }
-        }
-      },
-      [&](int64_t) { gemm.worker_done(); });
+  forward_walk<T>(gemm, V, VT, workers, zopts,
+                  [&](int64_t wk, int64_t blk, int64_t v0, int64_t vt, T* zp) {
+    double* mxs = run_max.data() + wk * Na;
+    double* sms = run_sum.data() + wk * Na;
+    double* zss = run_zsum.data() + wk * Na;
+    const int64_t r0 = blocks[blk].first, rt = blocks[blk].second;
+    for (int64_t i = 0; i < rt; ++i) {
+      const int64_t r = r0 + i;
+      T* zr = zp + i * vt;
+      T mx, sm;
+      fwd_prep_row(variant, zr, bias ? bias + v0 : nullptr, vt, cap, &mx, &sm);
+      zss[r] += static_cast<double>(sm);
+      const int64_t yr = y[r] - v0;
+      if (yr >= 0 && yr < vt) zy_out[r] = static_cast<double>(zr[yr]);
+      const double m_new = std::max(mxs[r], static_cast<double>(mx));
+      const double s_tile =
+          static_cast<double>(sum_exp_row(zr, vt, static_cast<T>(lse_shift(m_new))));
+      // the running max rarely moves after the first tiles: skip exp(0) = 1 (exact); while
+      // it is -inf, the sum (of exps clamped at exp(-87), or NaN) is dropped by the
+      // exp(-inf) = 0 of the first finite max, a NaN kept
+      sms[r] = (m_new == mxs[r] ? sms[r] : sms[r] * std::exp(mxs[r] - m_new)) + s_tile;
+      mxs[r] = m_new;
+    }
+  });
   // Merge the workers' partial log-sum-exps (a worker without tiles holds -inf / 0).
   for (int64_t r = 0; r < Na; ++r) {
     double m = -std::numeric_limits<double>::infinity(), s = 0.0, zs = 0.0;
@@ -382,17 +389,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_fwd(
   return {lp, lse, sum_lp};
 }
 
-// dh [Na, H] and dW [V, H] (either may be null) in the compute dtype T (fp32 for bf16 inputs,
-// whose dW tiles accumulate in fp32 and are rounded once into grad_weight).
-template <typename T, typename Gemm>
-void backward_kernel(Gemm& gemm, int64_t Na, int64_t H, int64_t V, int64_t VT, int64_t workers,
-                     const int64_t* y, const T* bias,
-                     std::optional<double> softcap, const at::TensorOptions& zopts,
-                     const double* lse, const double* coef_y, const double* coef_p,
-                     const double* coef_c, at::Tensor* dh, at::Tensor* grad_weight, double* db) {
-  const bool has_cap = softcap.has_value();
-  const T cap = has_cap ? static_cast<T>(*softcap) : T(0);
-  const int variant = variant_of(bias != nullptr, has_cap);
+// The backward's tile walk: per (vocabulary tile, row block) the logits z [rows, vt] (at zp),
+// turned into dz in place by epilogue(wk, blk, v0, vt, zp), then dh [Na, H] += dz W_t,
+// dW_t (+)= dz^T h and db_t += sum_rows dz (each may be null) in the compute dtype T (fp32 for
+// bf16 inputs, whose dW tiles accumulate in fp32 and are rounded once into grad_weight).
+template <typename T, typename Gemm, typename Epilogue>
+void backward_walk(Gemm& gemm, int64_t Na, int64_t H, int64_t V, int64_t VT, int64_t workers,
+                   const at::TensorOptions& zopts, at::Tensor* dh, at::Tensor* grad_weight,
+                   double* db, const Epilogue& epilogue) {
   const auto& blocks = gemm.blocks;
   // Per worker: a logit tile, a dW tile in T when grad_weight has another dtype, and a partial
   // dh (summed at the end). dW and db tiles belong to one worker: no races.
@@ -412,27 +416,11 @@ void backward_kernel(Gemm& gemm, int64_t Na, int64_t H, int64_t V, int64_t VT, i
                                : grad_weight->narrow(0, v0, vt);
         }
         at::Tensor zw = zbuf[wk];
-        T* zp = zw.data_ptr<T>();
         for (int64_t blk = 0; blk < static_cast<int64_t>(blocks.size()); ++blk) {
           const int64_t r0 = blocks[blk].first, rt = blocks[blk].second;
           at::Tensor z = zw.narrow(0, 0, rt * vt).view({rt, vt});
           gemm.logits(wk, blk, z);
-          for (int64_t i = 0; i < rt; ++i) {
-            const int64_t r = r0 + i;
-            T* zr = zp + i * vt;
-            const int64_t yr = y[r] - v0;
-            const bool has_y = yr >= 0 && yr < vt;
-            T dcap_y = 1;
-            if (has_y && has_cap) {
-              const T x = zr[yr] + (bias ? bias[v0 + yr] : T(0));
-              const T t = std::tanh(x / cap);
-              dcap_y = T(1) - t * t;
-            }
-            bwd_row_dispatch(variant, zr, bias ? bias + v0 : nullptr, vt, cap,
-                             static_cast<T>(lse[r]), static_cast<T>(coef_p[r]),
-                             static_cast<T>(coef_c[r]));
-            if (has_y) zr[yr] += static_cast<T>(coef_y[r]) * dcap_y;
-          }
+          epilogue(wk, blk, v0, vt, zw.data_ptr<T>());
           at::Tensor dh_rows;
           if (dh) dh_rows = dh_parts[wk].narrow(0, r0, rt);
           gemm.grads(wk, blk, z, dh ? &dh_rows : nullptr, grad_weight ? &dw : nullptr, blk == 0);
@@ -447,6 +435,38 @@ void backward_kernel(Gemm& gemm, int64_t Na, int64_t H, int64_t V, int64_t VT, i
       },
       [&](int64_t) { gemm.worker_done(); });
   if (dh && workers > 1) at::sum_out(*dh, dh_parts, {0});
+}
+
+template <typename T, typename Gemm>
+void backward_kernel(Gemm& gemm, int64_t Na, int64_t H, int64_t V, int64_t VT, int64_t workers,
+                     const int64_t* y, const T* bias,
+                     std::optional<double> softcap, const at::TensorOptions& zopts,
+                     const double* lse, const double* coef_y, const double* coef_p,
+                     const double* coef_c, at::Tensor* dh, at::Tensor* grad_weight, double* db) {
+  const bool has_cap = softcap.has_value();
+  const T cap = has_cap ? static_cast<T>(*softcap) : T(0);
+  const int variant = variant_of(bias != nullptr, has_cap);
+  const auto& blocks = gemm.blocks;
+  backward_walk<T>(gemm, Na, H, V, VT, workers, zopts, dh, grad_weight, db,
+                   [&](int64_t, int64_t blk, int64_t v0, int64_t vt, T* zp) {
+    const int64_t r0 = blocks[blk].first, rt = blocks[blk].second;
+    for (int64_t i = 0; i < rt; ++i) {
+      const int64_t r = r0 + i;
+      T* zr = zp + i * vt;
+      const int64_t yr = y[r] - v0;
+      const bool has_y = yr >= 0 && yr < vt;
+      T dcap_y = 1;
+      if (has_y && has_cap) {
+        const T x = zr[yr] + (bias ? bias[v0 + yr] : T(0));
+        const T t = std::tanh(x / cap);
+        dcap_y = T(1) - t * t;
+      }
+      bwd_row_dispatch(variant, zr, bias ? bias + v0 : nullptr, vt, cap,
+                       static_cast<T>(lse[r]), static_cast<T>(coef_p[r]),
+                       static_cast<T>(coef_c[r]));
+      if (has_y) zr[yr] += static_cast<T>(coef_y[r]) * dcap_y;
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_bwd(
@@ -532,6 +552,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_bwd(
   return {grad_hidden, grad_weight, grad_bias};
 }
 
+// The benchmarks' yardstick for the kernels above (benchmarks/linear_logprob.py, provider
+// rk_gemm_floor): the same GEMM path, tiles, workers, packing, dz layouts and dW rounding as
+// linear_logprob_fwd (backward = false) or linear_logprob_fwd + linear_logprob_bwd (backward =
+// true), without the epilogues (no softmax, log-sum-exp or targets: dz = z). Returns
+// (dh, dW) = ((h W^T) W, (h W^T)^T h) in hidden's dtype (dz rounded to bf16 where the GEMMs
+// run on bf16 operands), empty [0] tensors without backward.
+std::tuple<at::Tensor, at::Tensor> linear_logprob_gemm_floor(const at::Tensor& hidden,
+                                                             const at::Tensor& weight,
+                                                             bool backward, int64_t row_tile,
+                                                             int64_t vocab_tile) {
+  RK_CHECK_INPUT(hidden);
+  RK_CHECK_INPUT(weight);
+  RK_CHECK_DIM(hidden, 2);
+  RK_CHECK_DIM(weight, 2);
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "hidden must be float32, float64, bfloat16 or float16, got ", dt);
+  RK_CHECK_DTYPE(weight, dt);
+  TORCH_CHECK(weight.size(1) == hidden.size(1), "weight must have shape (V, ", hidden.size(1),
+              "), got ", weight.sizes());
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  auto empty = at::empty({0}, hidden.options());
+  if (N == 0 || V == 0) {
+    if (!backward) return {empty, empty};
+    return {at::zeros({N, H}, hidden.options()), at::zeros({V, H}, hidden.options())};
+  }
+  const auto zopts = hidden.options().dtype(acc_type(dt));
+  const Tiles tiles = pick_tiles(row_tile, vocab_tile, dt);
+  const int64_t VT = std::min(tiles.vocab, V), workers = num_workers(V, VT);
+  const auto blocks = rag_kernels::detail::uniform_blocks(N, std::min(tiles.rows, N));
+  const auto h = hidden.contiguous();
+  const auto none = [](int64_t, int64_t, int64_t, int64_t, auto*) {};
+  with_gemm(h, weight, blocks, workers, VT, false, false, false, at::Tensor(),
+            [&](auto& gemm, auto* bias_p) {
+              using T = std::remove_const_t<std::remove_pointer_t<decltype(bias_p)>>;
+              forward_walk<T>(gemm, V, VT, workers, zopts, none);
+            });
+  if (!backward) return {empty, empty};
+  at::Tensor dh = at::zeros({N, H}, zopts), dw = at::empty({V, H}, hidden.options());
+  with_gemm(h, weight, blocks, workers, VT, true, true, true, at::Tensor(),
+            [&](auto& gemm, auto* bias_p) {
+              using T = std::remove_const_t<std::remove_pointer_t<decltype(bias_p)>>;
+              backward_walk<T>(gemm, N, H, V, VT, workers, zopts, &dh, &dw, nullptr, none);
+            });
+  return {dh.to(dt), dw};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rag_kernels, m) {
@@ -544,9 +611,13 @@ TORCH_LIBRARY_FRAGMENT(rag_kernels, m) {
       "Tensor? grad_lp, Tensor? grad_lse, Tensor? grad_sum, int ignore_index, float? softcap, "
       "bool needs_hidden, bool needs_weight, bool needs_bias, int row_tile=0, int vocab_tile=0) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_logprob_gemm_floor(Tensor hidden, Tensor weight, bool backward, int row_tile=0, "
+      "int vocab_tile=0) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rag_kernels, CPU, m) {
   m.impl("linear_logprob_fwd", &linear_logprob_fwd);
   m.impl("linear_logprob_bwd", &linear_logprob_bwd);
+  m.impl("linear_logprob_gemm_floor", &linear_logprob_gemm_floor);
 }

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 namespace rag_kernels {
 namespace detail {
@@ -58,6 +59,14 @@ inline void for_each_vocab_tile(int64_t V, int64_t VT, int64_t workers, const Fn
 template <typename Fn>
 inline void for_each_vocab_tile(int64_t V, int64_t VT, int64_t workers, const Fn& fn) {
   for_each_vocab_tile(V, VT, workers, fn, [](int64_t) {});
+}
+
+// The shift of an online log-sum-exp (or of a max over documents) whose running max is m: m,
+// or 0 while m is -inf (every logit so far -inf, e.g. a -inf bias over whole tiles), where
+// exp(z - m) would be exp(-inf + inf) = NaN.
+template <typename T>
+inline T lse_shift(T m) {
+  return m == -std::numeric_limits<T>::infinity() ? T(0) : m;
 }
 
 inline int64_t num_workers(int64_t V, int64_t VT) {

@@ -447,3 +447,36 @@ def test_torch_compile_matches_eager():
     for a, e in zip(*results, strict=True):
         assert not torch.isnan(a).any()
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", [(37, 50, 1031), (1, 1, 1)], ids=["N37-H50-V1031", "N1-H1-V1"])
+def test_gemm_floor_runs_the_kernels_gemms(tiles, dtype, shape):
+    """The benchmarks' yardstick (``cpu.gemm_floor``): the kernel's GEMMs without its epilogues,
+    dz = z, so dh = (h W^T) W and dW = (h W^T)^T h over every row block and vocabulary tile."""
+    N, H, V = shape
+    h, W, _, _, _ = make_linear_logprob(N, H, V, dtype=dtype, bias=False, n_ignore=0, **SCALES)
+    assert llp_cpu.gemm_floor(h, W, backward=False) is None
+    dh, dw = llp_cpu.gemm_floor(h, W)
+    z = h.double() @ W.double().T
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert (dh.dtype, dw.dtype) == (dtype, dtype)
+    assert_close(dh, z @ W.double(), rtol=tol, name="dh")
+    assert_close(dw, z.T @ h.double(), rtol=tol, name="dW")
+
+
+def test_gemm_floor_bf16_runs_the_paths_gemms(bf16_path, tiles):
+    """bf16 inputs: the floor takes the op's GEMM path (native: dz = z rounded to bf16, as the
+    kernel's dz; converted: fp32 GEMMs on the upcast values), gradients rounded to bf16 once."""
+    h, W, _, _, _ = make_linear_logprob(38, 63, 517, dtype=torch.bfloat16, n_ignore=0, **SCALES)
+    dh, dw = llp_cpu.gemm_floor(h, W)
+    z = h.double() @ W.double().T
+    if bf16_path == "native":
+        z = z.to(torch.bfloat16).double()
+    assert (dh.dtype, dw.dtype) == (torch.bfloat16, torch.bfloat16)
+    # one bf16 rounding of the result, plus dz roundings that fp32 accumulation can flip
+    assert_close(dh, z @ W.double(), rtol=2**-7, name=f"{bf16_path} dh")
+    assert_close(dw, z.T @ h.double(), rtol=2**-7, name=f"{bf16_path} dW")
+    f32 = llp_cpu.gemm_floor(h.float(), W.float())
+    same = [torch.equal(a, e.to(torch.bfloat16)) for a, e in zip((dh, dw), f32, strict=True)]
+    assert same == [bf16_path != "native"] * 2

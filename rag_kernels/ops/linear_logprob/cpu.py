@@ -96,6 +96,12 @@ if _has_op():
         db = torch.empty_like(bias) if needs_bias and bias is not None else hidden.new_empty(0)
         return dh, dw, db
 
+    @torch.library.register_fake("rag_kernels::linear_logprob_gemm_floor")
+    def _(hidden, weight, backward, row_tile=0, vocab_tile=0):
+        if not backward:
+            return hidden.new_empty(0), hidden.new_empty(0)
+        return torch.empty_like(hidden), torch.empty_like(weight)
+
 
 def forward(hidden, weight, target, bias, opts):
     """``(lp, lse, sum_logprob)``, each ``[N]``; ``hidden [N,H]``, ``weight [V,H]``, ``target [N]``."""
@@ -137,3 +143,17 @@ def backward(hidden, weight, target, bias, lse, grad_lp, grad_lse, grad_sum, opt
         TILE_VOCAB,
     )
     return (dh if needs_h else None, dw if needs_w else None, db if needs_b else None)
+
+
+def gemm_floor(hidden, weight, backward: bool = True):
+    """The benchmarks' yardstick for this kernel (``rk_gemm_floor`` in
+    benchmarks/linear_logprob.py): its GEMM machinery alone — the same GEMM path, tiles,
+    threads, operand packing, ``dz`` layouts and ``dW`` rounding as :func:`forward` (and, with
+    ``backward``, :func:`backward` for both gradients) — without the epilogues (no softmax,
+    log-sum-exp or targets: ``dz = z``). Returns ``(dh, dW) = ((h W^T) W, (h W^T)^T h)`` in
+    ``hidden``'s dtype (``dz`` rounded to bf16 where the GEMMs run on bf16 operands), or
+    ``None`` without ``backward``. ``hidden [N, H]``, ``weight [V, H]``, one dtype."""
+    dh, dw = torch.ops.rag_kernels.linear_logprob_gemm_floor(
+        hidden.contiguous(), weight.contiguous(), bool(backward), TILE_ROWS, TILE_VOCAB
+    )
+    return (dh, dw) if backward else None
