@@ -52,6 +52,7 @@ namespace {
 
 using rag_kernels::detail::acc_type;
 using rag_kernels::detail::for_each_vocab_tile;
+using rag_kernels::detail::lse_shift;
 using rag_kernels::detail::num_workers;
 using rag_kernels::detail::rk_exp;
 using rag_kernels::detail::rk_tanh;
@@ -158,7 +159,7 @@ template <typename T, bool kBias, bool kCap>
 RK_INLINE void lse_row(T* z, const T* b, int64_t n, T cap, T* mx, T* se) {
   prep_row<T, kBias, kCap>(z, b, n, cap);
   *mx = row_max(z, n);
-  *se = has_nan(z, n) ? std::numeric_limits<T>::quiet_NaN() : row_sum_exp(z, n, *mx);
+  *se = has_nan(z, n) ? std::numeric_limits<T>::quiet_NaN() : row_sum_exp(z, n, lse_shift(*mx));
 }
 
 constexpr int64_t kTokenChunk = 1024;
@@ -183,7 +184,8 @@ RK_INLINE double fwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const
     if (lse_out) {  // max and NaN check in one pass; the row then sits in L2 for the sum
       const T m = row_max_nan(zk, n, &bad);
       lse = bad ? std::numeric_limits<double>::quiet_NaN()
-                : static_cast<double>(m) + std::log(static_cast<double>(row_sum_exp(zk, n, m)));
+                : static_cast<double>(m) +
+                      std::log(static_cast<double>(row_sum_exp(zk, n, lse_shift(m))));
       lse_out[k] = lse;
     } else {
       bad = has_nan(zk, n);
@@ -212,16 +214,18 @@ RK_INLINE double fwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const
       const T ck = c[k];
 #pragma omp simd
       for (int64_t v = 0; v < nc; ++v) {
-        const T e = rk_exp(zk[v] + ck - mx[v]);
+        const T e = rk_exp(zk[v] + ck - lse_shift(mx[v]));
         zk[v] = e;
         s[v] += e;
       }
     }
+    // A column -inf in every document (a -inf bias) has log p_marg = -inf (m = -inf) and no
+    // posterior weight (r = 0; its e are exp(-inf) clamped, not 0).
     T acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t v = 0; v < nc; ++v) {
       acc += mx[v] + ts_log(s[v]);
-      s[v] = T(1) / s[v];
+      s[v] = mx[v] == -std::numeric_limits<T>::infinity() ? T(0) : T(1) / s[v];
     }
     total += static_cast<double>(acc);
     for (int64_t k = 0; k < ka; ++k) {
@@ -254,12 +258,14 @@ RK_INLINE void bwd_token(T* z, int64_t ka, int64_t n, const T* b, T cap, const T
     const T ck = c[k];
 #pragma omp simd
     for (int64_t v = 0; v < n; ++v) {
-      ek[v] = rk_exp(zk[v] + ck - mx[v]);
+      ek[v] = rk_exp(zk[v] + ck - lse_shift(mx[v]));
       s[v] += ek[v];
     }
   }
+  // no posterior weight on a column -inf in every document (as in the forward)
 #pragma omp simd
-  for (int64_t v = 0; v < n; ++v) s[v] = g / s[v];
+  for (int64_t v = 0; v < n; ++v)
+    s[v] = mx[v] == -std::numeric_limits<T>::infinity() ? T(0) : g / s[v];
   const T inv_cap = kCap ? T(1) / cap : T(0);
   for (int64_t k = 0; k < ka; ++k) {
     T* zk = z + k * n;
@@ -510,8 +516,9 @@ void forward_kernel(Logits& gemm, int64_t Na, int64_t V, int64_t VT, const Layou
             const int64_t yl = y_row[r] - v0;
             if (y_row[r] >= 0 && yl < vt && yl >= 0) zy[r] = static_cast<double>(zp[i * vt + yl]);
             const double m_new = std::max(run_max[r], static_cast<double>(mx));
-            run_sum[r] = run_sum[r] * std::exp(run_max[r] - m_new) +
-                         static_cast<double>(se) * std::exp(static_cast<double>(mx) - m_new);
+            const double shift = lse_shift(m_new);
+            run_sum[r] = run_sum[r] * std::exp(run_max[r] - shift) +
+                         static_cast<double>(se) * std::exp(static_cast<double>(mx) - shift);
             run_max[r] = m_new;
           }
         });

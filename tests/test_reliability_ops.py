@@ -201,6 +201,66 @@ def test_rag_loss_minus_inf_bias_over_whole_vocabulary_tiles(impl, mode, masked,
         assert_close(a, e, rtol=1e-5, atol=1e-5, name=name)
 
 
+@pytest.mark.parametrize("impl", TS)
+@pytest.mark.parametrize("tiles", [(0, 0, 0, 0), (4, 64, 4, 64)], ids=["default", "tiles64"])
+@pytest.mark.parametrize("masked", MASKED)
+def test_token_smoothing_minus_inf_bias(impl, tiles, masked, monkeypatch):
+    """A -inf bias under the RAG-Token smoothing statistic (label smoothing > 0). A masked
+    column has p_marg = 0 in every document, so the statistic is -inf, as in the reference
+    (cpu gave NaN: the mixture over documents shifted by a max that is -inf, as did the
+    multi-tile log-sum-exp); each document's target log-prob and its gradient stay finite
+    (cpu gave NaN dh even with no gradient on the statistic). The kernels give a masked column
+    no posterior weight, so the statistic's gradient is that of the sum over the unmasked
+    columns (the reference on the unmasked vocabulary; plain PyTorch's logsumexp of -infs has a
+    NaN gradient)."""
+    from rag_kernels.ops.token_smoothing import cpu as ts_cpu
+    from rag_kernels.ops.token_smoothing import token_smoothing_with_logprob
+
+    monkeypatch.setattr(ts_cpu, "TILES", tiles)
+    g = torch.Generator().manual_seed(5)
+    B, K, T, H, V = 2, 3, 4, 8, 300
+    h = torch.randn(B, K, T, H, generator=g)
+    w = torch.randn(V, H, generator=g)
+    s = torch.randn(B, K, generator=g)
+    b, y = _masked_vocab(V, masked, (B, T), g)
+    keep = b == 0
+    out_ref, lp_ref = token_smoothing_with_logprob(h, w, s, y, bias=b, impl="reference")
+    assert (out_ref == float("-inf")).all()
+    leaves = [x.clone().requires_grad_() for x in (h, w, s, b)]
+    out, lp = token_smoothing_with_logprob(*leaves[:3], y, bias=leaves[3], impl=impl)
+    assert (out == float("-inf")).all(), out
+    assert_close(lp, lp_ref, rtol=1e-5, atol=1e-5, name="lp")
+    names = ("hidden grad", "weight grad", "doc_scores grad", "bias grad")
+    gw_lp = torch.randn(lp.shape, generator=g)
+    ref_leaves = [x.clone().requires_grad_() for x in (h, w, s, b)]
+    _, lp_r = token_smoothing_with_logprob(*ref_leaves[:3], y, bias=ref_leaves[3], impl="reference")
+    for i in (0, 1, 3):  # lp does not depend on doc_scores
+        (a,) = torch.autograd.grad((gw_lp * lp).sum(), leaves[i], retain_graph=True)
+        (e,) = torch.autograd.grad((gw_lp * lp_r).sum(), ref_leaves[i], retain_graph=True)
+        assert torch.isfinite(a).all(), f"lp only, {names[i]}"
+        assert_close(a, e, rtol=1e-5, atol=1e-5, name=f"lp only, {names[i]}")
+    # through rag_loss: the smoothed RAG-Token loss is +inf, as the reference's
+    loss = rk.rag_loss(h, w, y, s, mode="token", bias=b, label_smoothing=0.1, impl=impl)
+    assert loss == float("inf"), loss
+    if impl == "reference":
+        return
+    # the kernels' gradient of the statistic: that of the unmasked vocabulary, and nothing on
+    # the masked rows
+    leaves = [x.clone().requires_grad_() for x in (h, w, s, b)]
+    out = rk.token_smoothing(*leaves[:3], bias=leaves[3], impl=impl)
+    gw_out = torch.rand(out.shape, generator=g)
+    got = torch.autograd.grad(out, leaves, gw_out)
+    sub = [x.clone().requires_grad_() for x in (h, w[keep], s, b[keep])]
+    want = torch.autograd.grad(
+        rk.token_smoothing(*sub[:3], bias=sub[3], impl="reference"), sub, gw_out
+    )
+    for name, a, e in zip(names, (got[0], got[1][keep], got[2], got[3][keep]), want, strict=True):
+        assert_close(a, e, rtol=1e-5, atol=1e-5, name=f"statistic, {name}")
+    # (up to the cpu exp's clamp at exp(-87): terms of 1e-38)
+    for a in (got[1][~keep], got[3][~keep]):
+        assert a.abs().max() < 1e-30, f"masked rows got a gradient: {a.abs().max()}"
+
+
 @pytest.mark.parametrize("impl", MARG)
 @pytest.mark.parametrize("token_mode", [False, True], ids=["sequence", "token"])
 def test_zero_likelihood_on_every_document_gives_inf_loss(impl, token_mode):
@@ -324,3 +384,4 @@ def test_mean_over_an_empty_batch_is_nan():
     """Documented: reduction="mean" over zero queries is NaN (torch's convention)."""
     out = rk.rag_sequence_loss(torch.randn(0, 2, 3), torch.randn(0, 2))
     assert torch.isnan(out)
+
