@@ -385,3 +385,29 @@ def test_mean_over_an_empty_batch_is_nan():
     out = rk.rag_sequence_loss(torch.randn(0, 2, 3), torch.randn(0, 2))
     assert torch.isnan(out)
 
+
+@pytest.mark.parametrize(
+    "dtype, ignore_index",
+    [
+        pytest.param(torch.int32, 2**32, id="int32-2^32"),
+        pytest.param(torch.int32, -(2**31) - 1, id="int32-below"),
+        pytest.param(torch.int64, 2**63, id="int64-2^63"),
+    ],
+)
+@pytest.mark.parametrize("op", ["linear_logprob", "token_smoothing", "rag_loss"])
+def test_ignore_index_outside_the_target_dtype_is_an_error(op, dtype, ignore_index):
+    """int32 targets compared with ignore_index=2**32 wrapped it to 0: every row whose target
+    is 0 was silently ignored by the reference and triton (cpu compared in int64)."""
+    from rag_kernels.ops.token_smoothing import token_smoothing_with_logprob
+
+    h, w, s = torch.randn(2, 3, 4, 8), torch.randn(7, 8), torch.randn(2, 3)
+    y = torch.randint(0, 7, (2, 4), dtype=dtype)
+    call = {
+        "linear_logprob": lambda: rk.linear_logprob(h, w, y[:, None], ignore_index=ignore_index),
+        "token_smoothing": lambda: token_smoothing_with_logprob(
+            h, w, s, y, ignore_index=ignore_index
+        ),
+        "rag_loss": lambda: rk.rag_loss(h, w, y, s, ignore_index=ignore_index),
+    }[op]
+    with pytest.raises(ValueError, match=r"^ignore_index must fit target's dtype"):
+        call()

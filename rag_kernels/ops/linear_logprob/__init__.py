@@ -134,8 +134,7 @@ def validate_linear_logprob_inputs(
     _target_layout(target, hidden.shape[:-1])  # raises on a shape that does not fit
     V.check_same_device("target", target, hidden, "hidden")
     V.check_softcap(softcap)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    V.check_ignore_index(ignore_index, target)
     if vocab_sharded:
         vocab_parallel.check_shard_targets(checks, "target", target, ignore_index)
     else:

@@ -245,8 +245,7 @@ def validate_target(
     V.check_index_tensor("target", target, ndim=2)
     V.check_shape("target", target, (B, T))
     V.check_same_device("target", target, hidden, "hidden")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    V.check_ignore_index(ignore_index, target)
     if vocab_sharded:  # the upper bound is checked after the vocab-parallel all-gather
         vocab_parallel.check_shard_targets(checks, "target", target, ignore_index)
     else:
