@@ -411,3 +411,63 @@ def test_ignore_index_outside_the_target_dtype_is_an_error(op, dtype, ignore_ind
     }[op]
     with pytest.raises(ValueError, match=r"^ignore_index must fit target's dtype"):
         call()
+
+
+# ------------------------------------------------------------------- higher-order gradients
+
+
+def _second_order_cases():
+    """(op, impl, inputs factory, forward) per fused op: forward(*inputs) -> scalar loss."""
+    g = torch.Generator().manual_seed(8)
+    y = torch.randint(0, 7, (2, 4), generator=g)
+
+    def make(*shapes):
+        return lambda dt: [torch.randn(s, generator=g, dtype=dt).requires_grad_() for s in shapes]
+
+    from rag_kernels.ops.token_smoothing import token_smoothing_with_logprob
+
+    ops = {
+        "linear_logprob": (
+            make((2, 3, 4, 5), (7, 5)),
+            lambda impl, h, w: rk.linear_logprob(h, w, y[:, None], impl=impl).sum(),
+        ),
+        "marginalize": (
+            make((2, 3, 4), (2, 3)),
+            lambda impl, lp, s: rk.rag_token_loss(lp - 3, s, impl=impl),
+        ),
+        "token_smoothing": (
+            make((2, 3, 4, 5), (7, 5), (2, 3)),
+            lambda impl, h, w, s: sum(
+                x.sum() for x in token_smoothing_with_logprob(h, w, s, y, impl=impl)
+            ),
+        ),
+        "contrastive": (
+            make((3, 5), (4, 5)),
+            lambda impl, q, d: rk.contrastive_loss(q, d, impl=impl),
+        ),
+    }
+    return [
+        pytest.param(op, *ops[op], p.values[0], marks=p.marks, id=f"{op}-{p.id}")
+        for op in ops
+        for p in impl_params(op, ("cpu", "triton"))
+    ]
+
+
+@pytest.mark.parametrize("op, inputs, forward, impl", _second_order_cases())
+def test_higher_order_gradients_raise_instead_of_going_missing(op, inputs, forward, impl):
+    """The fused kernels' gradients are computed, not traced: a gradient of them (a gradient
+    penalty through create_graph=True) silently lacked their part (marginalize), or the cpu
+    kernels failed inside the backward ("functions with out=... arguments"). First-order
+    gradients under create_graph=True are the plain ones; a higher-order one raises."""
+    dt = torch.float32 if impl == "triton" else torch.float64
+    xs = inputs(dt)
+    plain = torch.autograd.grad(forward(impl, *xs), xs)
+    under = torch.autograd.grad(forward(impl, *xs), xs, create_graph=True)
+    for a, e in zip(under, plain, strict=True):
+        assert torch.equal(a.detach(), e)
+    penalty = sum(x.pow(2).sum() for x in under) + xs[-1].sum()
+    with pytest.raises(RuntimeError, match=rf"^{op}: the fused kernels' gradients are not"):
+        torch.autograd.grad(penalty, xs[-1])
+    # the reference differentiates twice
+    ref = torch.autograd.grad(forward("reference", *xs), xs, create_graph=True)
+    torch.autograd.grad(sum(x.pow(2).sum() for x in ref), xs[-1])

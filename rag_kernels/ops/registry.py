@@ -218,6 +218,43 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+class _NotDifferentiableAgain(torch.autograd.Function):
+    """Identity on a fused op's gradients, attached to the op's inputs (see
+    :func:`first_order_only`); its backward raises."""
+
+    @staticmethod
+    def forward(ctx, op, n, *tensors):
+        ctx.op = op
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            f"{ctx.op}: the fused kernels' gradients are not differentiable again (a "
+            "higher-order gradient reached a backward that ran with create_graph=True); use "
+            "impl='reference' for higher-order gradients"
+        )
+
+
+def first_order_only(op: str, grads: tuple, sources: tuple) -> tuple:
+    """The gradients an op's autograd shell returns: as they are, or, when its backward runs
+    with ``create_graph=True``, behind a node that depends on ``sources`` (the op's inputs and
+    upstream gradients) and raises if a higher-order gradient reaches it. The kernels'
+    gradients are computed, not traced (their backward runs under ``no_grad``): without the
+    node a higher-order gradient through them would be silently missing."""
+    if not torch.is_grad_enabled():
+        return grads
+    src = [t for t in sources if isinstance(t, torch.Tensor) and t.requires_grad]
+    at = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+    if not src or not at:
+        return grads
+    marked = _NotDifferentiableAgain.apply(op, len(at), *(grads[i].detach() for i in at), *src)
+    out = list(grads)
+    for i, g in zip(at, marked, strict=True):
+        out[i] = g
+    return tuple(out)
+
+
 LIBRARY = "rag_kernels"  # the torch op namespace of the C++ ops and the Triton launchers
 
 

@@ -96,7 +96,7 @@ class ContrastiveFunction(torch.autograd.Function):
     def backward(ctx, grad):
         q, d, scale, pos_index, pos_mask, cand_ids, id_table, lse, pos_lse = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        with registry.device_guard(q):
+        with torch.no_grad(), registry.device_guard(q):  # not traced: first_order_only
             dq, dd, dscale = ctx.kernels.backward(
                 q,
                 d,
@@ -110,16 +110,8 @@ class ContrastiveFunction(torch.autograd.Function):
                 grad.contiguous(),
                 needs,
             )
-        return (
-            dq if needs[0] else None,
-            dd if needs[1] else None,
-            dscale if needs[2] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        grads = (dq if needs[0] else None, dd if needs[1] else None, dscale if needs[2] else None)
+        return registry.first_order_only(OP, grads + (None,) * 5, (q, d, scale, grad))
 
 
 def _rows(kernels, q, d, scale, pos_index=None, pos_mask=None, cand_ids=None, id_table=None):

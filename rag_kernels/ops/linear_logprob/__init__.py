@@ -89,11 +89,13 @@ class LinearLogprobFunction(torch.autograd.Function):
         if grad_lp is None and grad_lse is None and grad_sum is None:
             return None, None, None, None, None, None
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
-        with registry.device_guard(hidden):
+        with torch.no_grad(), registry.device_guard(hidden):  # not traced: first_order_only
             dh, dw, db = ctx.kernels.backward(
                 hidden, weight, target, bias, lse, grad_lp, grad_lse, grad_sum, ctx.opts, needs
             )
-        return dh, dw, None, db, None, None
+        return registry.first_order_only(
+            OP, (dh, dw, None, db, None, None), (hidden, weight, bias, grad_lp, grad_lse, grad_sum)
+        )
 
 
 def _target_layout(target: torch.Tensor, lead: torch.Size) -> torch.Tensor:

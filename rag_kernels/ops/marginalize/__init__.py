@@ -51,14 +51,15 @@ class MarginalizeFunction(torch.autograd.Function):
     def forward(ctx, lp, scores, token_mask, doc_mask, opts: MarginalizeOptions, kernels):
         with registry.device_guard(lp):
             loss, dlp, ds = kernels.forward(lp, scores, token_mask, doc_mask, opts.token_mode)
-        ctx.save_for_backward(dlp, ds)
+        ctx.save_for_backward(dlp, ds, lp, scores)  # lp, scores: for first_order_only
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        dlp, ds = ctx.saved_tensors
+        dlp, ds, lp, scores = ctx.saved_tensors
         g = grad_loss.to(dlp.dtype)
-        return dlp * g[:, None, None], ds * g[:, None], None, None, None, None
+        grads = (dlp * g[:, None, None], ds * g[:, None], None, None, None, None)
+        return registry.first_order_only(OP, grads, (lp, scores, grad_loss))
 
 
 def validate_marginalize_inputs(

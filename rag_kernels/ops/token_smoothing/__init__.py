@@ -88,7 +88,7 @@ class TokenSmoothingFunction(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
         dh = dw = db = None
         if any(needs):
-            with registry.device_guard(hidden):
+            with torch.no_grad(), registry.device_guard(hidden):  # not traced: first_order_only
                 dh, dw, db = ctx.kernels.backward(
                     hidden, weight, log_prior, bias, target, lse, wsum, grad_out, grad_lp,
                     ctx.opts, needs,
@@ -99,7 +99,11 @@ class TokenSmoothingFunction(torch.autograd.Function):
             # whatever their rows hold (NaN included) cannot reach the prior's gradient.
             w = torch.where(grad_out[:, None, :] != 0, wsum, torch.zeros((), dtype=wsum.dtype))
             d_prior = torch.einsum("bt,bkt->bk", grad_out, w).to(log_prior.dtype)
-        return dh, dw, d_prior, db, None, None, None
+        return registry.first_order_only(
+            OP,
+            (dh, dw, d_prior, db, None, None, None),
+            (hidden, weight, log_prior, bias, grad_out, grad_lp),
+        )
 
 
 def log_prior_of(doc_scores: torch.Tensor, doc_mask: torch.Tensor | None, dtype: torch.dtype):
