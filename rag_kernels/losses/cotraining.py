@@ -85,6 +85,29 @@ def _check_scalar_loss(name: str, x: object) -> torch.Tensor:
     return x
 
 
+class _Gate(torch.autograd.Function):
+    """``term`` where ``on`` (a 0-d bool tensor), else 0, and then no gradient at all into
+    ``term``'s graph: a zero upstream gradient is not enough, since a non-finite term's own
+    backward turns it into NaN (0 · inf). The forward never reads ``on`` on the host; the
+    backward does (a sync only when ``on`` lives on the GPU)."""
+
+    @staticmethod
+    def forward(ctx, on, term):
+        ctx.save_for_backward(on)
+        return torch.where(on, term, torch.zeros_like(term))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (on,) = ctx.saved_tensors
+        return None, grad if bool(on) else None
+
+
+def _gate(on: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    if term.requires_grad:
+        return _Gate.apply(on, term)
+    return torch.where(on, term, torch.zeros_like(term))
+
+
 class CoTrainingLoss(nn.Module):
     """``total = w_g L_g + w_r(step) L_r`` with a retriever freeze/warm-up and balancing.
 
@@ -278,14 +301,15 @@ class CoTrainingLoss(nn.Module):
             return torch.tensor(x, device=dev, dtype=dt)
 
         w_g = const(self.generator_weight)
+        g_on = w_g != 0
         n_g = n_r = None
         if retriever_loss is None:
             if self.balancing == "uncertainty":
                 s_g = self.log_var_generator.to(dt)
-                total = w_g * (torch.exp(-s_g) * generator_loss + s_g)
+                total = _gate(g_on, w_g * (torch.exp(-s_g) * generator_loss + s_g))
                 w_g = (w_g * torch.exp(-s_g)).detach()
             else:
-                total = w_g * generator_loss
+                total = _gate(g_on, w_g * generator_loss)
             w_r = const(0.0)
         else:
             sched = const(self.retriever_schedule(step))
@@ -308,8 +332,8 @@ class CoTrainingLoss(nn.Module):
             else:
                 gen_term = w_g * generator_loss
                 ret_term = w_r * retriever_loss
-            # where, not a bare product: a non-finite L_r during the freeze must not leak.
-            total = gen_term + torch.where(active, ret_term, torch.zeros_like(ret_term))
+            # gated, not a bare product: a non-finite L_r during the freeze must not leak
+            total = _gate(g_on, gen_term) + _gate(active & (w_r != 0), ret_term)
 
         if use_counter and self.training:
             with torch.no_grad():
