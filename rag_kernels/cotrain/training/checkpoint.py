@@ -113,6 +113,20 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]])
 
 
+def rng_state_problem(st) -> str | None:
+    """Why :func:`set_rng_state` would fail on ``st`` (None if it takes it): the real setters
+    are tried, then this process's states put back, so whatever a crafted checkpoint holds is
+    refused before anything is loaded."""
+    saved = get_rng_state()
+    try:
+        set_rng_state(st)
+    except Exception as e:  # any content: KeyError, TypeError, RuntimeError (size), ...
+        return f"{type(e).__name__}: {one_line(e)}"
+    finally:
+        set_rng_state(saved)
+    return None
+
+
 # ------------------------------------------------------------------------- data fingerprints
 def _digest(records) -> str:
     h = hashlib.sha256()
@@ -203,6 +217,9 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
         for k in ("step", "cursor")
     ):
         raise UserError(f"{path}: corrupt checkpoint (step/cursor are not non-negative ints)")
+    problem = rng_state_problem(state["rng"])
+    if problem:
+        raise UserError(f"{path}: corrupt checkpoint (rng: {problem[:160]})")
     return state
 
 

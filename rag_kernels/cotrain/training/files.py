@@ -95,11 +95,17 @@ def read_bytes(path: str) -> bytes:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
     except OSError as e:
         raise UserError(_describe(path, e)) from e
-    with os.fdopen(fd, "rb") as fh:
+    try:  # fdopen itself raises on a directory (its error names the fd) and leaves fd open
+        fh = os.fdopen(fd, "rb")
+    except OSError as e:
+        os.close(fd)
+        what = "is a directory" if isinstance(e, IsADirectoryError) else e.strerror or one_line(e)
+        raise UserError(f"{path}: {what}") from e
+    with fh:
         try:
             return fh.read()
-        except IsADirectoryError as e:
-            raise UserError(f"{path}: is a directory") from e
+        except OSError as e:
+            raise UserError(_describe(path, e)) from e
 
 
 def remove_file(path: str) -> None:
