@@ -36,7 +36,7 @@ install: $(STAMP)
 install-models install-test: install  # former names; one install covers everything now
 
 run: install
-	HF_HUB_OFFLINE=1 $(PY) -m rag_kernels train
+	HF_HUB_OFFLINE=1 $(PY) -m rag_kernels train --overwrite
 
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) -m rag_kernels demo

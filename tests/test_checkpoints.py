@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -303,6 +304,60 @@ def test_damaged_checkpoint_cli_one_line_no_traceback(tmp_path, capsys, good_che
     assert ckpt_path(out) in one_error_line(capsys)
 
 
+@pytest.mark.parametrize(
+    "rng, error",
+    [
+        pytest.param({}, "KeyError", id="empty"),
+        pytest.param("state", "TypeError", id="not-a-dict"),
+        pytest.param("bad-torch", "RuntimeError", id="torch-state-3-bytes"),
+    ],
+)
+def test_malformed_rng_state_is_refused_and_leaves_the_rng_alone(
+    tmp_path, good_checkpoint, rng, error
+):
+    """A checkpoint (valid digest: it is unkeyed) whose RNG state the setters cannot take gave
+    a traceback at resume / eval (KeyError, RuntimeError), after the models were loaded; it is
+    now refused when read, and this process's RNG states are left as they were."""
+    out = fresh_run_dir(tmp_path, good_checkpoint)
+    st = ck.read_checkpoint(ckpt_path(out))
+    if rng == "bad-torch":
+        rng = dict(st["rng"], torch=torch.zeros(3, dtype=torch.uint8))
+    ck.write_checkpoint(ckpt_path(out), dict(st, rng=rng))
+    random.seed(1)
+    torch.manual_seed(1)
+    want = (random.random(), torch.rand(1))
+    random.seed(1)
+    torch.manual_seed(1)
+    with pytest.raises(UserError, match=rf"corrupt checkpoint \(rng: {error}"):
+        ck.read_checkpoint(ckpt_path(out))
+    assert (random.random(), torch.rand(1)) == want
+
+
+def test_a_directory_where_a_file_is_read_is_named(tmp_path):
+    """read_bytes on a directory said "4: Is a directory" (os.fdopen names the descriptor)."""
+    from rag_kernels.cotrain.training.files import read_bytes
+
+    (tmp_path / "checkpoint.pt").mkdir()
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'checkpoint.pt'}: is a directory$"):
+        read_bytes(str(tmp_path / "checkpoint.pt"))
+
+
+def test_a_diverging_run_stops_before_its_checkpoint(tmp_path, capsys):
+    """Learning rates far too high made the weights non-finite: the run checkpointed them and
+    ended in a traceback from the retrieval index at the final evaluation. It now stops after
+    the update that broke them, with one line, and writes no checkpoint of them."""
+    run = tmp_path / "run"
+    code = main(["train", "--generator", "tiny-random", "--retriever", "tiny-random",
+                 "--output-dir", str(run), "--steps", "3", "--progress", "false",
+                 "--skip-initial-eval", "--lr-generator", "1e30", "--lr-retriever", "1e30"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    # (the updates leave the weights finite but so large that a later step's query
+    # embeddings overflow)
+    assert re.search(r"step \d: training diverged: the query embeddings are non-finite", err), err
+    assert not (run / "checkpoint.pt").exists()
+
+
 def test_checksum_mismatch_is_named(tmp_path, good_checkpoint):
     out = fresh_run_dir(tmp_path, good_checkpoint)
     _damage("flip64-middle", ckpt_path(out), tmp_path)
@@ -348,6 +403,15 @@ def test_resume_with_unsafe_change_is_refused(
     with pytest.raises(UserError) as info:
         CoTrainer(cfg)
     assert expect in str(info.value) and ckpt_path(out) in str(info.value)
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path, good_checkpoint):
+    """--resume --steps 1 on a step-2 checkpoint trained nothing, exited 0 and wrote a
+    config.json saying steps=1 next to the step-2 checkpoint."""
+    out = fresh_run_dir(tmp_path, good_checkpoint)
+    with pytest.raises(UserError, match=r"^--steps 1: .* is at step 2 already; pass --steps >= 2"):
+        CoTrainer(config(out, resume=True, steps=1, **good_checkpoint["data"]))
+    assert os.listdir(out) == ["checkpoint.pt"]
 
 
 def test_resume_with_another_model_is_refused(tmp_path, good_checkpoint):
@@ -771,7 +835,7 @@ def test_planted_symlinks_are_replaced_not_followed(tmp_path, dangling):
         if not dangling:
             target.write_text("precious")
         os.symlink(target, run / name)
-    cfg = config(run, steps=2, skip_initial_eval=False)
+    cfg = config(run, steps=2, skip_initial_eval=False, overwrite=True)
     CoTrainer(cfg, dataset=tiny_dataset()).fit()
     for name in OUTPUTS + TEMPS:
         target = outside / name
@@ -784,6 +848,34 @@ def test_planted_symlinks_are_replaced_not_followed(tmp_path, dangling):
         assert p.is_file() and not p.is_symlink(), name
     leftovers = [n for n in os.listdir(run) if n.endswith(".tmp") and n not in TEMPS]
     assert not leftovers
+
+
+def test_a_fresh_run_refuses_a_previous_runs_directory(tmp_path, capsys):
+    """A run without --resume replaced a previous run's checkpoint, log, metrics and config
+    (and a user's own metrics.json) without a word: it now refuses, naming --resume and
+    --overwrite; --overwrite replaces them; files that are not a run's are never touched."""
+    run = tmp_path / "run"
+    CoTrainer(config(run, steps=2), dataset=tiny_dataset()).fit()
+    (run / "notes.txt").write_text("mine")
+    before = {n: (run / n).read_bytes() for n in OUTPUTS}
+    with pytest.raises(UserError, match=r"holds a previous run \(checkpoint\.pt, metrics\.json"):
+        CoTrainer(config(run, steps=1), dataset=tiny_dataset())
+    assert {n: (run / n).read_bytes() for n in OUTPUTS} == before
+    # the CLI: one line, exit 2, naming the ways out
+    code = main(["train", "--generator", "tiny-random", "--retriever", "tiny-random",
+                 "--output-dir", str(run), "--steps", "1", "--progress", "false"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--resume" in err and "--overwrite" in err, err
+    # a user's metrics.json alone (no checkpoint: nothing to resume) is refused too
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.json").write_text("{}")
+    with pytest.raises(UserError, match=r"holds a previous run \(metrics\.json\): replace"):
+        CoTrainer(config(other, steps=1), dataset=tiny_dataset())
+    CoTrainer(config(run, steps=1, overwrite=True), dataset=tiny_dataset()).fit()
+    assert len(read_log(run)) == 1 and (run / "notes.txt").read_text() == "mine"
+    assert (run / "checkpoint.pt").read_bytes() != before["checkpoint.pt"]
 
 
 def test_symlinked_lock_file_is_refused(tmp_path):

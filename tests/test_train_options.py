@@ -75,6 +75,7 @@ BAD = [
     (["--max-answer-tokens", "-1"], "--max-answer-tokens -1: must be >= 0"),
     (["--retriever-max-length", "0"], "--retriever-max-length 0: must be >= 1"),
     (["--retriever-objective", "loop", "--docs", "1"], "loop needs --docs >= 2"),
+    (["--refresh-every", "2"], "--refresh-every 2: needs --doc-encoder shared"),
     (["--prompt-template", "Q: {question}"], "must contain {passage}"),
     (["--prompt-template", "no fields"], "must contain {passage} and {question}"),
     (["--prompt-template", "{passage} {question} {title}"], "found {title}"),

@@ -298,6 +298,12 @@ class TrainConfig:
         "continue from output_dir/checkpoint if present (the configuration "
         "must match the checkpoint's)",
     )
+    overwrite: bool = _f(
+        False,
+        "replace a previous run's files in output_dir (checkpoint.pt, metrics.json, "
+        "train_log.jsonl, config.json, curves.png, best/); without it a run that has no "
+        "checkpoint to --resume refuses an output_dir holding any of them",
+    )
     resume_force: bool = _f(
         False,
         "with --resume: accept changes of the options that are safe to "
@@ -319,6 +325,7 @@ RESUME_FREE = (
     "steps",
     "resume",
     "resume_force",
+    "overwrite",
     "progress",
     "output_dir",
     "corpus",
@@ -777,6 +784,11 @@ def _check_combinations(cfg: TrainConfig, sources: dict[str, str]) -> None:
         raise UserError(
             f"{where('ivf_nprobe')}--ivf-nprobe {cfg.ivf_nprobe}: must be <= --ivf-nlist {nlist} "
             "(the number of IVF cells)"
+        )
+    if cfg.refresh_every and cfg.doc_encoder != "shared":
+        raise UserError(
+            f"{where('refresh_every')}--refresh-every {cfg.refresh_every}: needs --doc-encoder "
+            "shared (a frozen document encoder's index never changes)"
         )
     if cfg.retriever_objective == "loop" and cfg.docs < 2 and not cfg.freeze_retriever:
         raise UserError(

@@ -75,6 +75,8 @@ from .files import RunLock, append_line, atomic_write, ensure_dir, read_bytes, r
 
 CHECKPOINT = "checkpoint.pt"
 BEST_DIR = "best"
+# What a training run writes into --output-dir (a fresh run refuses to replace them).
+RUN_FILES = (CHECKPOINT, "metrics.json", "train_log.jsonl", "config.json", "curves.png", BEST_DIR)
 _AMP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -305,6 +307,8 @@ class CoTrainer:
         self._resume_state = None
         if cfg.resume and os.path.lexists(self.checkpoint_path):
             self._resume_state = self._read_checkpoint(self.checkpoint_path)
+        if not for_eval and self._resume_state is None and not cfg.overwrite:
+            self._refuse_previous_run()
         self.texts = [passage_text(p) for p in self.data.corpus]
         self.pid_to_row = {p.id: i for i, p in enumerate(self.data.corpus)}
         corpus_texts = self.texts + [
@@ -427,6 +431,9 @@ class CoTrainer:
     def _check_options_fit_data(self) -> None:
         """Options that the data must allow (before any model is loaded)."""
         cfg = self.cfg
+        n = len(self.data.corpus)
+        if cfg.docs > n and self.rank == 0:
+            warn(f"--docs {cfg.docs}: the corpus has {n} passages; every question reads all {n}")
         if self.for_eval:
             return
         if (
@@ -516,6 +523,11 @@ class CoTrainer:
             self.refresh_index()
         with torch.set_grad_enabled(grad):
             q = self.retriever.encode_queries(questions)
+        if not bool(torch.isfinite(q.detach()).all()):  # the index would refuse them
+            what = "the query embeddings are non-finite"
+            if grad:
+                raise UserError(self._diverged(what, self.step + 1))  # in the step under way
+            raise UserError(f"{what}: the retriever's weights are not usable (NaN / inf)")
         n_cand = min(len(self.texts), k * max(1, cfg.rerank))
         reencode = self.retriever.doc_mode == "shared" and grad
         if reencode:
@@ -762,6 +774,7 @@ class CoTrainer:
         logs = {k: float(np.mean(v)) for k, v in acc.items()}
         lrs = {"lr_generator": self._lr("generator"), "lr_retriever": self._lr("retriever")}
         logs.update(self.optimizer_step())
+        self._check_finite_weights(logs)
         dt = time.perf_counter() - t0
         logs.update(
             step=self.step,
@@ -770,6 +783,30 @@ class CoTrainer:
             **lrs,  # the learning rates this step's update used
         )
         return logs
+
+    def _check_finite_weights(self, logs: dict) -> None:
+        """After an update: non-finite weights (a diverged run, e.g. a learning rate far too
+        high) stop the run here, before a checkpoint or an evaluation holds them."""
+        bad = torch.zeros((), device=self.device)
+        for p in self.gen_params + self.ret_params + list(self.combine.parameters()):
+            t = p.to_local() if rk_fsdp.is_dtensor(p) else p
+            bad += (~torch.isfinite(t.detach())).any()
+        d = _dist()
+        if d is not None:  # every rank stops, whichever holds the non-finite shard
+            d.all_reduce(bad)
+        if bad.item():
+            loss = logs.get("loss", float("nan"))
+            raise UserError(
+                self._diverged(
+                    f"the weights are non-finite after the update (loss {loss:.4g})", self.step
+                )
+            )
+
+    def _diverged(self, what: str, step: int) -> str:
+        return (
+            f"step {step}: training diverged: {what}; lower --lr-generator / "
+            "--lr-retriever (no checkpoint written since the last one)"
+        )
 
     def _lr(self, name: str) -> float | None:
         return next((g["lr"] for g in self.optimizer.param_groups if g.get("name") == name), None)
@@ -944,6 +981,11 @@ class CoTrainer:
         if not isinstance(st["config"], dict) or not isinstance(st["data"], dict):
             raise UserError(f"{path}: corrupt checkpoint (no recorded configuration)")
         cfg = self.cfg
+        if not self.for_eval and st["step"] > cfg.steps:
+            raise UserError(
+                f"--steps {cfg.steps}: {path} is at step {st['step']} already; pass --steps "
+                f">= {st['step']} to continue it (or another --output-dir)"
+            )
         unsafe, safe = resume_differences(
             st["config"], cfg.to_dict(), st["data"], self.fingerprints, for_eval=self.for_eval
         )
@@ -1106,6 +1148,17 @@ class CoTrainer:
         finally:
             if lock is not None:
                 lock.release()
+
+    def _refuse_previous_run(self) -> None:
+        """A run without a checkpoint to resume would replace a previous run's files."""
+        out = self.cfg.output_dir
+        found = [f for f in RUN_FILES if os.path.lexists(os.path.join(out, f))]
+        if found:
+            cont = "continue it with --resume, " if CHECKPOINT in found else ""
+            raise UserError(
+                f"--output-dir {out} holds a previous run ({', '.join(found)}): {cont}replace "
+                "it with --overwrite, or pass another --output-dir"
+            )
 
     def _fit(self) -> dict:
         cfg = self.cfg
