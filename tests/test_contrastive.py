@@ -666,6 +666,11 @@ BAD = {
     "doc_ids_float": (dict(doc_ids=torch.zeros(6)), TypeError, "doc_ids"),
     "scale_negative": (dict(scale=-1.0), ValueError, "scale"),
     "scale_1d": (dict(scale=torch.ones(1)), ValueError, "scale"),
+    # a 0-d tensor scale was taken whatever it held (NaN / inf gave a NaN loss)
+    **{
+        f"scale_tensor_{v}": (dict(scale=torch.tensor(v)), ValueError, r"^scale must be positive")
+        for v in (-1.0, 0.0, float("nan"), float("inf"))
+    },
     "scale_str": (dict(scale="20"), TypeError, "scale"),
     "similarity": (dict(similarity="l2"), ValueError, "similarity"),
     "reduction": (dict(reduction="avg"), ValueError, "reduction"),

@@ -535,3 +535,26 @@ def test_bad_inputs(case):
     _, call, exc, name = case
     with pytest.raises(exc, match=name):
         call()
+
+
+@pytest.mark.parametrize("name", ["pdist_loss", "loop_loss", "adist_loss", "lsr_loss"])
+def test_a_target_minus_inf_on_every_document_is_an_error(name):
+    """A query whose distillation target is -inf on every unmasked document (softmax of -infs
+    is undefined) gave a NaN loss; now a ValueError naming the target and the query. A target
+    finite on one unmasked document, or -inf only on masked ones, is fine."""
+    s = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 4, dtype=torch.float64)
+    t[1] = float("-inf")
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"of query 1 are -inf on every unmasked document"):
+        getattr(R, name)(s, t)
+    t[1, 2] = 0.5
+    mask[1, 2] = False
+    with pytest.raises(ValueError, match=r"of query 1 are -inf"):
+        getattr(R, name)(s, t, doc_mask=mask)
+    mask[1, 2] = True
+    loss = getattr(R, name)(s, t, doc_mask=mask)
+    # (lsr's default KL(P_R || Q_LM) is +inf where Q_LM is 0 and P_R is not: a true value)
+    assert not torch.isnan(loss) and (torch.isfinite(loss) or name == "lsr_loss")
+    loss = getattr(R, name)(s, t.clamp_min(-50), doc_mask=mask)
+    assert torch.isfinite(loss) and torch.isfinite(torch.autograd.grad(loss, s)[0]).all()

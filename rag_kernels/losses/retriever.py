@@ -103,10 +103,31 @@ def _check_scores_pair(
     V.check_mask("doc_mask", doc_mask, doc_scores.shape, doc_scores)
 
 
-def _check_doc_scores(doc_scores: torch.Tensor, doc_mask: torch.Tensor | None) -> None:
-    """The doc-score value checks of one objective call (one host synchronisation)."""
+def _check_doc_scores(
+    doc_scores: torch.Tensor,
+    doc_mask: torch.Tensor | None,
+    target: torch.Tensor | None = None,
+    target_name: str = "",
+) -> None:
+    """The value checks of one objective call (one host synchronisation): the doc scores and,
+    for a distillation target, that each query's target is finite on some unmasked document
+    (softmax of all -inf is undefined: its loss was NaN). A NaN target still propagates."""
     checks = V.ValueChecks()
     V.check_doc_scores(checks, "doc_scores", doc_scores, doc_mask)
+    if checks.enabled and target is not None and target.numel():
+        live = target.detach() != float("-inf")
+        if doc_mask is not None:
+            live = live & doc_mask
+        dead = ~live.any(dim=-1)
+
+        def fail():
+            b = int(dead.nonzero()[0, 0])
+            raise ValueError(
+                f"{target_name} of query {b} are -inf on every unmasked document: the target "
+                "distribution over its documents is undefined"
+            )
+
+        checks.add(dead.any(), fail)
     checks.run()
 
 
@@ -162,7 +183,7 @@ def _target_kl(
     tau_s = _check_temperature("retriever_temperature", retriever_temperature)
     tau_g = _check_temperature("generator_temperature", generator_temperature)
     V.check_choice("reduction", reduction, KL_REDUCTIONS)
-    _check_doc_scores(doc_scores, doc_mask)
+    _check_doc_scores(doc_scores, doc_mask, target_scores, target_name)
     dt = compute_dtype(doc_scores, target_scores)
     log_p = _masked_log_softmax(target_scores.detach(), doc_mask, tau_g, dt)
     log_q = _masked_log_softmax(doc_scores, doc_mask, tau_s, dt)
@@ -367,7 +388,7 @@ def lsr_loss(
     beta = _check_temperature("lm_temperature", lm_temperature)
     V.check_choice("direction", direction, LSR_DIRECTIONS)
     V.check_choice("reduction", reduction, KL_REDUCTIONS)
-    _check_doc_scores(doc_scores, doc_mask)
+    _check_doc_scores(doc_scores, doc_mask, lm_logprobs, "lm_logprobs")
     dt = compute_dtype(doc_scores, lm_logprobs)
     log_r = _masked_log_softmax(doc_scores, doc_mask, gamma, dt)
     log_lm = _masked_log_softmax(lm_logprobs.detach(), doc_mask, beta, dt)

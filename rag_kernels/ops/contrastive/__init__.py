@@ -190,6 +190,12 @@ def validate_contrastive_inputs(
     if isinstance(scale, torch.Tensor):
         V.check_tensor("scale", scale, ndim=0)
         V.check_same_device("scale", scale, queries, "queries")
+        bad_scale = ~(torch.isfinite(scale) & (scale > 0))  # as a float scale must be
+
+        def fail_scale():
+            raise ValueError(f"scale must be positive and finite, got {scale.item()!r}")
+
+        checks.add(bad_scale, fail_scale)
     elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
         if not (float(scale) > 0 and float(scale) != float("inf")):
             raise ValueError(
