@@ -176,11 +176,10 @@ Tiles pick_tiles(int64_t row_tile, int64_t vocab_tile, at::ScalarType dt) {
   return {row_tile > 0 ? row_tile : kDefaultRowTile, vocab_tile > 0 ? vocab_tile : vocab_default};
 }
 
-void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
-                  const std::optional<at::Tensor>& bias) {
+// hidden [N, H] and weight [V, H], one floating dtype.
+void check_head(const at::Tensor& hidden, const at::Tensor& weight) {
   RK_CHECK_INPUT(hidden);
   RK_CHECK_INPUT(weight);
-  RK_CHECK_INPUT(target);
   RK_CHECK_DIM(hidden, 2);
   RK_CHECK_DIM(weight, 2);
   const auto dt = hidden.scalar_type();
@@ -189,6 +188,13 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
   RK_CHECK_DTYPE(weight, dt);
   TORCH_CHECK(weight.size(1) == hidden.size(1), "weight must have shape (V, ", hidden.size(1),
               "), got ", weight.sizes());
+}
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+                  const std::optional<at::Tensor>& bias) {
+  check_head(hidden, weight);
+  RK_CHECK_INPUT(target);
+  const auto dt = hidden.scalar_type();
   // target: one id per row [N], or [B, T] shared by the K = N / (B T) consecutive groups of T
   // rows of each b (row (b K + k) T + t reads target[b, t]; the RAG layout, no K-fold copy).
   const int64_t N = hidden.size(0);
@@ -562,16 +568,8 @@ std::tuple<at::Tensor, at::Tensor> linear_logprob_gemm_floor(const at::Tensor& h
                                                              const at::Tensor& weight,
                                                              bool backward, int64_t row_tile,
                                                              int64_t vocab_tile) {
-  RK_CHECK_INPUT(hidden);
-  RK_CHECK_INPUT(weight);
-  RK_CHECK_DIM(hidden, 2);
-  RK_CHECK_DIM(weight, 2);
+  check_head(hidden, weight);
   const auto dt = hidden.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-              "hidden must be float32, float64, bfloat16 or float16, got ", dt);
-  RK_CHECK_DTYPE(weight, dt);
-  TORCH_CHECK(weight.size(1) == hidden.size(1), "weight must have shape (V, ", hidden.size(1),
-              "), got ", weight.sizes());
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   auto empty = at::empty({0}, hidden.options());
   if (N == 0 || V == 0) {

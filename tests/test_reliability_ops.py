@@ -134,6 +134,16 @@ def _masked_vocab(V, masked, shape, g):
     return b, ids[torch.randint(0, ids.numel(), shape, generator=g)]
 
 
+def _rag_masked_vocab(masked, seed):
+    """RAG inputs (B=2, K=3, T=4, H=8, V=300) with a -inf bias on ``masked``."""
+    g = torch.Generator().manual_seed(seed)
+    B, K, T, H, V = 2, 3, 4, 8, 300
+    h = torch.randn(B, K, T, H, generator=g)
+    w = torch.randn(V, H, generator=g)
+    s = torch.randn(B, K, generator=g)
+    return (h, w, s, *_masked_vocab(V, masked, (B, T), g))
+
+
 # Whole vocabulary tiles / splits under a -inf bias: the first tiles (the online max stays
 # -inf), a middle run, and all but the last column.
 MASKED = [
@@ -184,12 +194,7 @@ def test_rag_loss_minus_inf_bias_over_whole_vocabulary_tiles(impl, mode, masked,
     from rag_kernels.ops.token_smoothing import cpu as ts_cpu
 
     monkeypatch.setattr(ts_cpu, "TILES", (4, 64, 4, 64))
-    g = torch.Generator().manual_seed(4)
-    B, K, T, H, V = 2, 3, 4, 8, 300
-    h = torch.randn(B, K, T, H, generator=g)
-    w = torch.randn(V, H, generator=g)
-    s = torch.randn(B, K, generator=g)
-    b, y = _masked_vocab(V, masked, (B, T), g)
+    h, w, s, b, y = _rag_masked_vocab(masked, seed=4)
     results = []
     for which in (impl, "reference"):
         hh, ww, ss, bb = (x.clone().requires_grad_() for x in (h, w, s, b))
@@ -217,12 +222,8 @@ def test_token_smoothing_minus_inf_bias(impl, tiles, masked, monkeypatch):
     from rag_kernels.ops.token_smoothing import token_smoothing_with_logprob
 
     monkeypatch.setattr(ts_cpu, "TILES", tiles)
-    g = torch.Generator().manual_seed(5)
-    B, K, T, H, V = 2, 3, 4, 8, 300
-    h = torch.randn(B, K, T, H, generator=g)
-    w = torch.randn(V, H, generator=g)
-    s = torch.randn(B, K, generator=g)
-    b, y = _masked_vocab(V, masked, (B, T), g)
+    h, w, s, b, y = _rag_masked_vocab(masked, seed=5)
+    g = torch.Generator().manual_seed(6)
     keep = b == 0
     out_ref, lp_ref = token_smoothing_with_logprob(h, w, s, y, bias=b, impl="reference")
     assert (out_ref == float("-inf")).all()
