@@ -162,6 +162,11 @@ BAD_CONFIGS = [
     ("c.yaml", b"steps: 3\n\nmode: \xc3\x28\n", "c.yaml, line 3: not valid UTF-8"),
     ("c.json", b'{"mode": "\xfe"}', "c.json, line 1: not valid UTF-8"),
     ("c.ini", "steps = 3\n", "use a .toml, .yaml/.yml or .json file"),
+    # a key given twice was silently last-wins in YAML and JSON (TOML refuses it itself)
+    ("c.yaml", "steps: 2\nlog_every: 1\nsteps: 3\n", "c.yaml, line 3: invalid YAML: duplicate key"),
+    ("c.json", '{"steps": 2, "steps": 3}', "c.json: invalid JSON: duplicate key 'steps'"),
+    ("c.toml", "steps = 2\nsteps = 3\n", "c.toml, line 2: invalid TOML"),
+    ("c.toml", "lr-generator = 1e-4\nlr_generator = 2e-4\n", "option lr_generator is set twice"),
 ]
 
 

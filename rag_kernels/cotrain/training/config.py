@@ -526,6 +526,43 @@ def _where(path: str, line: int | None) -> str:
     return f"{path}, line {line}" if line else path
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _json_unique(pairs: list) -> dict:
+    """json object_pairs_hook: a key given twice is an error (json's default keeps the last)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _yaml_loader(yaml):
+    """A SafeLoader that refuses a mapping key given twice (safe_load keeps the last)."""
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # unhashable or odd: "option names must be strings" later
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return loader.construct_mapping(node, deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeyLoader
+
+
 def _read_file(path: str) -> tuple[dict, dict[str, int | None]]:
     """``(values, lines)`` of a config file: option -> value, option -> line it is set on."""
     if os.path.isdir(path):
@@ -569,7 +606,7 @@ def _read_file(path: str) -> tuple[dict, dict[str, int | None]]:
                 f"--config {path}: reading YAML needs pyyaml (pip install pyyaml)"
             ) from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml_loader(yaml))  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             what = getattr(e, "problem", None) or one_line(e)
@@ -580,11 +617,13 @@ def _read_file(path: str) -> tuple[dict, dict[str, int | None]]:
             data = {}
     else:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_json_unique)
         except json.JSONDecodeError as e:
             raise UserError(
                 f"{path}, line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})"
             ) from None
+        except _DuplicateKey as e:
+            raise UserError(f"{path}: invalid JSON: duplicate key {e.args[0]!r}") from None
     if not isinstance(data, dict):
         raise UserError(
             f"{path}: expected a mapping of option names to values, got {type(data).__name__}"
@@ -594,6 +633,8 @@ def _read_file(path: str) -> tuple[dict, dict[str, int | None]]:
         if not isinstance(k, str):
             raise UserError(f"{path}: option names must be strings, got {k!r}")
         name = k.replace("-", "_")
+        if name in values:  # e.g. lr-generator and lr_generator
+            raise UserError(f"{path}: option {name} is set twice")
         values[name] = v
         lines[name] = _key_line(text, name, fmt)
     return values, lines
