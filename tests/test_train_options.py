@@ -482,3 +482,11 @@ def test_new_objectives_train_the_query_encoder(tmp_path, objective):
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.ret_params, strict=True))
     if objective == "adist":
         assert tr.generator.config._attn_implementation == "eager"
+
+
+def test_max_new_tokens_beyond_the_generators_positions_is_refused(tmp_path):
+    """--max-new-tokens 100000000 was accepted: evaluation then decoded past the generator's
+    learned positions for minutes. It is refused once the generator is loaded."""
+    cfg = tiny_train_config(tmp_path / "run", max_new_tokens=10**8)
+    with pytest.raises(UserError, match=r"^--max-new-tokens 100000000: the generator holds at"):
+        CoTrainer(cfg, dataset=toolkit_tiny_dataset())

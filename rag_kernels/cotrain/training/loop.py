@@ -334,6 +334,13 @@ class CoTrainer:
                 f"--generator {cfg.generator or '(default SmolLM2-135M-Instruct)'}: "
                 f"{one_line(e)[:400]}"
             ) from e
+        # learned positions (GPT-2's n_positions maps to it; T5's relative ones have no limit)
+        n_pos = getattr(self.generator.config, "max_position_embeddings", None)
+        if isinstance(n_pos, int) and cfg.max_new_tokens >= n_pos:  # decoding could never end
+            raise UserError(
+                f"--max-new-tokens {cfg.max_new_tokens}: the generator holds at most {n_pos} "
+                "positions (prompt and answer together)"
+            )
         if cfg.retriever_objective == "adist":  # attention weights: sdpa/flash do not return them
             if not getattr(self.tokenizer, "is_fast", False):
                 raise UserError(
