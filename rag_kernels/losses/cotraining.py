@@ -89,7 +89,7 @@ class _Gate(torch.autograd.Function):
     """``term`` where ``on`` (a 0-d bool tensor), else 0, and then no gradient at all into
     ``term``'s graph: a zero upstream gradient is not enough, since a non-finite term's own
     backward turns it into NaN (0 · inf). The forward never reads ``on`` on the host; the
-    backward does (a sync only when ``on`` lives on the GPU)."""
+    backward does (a sync only when ``on`` lives on the GPU). See :func:`_gate`."""
 
     @staticmethod
     def forward(ctx, on, term):
@@ -102,8 +102,15 @@ class _Gate(torch.autograd.Function):
         return None, grad if bool(on) else None
 
 
-def _gate(on: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-    if term.requires_grad:
+def _gate(on: bool | torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """``term`` if ``on`` else 0 with nothing sent into ``term``'s graph. ``on`` known on the
+    host (a float weight, an int step): the term is simply left out. A tensor ``on`` (the step
+    counter, a tensor step): :class:`_Gate`, except under ``torch.compile``, whose graphs
+    cannot branch on it, where it is a ``where`` (a frozen non-finite term's gradient may then
+    be NaN: pass an int ``step`` to keep it out)."""
+    if isinstance(on, bool):
+        return term if on else torch.zeros_like(term)
+    if term.requires_grad and not torch.compiler.is_compiling():
         return _Gate.apply(on, term)
     return torch.where(on, term, torch.zeros_like(term))
 
@@ -198,15 +205,17 @@ class CoTrainingLoss(nn.Module):
             step = self.step_count
         F, W = self.retriever_freeze_steps, self.retriever_warmup_steps
         if not torch.is_tensor(step):
-            if step < F:
-                f = 0.0
-            else:
-                f = 1.0 if W == 0 else min(1.0, (step - F + 1) / W)
-            return torch.tensor(f, dtype=torch.float64)
+            return torch.tensor(self._schedule_factor(step), dtype=torch.float64)
         s = step.to(torch.float64)
         if W == 0:
             return (s >= F).to(torch.float64)
         return ((s - F + 1) / W).clamp(0.0, 1.0)
+
+    def _schedule_factor(self, step: int) -> float:
+        F, W = self.retriever_freeze_steps, self.retriever_warmup_steps
+        if step < F:
+            return 0.0
+        return 1.0 if W == 0 else min(1.0, (step - F + 1) / W)
 
     def retriever_active(self, step: int | torch.Tensor | None = None) -> bool:
         """Whether the retriever term has a non-zero weight at ``step`` (None: the step the
@@ -301,7 +310,7 @@ class CoTrainingLoss(nn.Module):
             return torch.tensor(x, device=dev, dtype=dt)
 
         w_g = const(self.generator_weight)
-        g_on = w_g != 0
+        g_on = self.generator_weight != 0  # a float
         n_g = n_r = None
         if retriever_loss is None:
             if self.balancing == "uncertainty":
@@ -333,7 +342,10 @@ class CoTrainingLoss(nn.Module):
                 gen_term = w_g * generator_loss
                 ret_term = w_r * retriever_loss
             # gated, not a bare product: a non-finite L_r during the freeze must not leak
-            total = _gate(g_on, gen_term) + _gate(active & (w_r != 0), ret_term)
+            r_on = active & (w_r != 0)
+            if not torch.is_tensor(step) and step is not None:  # known here: no tensor flag
+                r_on = self.retriever_weight != 0 and self._schedule_factor(step) > 0
+            total = _gate(g_on, gen_term) + _gate(r_on, ret_term)
 
         if use_counter and self.training:
             with torch.no_grad():
