@@ -301,6 +301,14 @@ def sharded_token_smoothing(
         # pi - LSE is replicated and feeds this rank's part only: its gradient is summed.
         shift = copy_to_group(torch.where(row_ok, prior - st.lse.to(out_dt), zero), group)
         s = torch.where(row_ok, shift + st.local_lse.to(out_dt), zero)  # [B, K, T]
+        # A shard masked whole (a -inf bias): local_lse = -inf on every kept document, so the
+        # part is sum_v log 0 = -inf with no gradient (as the single-process kernels give
+        # masked columns no posterior weight); s = 0 stands in for it, or log_softmax_k and
+        # logsumexp_k of -infs would be NaN (forward and backward).
+        kept = row_ok if doc_mask is None else row_ok & doc_mask[:, :, None]
+        masked = (st.local_lse == float("-inf")) | ~kept  # (a NaN lse is not: it propagates)
+        dead = masked.all(dim=1) & kept.any(dim=1)  # [B, T]
+        s = torch.where(dead[:, None, :], zero, s)
         s_q = s.permute(0, 2, 1).reshape(B * T, K)  # every (b, t) its own query
         mask_q = (
             None if doc_mask is None else doc_mask[:, None, :].expand(B, T, K).reshape(B * T, K)
@@ -311,9 +319,16 @@ def sharded_token_smoothing(
     part, _ = ts_core(h_q, weight, s_q, t_q, bias, mask_q, opts, impl)
     with V.autocast_disabled(hidden):
         # log_softmax_k inside the op removed logsumexp_k s per vocabulary entry: add it back.
+        # (per vocabulary entry with probability mass: the kernels give an entry masked by a
+        # -inf bias no posterior weight, so it takes no part in the gradient of the add-back)
         s_docs = s if doc_mask is None else torch.where(doc_mask[:, :, None], s, float("-inf"))
-        shift_back = weight.shape[0] * torch.logsumexp(s_docs, dim=1)  # [B, T]
-        part = torch.where(keep_tok, part.view(B, T).to(out_dt) + shift_back, zero)
+        n_live = weight.shape[0]
+        if bias is not None and opts.softcap is None:  # (a softcap keeps -inf finite: -cap)
+            n_live = n_live - (bias == float("-inf")).sum().to(out_dt)
+        shift_back = n_live * torch.logsumexp(s_docs, dim=1)  # [B, T]
+        part = part.view(B, T).to(out_dt) + shift_back
+        part = torch.where(dead, torch.full((), float("-inf"), dtype=out_dt, device=dev), part)
+        part = torch.where(keep_tok, part, zero)
         total = sum_over_group(part, group)
     return total, (None if target is None else st.logprob), st.vocab_size
 
