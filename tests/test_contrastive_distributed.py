@@ -75,6 +75,29 @@ def _worker(rank, port, out_dir):
         y = all_gather_with_grad(x)
         (y * (rank + 1)).sum().backward()
         results["gather"] = (y.detach(), x.grad)
+        # ranks that disagree (D, dtype, doc_ids, kind of positives): gloo aborted one rank on
+        # a size mismatch and the other computed a loss from uninitialised rows
+        q, docs, ids, mask = _data(rank)
+        last = rank == WORLD - 1
+        bad = {
+            "dim": lambda: contrastive_loss(
+                q[:, : D - last], docs[:, : D - last], gather=True, impl=IMPL
+            ),
+            "dtype": lambda: contrastive_loss(
+                q.float() if last else q, docs.float() if last else docs, gather=True, impl=IMPL
+            ),
+            "doc_ids": lambda: contrastive_loss(
+                q, docs, gather=True, doc_ids=None if last else ids, impl=IMPL
+            ),
+        }
+        errors = {}
+        for name, fn in bad.items():
+            try:
+                fn()
+                errors[name] = None
+            except ValueError as e:
+                errors[name] = str(e)
+        results["errors"] = errors
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -204,3 +227,17 @@ def test_grad_cache_bad_chunk_size():
             lambda q, d: (q * d).sum(),
             chunk_size=0,
         )
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("dim", "same embedding dim D of docs, got rank 0: 5, rank 1: 4"),
+        ("dtype", "same dtype of queries / docs, got rank 0: torch.float64, rank 1: torch.float32"),
+        ("doc_ids", "same doc_ids (1: given), got rank 0: 1, rank 1: 0"),
+    ],
+)
+def test_ranks_that_disagree_raise_on_every_rank(rank_results, name, text):
+    for rank, res in enumerate(rank_results):
+        err = res["errors"][name]
+        assert err is not None and text in err, f"rank {rank}: {err}"

@@ -278,9 +278,9 @@ def _errors(world, rank):
     start, rows = LAYOUTS[world][rank]
     w = c.weight[start : start + rows]
 
-    def call(target=c.target, weight=w, **kw):
+    def call(target=c.target, weight=w, hidden=c.hidden, **kw):
         kw = {"vocab_group": group, "vocab_start": start, **kw}
-        return rk.linear_logprob(c.hidden, weight, target, impl="reference", **kw)
+        return rk.linear_logprob(hidden, weight, target, impl="reference", **kw)
 
     def bad_target(value, only_rank=None):
         t = c.target.clone()
@@ -303,6 +303,16 @@ def _errors(world, rank):
         "group_not_a_group": lambda: call(vocab_group="world"),
         "reduce_hidden_grad_not_bool": lambda: call(reduce_hidden_grad=1),
         "bias_not_shard_shaped": lambda: call(bias=torch.zeros(V_FULL, dtype=F64)),
+        # hidden / target differ in shape or dtype on the last rank: gloo aborted one rank
+        # (a size mismatch in the gather) and the others got a garbage layout error
+        "rows_differ": lambda: call(
+            target=c.target[: 3 if rank == world - 1 else 4],
+            hidden=c.hidden[: 3 if rank == world - 1 else 4],
+        ),
+        "dtype_differs": lambda: call(
+            hidden=c.hidden.float() if rank == world - 1 else c.hidden,
+            weight=w.float() if rank == world - 1 else w,
+        ),
         "rag_loss_gap": lambda: rk.rag_loss(
             h_rag,
             w_rag[start : start + rows],
@@ -478,6 +488,8 @@ ERRORS = {
     "reduce_hidden_grad_not_bool": ("TypeError", "reduce_hidden_grad must be a bool"),
     "bias_not_shard_shaped": ("ValueError", "bias must have shape"),
     "rag_loss_gap": ("ValueError", "vocab_start / weight: the LM-head shards of vocab_group"),
+    "rows_differ": ("ValueError", "every rank must pass the same number of rows of hidden"),
+    "dtype_differs": ("ValueError", "every rank must pass the same dtype of hidden, got rank 0"),
 }
 
 

@@ -35,7 +35,10 @@ __all__ = [
     "all_gather_with_grad",
     "all_gather_no_grad",
     "all_gather_replicated",
+    "check_agreement",
     "copy_to_group",
+    "dtype_code",
+    "gather_ints",
     "gather_candidates",
     "group_info",
     "sum_over_group",
@@ -50,12 +53,43 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
+def gather_ints(values: Sequence[int], device: torch.device, group=None) -> list[list[int]]:
+    """Every rank's ``values`` (the same count on every rank), in rank order: one all-gather."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
+    parts = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    return [p.tolist() for p in torch.stack(parts).cpu()]
+
+
 def _gather_sizes(n: int, device: torch.device) -> list[int]:
-    _, world = world_info()
-    size = torch.tensor([n], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    return [int(s) for s in sizes]
+    return [v[0] for v in gather_ints([n], device)]
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def dtype_code(dt: torch.dtype) -> int:
+    """A small int per floating dtype, for headers exchanged between ranks."""
+    return _DTYPES.index(dt) if dt in _DTYPES else -1
+
+
+def _show(name: str, v: int) -> str:
+    if "dtype" not in name:
+        return str(v)
+    return str(_DTYPES[v]) if 0 <= v < len(_DTYPES) else "another dtype"
+
+
+def check_agreement(what: str, header: list[list[int]], names: Sequence[str]) -> None:
+    """Raise the same ValueError on every rank when the ranks' ``header`` columns ``1 ..`` (one
+    per name; column 0 may differ, e.g. a row count) differ: every rank sees every header, so
+    none of them waits in a collective that the others never enter. A name with "dtype" in it
+    shows its values (:func:`dtype_code`) as dtypes."""
+    for j, name in enumerate(names, start=1):
+        vals = [h[j] for h in header]
+        if len(set(vals)) > 1:
+            per_rank = ", ".join(f"rank {r}: {_show(name, v)}" for r, v in enumerate(vals))
+            raise ValueError(f"{what}: every rank must pass the same {name}, got {per_rank}")
 
 
 def _all_gather_padded(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -135,7 +169,20 @@ def gather_candidates(
     if world == 1:
         return GatheredCandidates(docs, pos_index, pos_mask, doc_ids, None, None, 0)
     dev = docs.device
-    d_sizes = _gather_sizes(docs.shape[0], dev)
+    # one exchange of the layouts: rows per rank, and what must agree before the gathers
+    # (a mismatch would crash gloo or gather garbage)
+    header = gather_ints(
+        [docs.shape[0], docs.shape[1], dtype_code(docs.dtype), doc_ids is not None,
+         pos_mask is not None, symmetric, queries.shape[0]],
+        dev,
+    )  # fmt: skip
+    check_agreement(
+        "contrastive_loss(gather=True)",
+        header,
+        ("embedding dim D of docs", "dtype of queries / docs",
+         "doc_ids (1: given)", "kind of positives (1: a bool mask)", "symmetric"),
+    )  # fmt: skip
+    d_sizes = [h[0] for h in header]
     d_off = sum(d_sizes[:rank])
     M = sum(d_sizes)
     all_docs = all_gather_with_grad(docs, d_sizes)
@@ -149,7 +196,7 @@ def gather_candidates(
     all_q = all_p = None
     q_off = 0
     if symmetric:
-        q_sizes = _gather_sizes(queries.shape[0], dev)
+        q_sizes = [h[6] for h in header]
         q_off = sum(q_sizes[:rank])
         all_q = all_gather_with_grad(queries, q_sizes)
         all_p = all_gather_no_grad(pos_index, q_sizes)

@@ -53,7 +53,15 @@ import torch
 import torch.distributed as dist
 
 from . import validation as V
-from .distributed import all_gather_replicated, copy_to_group, group_info, sum_over_group
+from .distributed import (
+    all_gather_replicated,
+    check_agreement,
+    copy_to_group,
+    dtype_code,
+    gather_ints,
+    group_info,
+    sum_over_group,
+)
 
 F64 = torch.float64
 
@@ -216,9 +224,18 @@ def sharded_linear_logprob(
     one all-reduce of ``[N, H]`` backward when ``shard.reduce_hidden_grad``.
     """
     group, start, size = shard.group, shard.start, weight.shape[0]
+    shape = hidden.shape[:-1]
+    if V.value_checks_enabled():  # before any collective whose sizes depend on them
+        header = gather_ints(
+            [0, shape.numel(), hidden.shape[-1], dtype_code(hidden.dtype)], hidden.device, group
+        )
+        check_agreement(
+            "vocab_group (hidden and target are replicated)",
+            header,
+            ("number of rows of hidden / target", "hidden size H", "dtype of hidden"),
+        )
     if shard.reduce_hidden_grad and not hidden_in_group:
         hidden = copy_to_group(hidden, group)
-    shape = hidden.shape[:-1]
     keep = target != opts.ignore_index
     local = target - start
     owned = keep & (local >= 0) & (local < size)
