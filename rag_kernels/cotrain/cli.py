@@ -39,14 +39,17 @@ def _train(argv: list[str]) -> int:
     # lock per rank would make rank 1 fail on rank 0's lock). torchrun sets RANK.
     rank0 = os.environ.get("RANK", "0") == "0"
     lock = RunLock(cfg.output_dir).acquire() if rank0 else None
-    try:
-        from .training.loop import CoTrainer
+    from .training.loop import CoTrainer, finish_distributed
 
+    ok = False
+    try:
         trainer = CoTrainer(cfg, run_lock=lock)
         metrics = trainer.fit()
+        ok = True
     finally:
         if lock is not None:
             lock.release()
+        finish_distributed(ok)
     if trainer.rank == 0 and "initial" in metrics:
         print("\nmetric      initial   final")
         from .eval.metrics import METRIC_KEYS

@@ -260,10 +260,16 @@ def main(argv: list[str]) -> int:
     from ..training.files import RunLock
 
     lock = RunLock(cfg.output_dir).acquire()
+    from ..training.loop import finish_distributed
+
+    ok = False
     try:
-        return _evaluate(cfg, source, req, lock)
+        code = _evaluate(cfg, source, req, lock)
+        ok = True
+        return code
     finally:
         lock.release()
+        finish_distributed(ok)
 
 
 def _evaluate(cfg: TrainConfig, source: str, req: EvalRequest, lock) -> int:

@@ -151,16 +151,38 @@ def local_device_index() -> int:
     return int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
 
 
+_STARTED_GROUP = False  # setup_distributed started the process group (finish_distributed ends it)
+
+
 def setup_distributed() -> tuple[int, int]:
     """Initialise torch.distributed when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    global _STARTED_GROUP
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and _dist() is None:
         import torch.distributed as dist
 
         if torch.cuda.is_available():  # every rank on its own GPU before NCCL starts
             torch.cuda.set_device(local_device_index())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        _STARTED_GROUP = True
     d = _dist()
     return (d.get_rank(), d.get_world_size()) if d else (0, 1)
+
+
+def finish_distributed(ok: bool) -> None:
+    """End the process group :func:`setup_distributed` started: after a barrier when the
+    command succeeded (no rank tears it down while another is still in a collective), at once
+    after an error. Left to process exit, gloo's threads could abort a rank ("terminate called
+    without an active exception") after a successful run."""
+    global _STARTED_GROUP
+    d = _dist()
+    if not _STARTED_GROUP or d is None:
+        return
+    _STARTED_GROUP = False
+    try:
+        if ok:
+            d.barrier()
+    finally:
+        d.destroy_process_group()
 
 
 def _load(flag: str, path: str, loader, **kw):
