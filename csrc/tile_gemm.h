@@ -372,6 +372,55 @@ struct MicroTileGemm {
   void worker_done() { micro_gemm_release<In>(); }
 };
 
+// The backward tile walk of the LM-head kernels (linear_logprob.cpp, token_smoothing.cpp) on a
+// tile-walk Gemm (above): per (vocabulary tile, row block) the logits z [rows, vt] (at zp),
+// turned into dz in place by epilogue(wk, blk, v0, vt, zp), then dh [Na, H] += dz W_t,
+// dW_t (+)= dz^T h and db_t += sum_rows dz (each may be null) in the compute dtype T (fp32 for
+// bf16 inputs, whose dW tiles accumulate in fp32 and are rounded once into grad_weight).
+template <typename T, typename Gemm, typename Epilogue>
+inline void backward_walk(Gemm& gemm, int64_t Na, int64_t H, int64_t V, int64_t VT,
+                          int64_t workers, const at::TensorOptions& zopts, at::Tensor* dh,
+                          at::Tensor* grad_weight, double* db, const Epilogue& epilogue) {
+  const auto& blocks = gemm.blocks;
+  // Per worker: a logit tile, a dW tile in T when grad_weight has another dtype, and a partial
+  // dh (summed at the end). dW and db tiles belong to one worker: no races.
+  at::Tensor zbuf = at::empty({workers, max_rows(blocks) * VT}, zopts);
+  at::Tensor dwbuf, dh_parts;
+  if (grad_weight && grad_weight->scalar_type() != zopts.dtype().toScalarType())
+    dwbuf = at::empty({workers, VT * H}, zopts);
+  if (dh) dh_parts = workers == 1 ? dh->unsqueeze(0) : at::zeros({workers, Na, H}, zopts);
+
+  for_each_vocab_tile(
+      V, VT, workers,
+      [&](int64_t wk, int64_t v0, int64_t vt) {
+        gemm.set_tile(wk, v0, vt);
+        at::Tensor dw;
+        if (grad_weight) {
+          dw = dwbuf.defined() ? dwbuf[wk].narrow(0, 0, vt * H).view({vt, H})
+                               : grad_weight->narrow(0, v0, vt);
+        }
+        at::Tensor zw = zbuf[wk];
+        for (int64_t blk = 0; blk < static_cast<int64_t>(blocks.size()); ++blk) {
+          const int64_t r0 = blocks[blk].first, rt = blocks[blk].second;
+          at::Tensor z = zw.narrow(0, 0, rt * vt).view({rt, vt});
+          gemm.logits(wk, blk, z);
+          epilogue(wk, blk, v0, vt, zw.data_ptr<T>());
+          at::Tensor dh_rows;
+          if (dh) dh_rows = dh_parts[wk].narrow(0, r0, rt);
+          gemm.grads(wk, blk, z, dh ? &dh_rows : nullptr, grad_weight ? &dw : nullptr, blk == 0);
+          if (db) {
+            at::Tensor col = z.sum(0, false, at::kDouble);
+            const double* cp = col.data_ptr<double>();
+            for (int64_t v = 0; v < vt; ++v) db[v0 + v] += cp[v];
+          }
+        }
+        if (grad_weight && dwbuf.defined())
+          store_grad_tile(grad_weight->narrow(0, v0, vt), dw);
+      },
+      [&](int64_t) { gemm.worker_done(); });
+  if (dh && workers > 1) at::sum_out(*dh, dh_parts, {0});
+}
+
 template <typename T>
 struct AtenLogits {
   at::Tensor h, weight, wbuf, w;

@@ -51,7 +51,7 @@
 namespace {
 
 using rag_kernels::detail::acc_type;
-using rag_kernels::detail::for_each_vocab_tile;
+using rag_kernels::detail::backward_walk;
 using rag_kernels::detail::lse_shift;
 using rag_kernels::detail::num_workers;
 using rag_kernels::detail::rk_exp;
@@ -622,13 +622,6 @@ void backward_kernel(Gemm& gemm, int64_t Na, int64_t H, int64_t V, int64_t VT, i
   const bool has_cap = softcap.has_value();
   const T cap = has_cap ? static_cast<T>(*softcap) : T(0);
   const int variant = variant_of(bias != nullptr, has_cap);
-  // Per worker: a logit tile, a dW tile in T when grad_weight has another dtype, and a partial
-  // dh (summed at the end); dW and db tiles belong to one worker, so nothing races.
-  at::Tensor zbuf = at::empty({workers, L.max_rows * VT}, zopts);
-  at::Tensor dwbuf, dh_parts;
-  if (grad_weight && grad_weight->scalar_type() != zopts.dtype().toScalarType())
-    dwbuf = at::empty({workers, VT * H}, zopts);
-  if (dh) dh_parts = workers == 1 ? dh->unsqueeze(0) : at::zeros({workers, Na, H}, zopts);
   int64_t max_ka = 1;
   for (const auto& g : L.groups) max_ka = std::max(max_ka, g.ka);
   // Per gathered row: c = pi - lse, lse, g * wsum + g_lp, g_lp; per gathered token: g, target.
@@ -650,44 +643,24 @@ void backward_kernel(Gemm& gemm, int64_t Na, int64_t H, int64_t V, int64_t VT, i
       }
     }
   }
+  // Per worker scratch of bwd_token: mx, s (VT each) and e (max_ka * VT).
+  std::vector<std::vector<T>> scratch(workers, std::vector<T>((2 + max_ka) * VT));
 
-  // One worker per thread walks its vocabulary tiles with single-threaded GEMMs (as in
-  // linear_logprob.cpp): cheaper than threading each GEMM and each epilogue separately.
-  for_each_vocab_tile(V, VT, workers, [&](int64_t wk, int64_t v0, int64_t vt) {
-    gemm.set_tile(wk, v0, vt);
-    at::Tensor dw;
-    if (grad_weight)
-      dw = dwbuf.defined() ? dwbuf[wk].narrow(0, 0, vt * H).view({vt, H})
-                           : grad_weight->narrow(0, v0, vt);
-    at::Tensor zw = zbuf[wk];
-    T* zp = zw.data_ptr<T>();
-    std::vector<T> mx(vt), s(vt), e(max_ka * vt);
-    for (int64_t gi = 0; gi < static_cast<int64_t>(L.groups.size()); ++gi) {
-      const Group& g = L.groups[gi];
-      const int64_t rows = g.nt * g.ka;
-      at::Tensor z = zw.narrow(0, 0, rows * vt).view({rows, vt});
-      gemm.logits(wk, gi, z);
-      for (int64_t j = 0; j < g.nt; ++j) {
-        const int64_t r = g.row0 + j * g.ka;
-        const int64_t yt = y_tok[g.tok0 + j];
-        bwd_token_v(variant, zp + j * g.ka * vt, g.ka, vt, bias ? bias + v0 : nullptr, cap,
-                    c_row.data() + r, lse_row.data() + r, gw_row.data() + r, g_tok[g.tok0 + j],
-                    grad_lp ? glp_row.data() + r : nullptr, yt >= 0 ? yt - v0 : -1, mx.data(),
-                    s.data(), e.data());
-      }
-      at::Tensor dh_rows;
-      if (dh) dh_rows = dh_parts[wk].narrow(0, g.row0, rows);
-      gemm.grads(wk, gi, z, dh ? &dh_rows : nullptr, grad_weight ? &dw : nullptr, gi == 0);
-      if (db) {
-        at::Tensor col = z.sum(0, false, at::kDouble);
-        const double* cp = col.data_ptr<double>();
-        for (int64_t v = 0; v < vt; ++v) db[v0 + v] += cp[v];
-      }
+  // The groups are the walk's row blocks; one worker per thread walks its vocabulary tiles
+  // with single-threaded GEMMs (as in linear_logprob.cpp).
+  backward_walk<T>(gemm, Na, H, V, VT, workers, zopts, dh, grad_weight, db,
+                   [&](int64_t wk, int64_t gi, int64_t v0, int64_t vt, T* zp) {
+    const Group& g = L.groups[gi];
+    T* mx = scratch[wk].data();
+    for (int64_t j = 0; j < g.nt; ++j) {
+      const int64_t r = g.row0 + j * g.ka;
+      const int64_t yt = y_tok[g.tok0 + j];
+      bwd_token_v(variant, zp + j * g.ka * vt, g.ka, vt, bias ? bias + v0 : nullptr, cap,
+                  c_row.data() + r, lse_row.data() + r, gw_row.data() + r, g_tok[g.tok0 + j],
+                  grad_lp ? glp_row.data() + r : nullptr, yt >= 0 ? yt - v0 : -1, mx, mx + vt,
+                  mx + 2 * vt);
     }
-    if (grad_weight && dwbuf.defined())
-      rag_kernels::detail::store_grad_tile(grad_weight->narrow(0, v0, vt), dw);
-  }, [&](int64_t) { gemm.worker_done(); });
-  if (dh && workers > 1) at::sum_out(*dh, dh_parts, {0});
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_smoothing_bwd(

@@ -342,8 +342,9 @@ class CoTrainingLoss(nn.Module):
                 gen_term = w_g * generator_loss
                 ret_term = w_r * retriever_loss
             # gated, not a bare product: a non-finite L_r during the freeze must not leak
-            r_on = active & (w_r != 0)
-            if not torch.is_tensor(step) and step is not None:  # known here: no tensor flag
+            if step is None or torch.is_tensor(step):
+                r_on = active & (w_r != 0)
+            else:  # an int step: known here, no tensor flag
                 r_on = self.retriever_weight != 0 and self._schedule_factor(step) > 0
             total = _gate(g_on, gen_term) + _gate(r_on, ret_term)
 

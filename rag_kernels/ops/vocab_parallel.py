@@ -322,9 +322,9 @@ def sharded_token_smoothing(
         # part is sum_v log 0 = -inf with no gradient (as the single-process kernels give
         # masked columns no posterior weight); s = 0 stands in for it, or log_softmax_k and
         # logsumexp_k of -infs would be NaN (forward and backward).
-        kept = row_ok if doc_mask is None else row_ok & doc_mask[:, :, None]
-        masked = (st.local_lse == float("-inf")) | ~kept  # (a NaN lse is not: it propagates)
-        dead = masked.all(dim=1) & kept.any(dim=1)  # [B, T]
+        # (row_ok is False on masked documents: their rows were set to -1 above)
+        masked = (st.local_lse == float("-inf")) | ~row_ok  # (a NaN lse is not: it propagates)
+        dead = masked.all(dim=1) & row_ok.any(dim=1)  # [B, T]
         s = torch.where(dead[:, None, :], zero, s)
         s_q = s.permute(0, 2, 1).reshape(B * T, K)  # every (b, t) its own query
         mask_q = (
