@@ -323,6 +323,62 @@ def _errors(world, rank):
             impl="reference",
         ),  # fmt: skip
     }
+    # one rank only passes a bad argument: it raises its own error, the others stop too
+    # (before, they waited in the op's first collective until the gloo timeout)
+    last = rank == world - 1
+    h_ts = torch.randn(1, 2, 3, 3, dtype=F64)
+    s_ts = torch.randn(1, 2, dtype=F64)
+    y_hf = y_rag.clamp(min=2)
+    y_neg = y_rag.clone()
+    y_neg[0, -1] = -5
+    attempts.update(
+        {
+            "one_rank_target_negative": lambda: call(target=bad_target(-3, only_rank=world - 1)),
+            "one_rank_vocab_start": lambda: call(vocab_start=-1 if last else start),
+            "one_rank_bias_shape": lambda: call(
+                bias=torch.zeros(rows + (1 if last else 0), dtype=F64)
+            ),
+            "one_rank_softcap": lambda: call(softcap=-1.0 if last else None),
+            "one_rank_rag_loss": lambda: rk.rag_loss(
+                h_rag,
+                w_rag[start : start + rows],
+                y_rag,
+                s_rag,
+                vocab_group=group,
+                vocab_start=start,
+                label_smoothing=0.5 if not last else 1.5,
+                impl="reference",
+            ),
+            "one_rank_feedback": lambda: rk.generator_feedback(
+                h_rag,
+                w_rag[start : start + rows],
+                y_neg if last else y_rag,
+                vocab_group=group,
+                vocab_start=start,
+                impl="reference",
+            ),
+            "one_rank_token_smoothing": lambda: rk.token_smoothing(
+                h_ts,
+                w_rag[start : start + rows],
+                s_ts,
+                doc_mask=torch.ones(1, 3 if last else 2, dtype=torch.bool),
+                vocab_group=group,
+                vocab_start=start,
+                impl="reference",
+            ),
+            "one_rank_hf": lambda: rk.hf.rag_token_get_nll(
+                h_rag.reshape(2, 3, -1),
+                w_rag[start : start + rows],
+                s_rag,
+                y_hf,
+                pad_token_id=1,
+                epsilon=2.0 if last else 0.1,
+                vocab_group=group,
+                vocab_start=start,
+                impl="reference",
+            ),
+        }
+    )
     out = {}
     for name, fn in attempts.items():
         try:
@@ -491,6 +547,35 @@ ERRORS = {
     "rows_differ": ("ValueError", "every rank must pass the same number of rows of hidden"),
     "dtype_differs": ("ValueError", "every rank must pass the same dtype of hidden, got rank 0"),
 }
+
+
+# a bad argument on the last rank only: (its own error, type and text)
+ONE_RANK_ERRORS = {
+    "one_rank_target_negative": ("ValueError", "target must hold ids in [0, V) or ignore_index"),
+    "one_rank_vocab_start": ("ValueError", "vocab_start must be an int >= 0, got -1"),
+    "one_rank_bias_shape": ("ValueError", "bias must have shape"),
+    "one_rank_softcap": ("ValueError", "softcap"),
+    "one_rank_rag_loss": ("ValueError", "label_smoothing must be a float in [0, 1), got 1.5"),
+    "one_rank_feedback": ("ValueError", "target must hold ids in [0, V) or ignore_index"),
+    "one_rank_token_smoothing": ("ValueError", "doc_mask"),
+    "one_rank_hf": ("ValueError", "epsilon must be a number in [0, 1], got 2.0"),
+}
+
+
+@pytest.mark.parametrize("name", list(ONE_RANK_ERRORS))
+def test_bad_argument_on_one_rank_stops_every_rank(ranks, name):
+    """The rank with the bad argument raises its own error; the others raise one naming it,
+    instead of waiting in a collective until the process group's timeout."""
+    world, got = ranks
+    kind, text = ONE_RANK_ERRORS[name]
+    for rank, res in enumerate(got):
+        err = res["errors"][name]
+        assert err is not None, f"rank {rank}: {name} did not raise"
+        if rank == world - 1:
+            assert err[0] == kind and text in err[1], f"rank {rank}: {name} raised {err}"
+        else:
+            want = f"vocab_group: rank {world - 1} of the group rejected its arguments"
+            assert err[0] == "ValueError" and want in err[1], f"rank {rank}: {name} raised {err}"
 
 
 @pytest.mark.parametrize("name", list(ERRORS))

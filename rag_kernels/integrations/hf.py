@@ -237,15 +237,16 @@ def rag_sequence_get_nll(
 
     Returns: ``[B]`` (or a scalar with ``reduce_loss``), fp32 (fp64 for fp64 inputs).
     """
-    hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
-    shard = vocab_parallel.vocab_shard(vocab_group, vocab_start)
-    B, K, T = _validate(
-        hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
-        shard is not None,
-    )  # fmt: skip
-    _check_int("bos_token_id", bos_token_id, optional=True)
-    _check_bool("reduce_loss", reduce_loss)
-    _check_bool("exclude_bos_score", exclude_bos_score)
+    with vocab_parallel.validated_together(vocab_group, hidden):  # a bad rank stops them all
+        hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+        shard = vocab_parallel.vocab_shard(vocab_group, vocab_start)
+        B, K, T = _validate(
+            hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
+            shard is not None,
+        )  # fmt: skip
+        _check_int("bos_token_id", bos_token_id, optional=True)
+        _check_bool("reduce_loss", reduce_loss)
+        _check_bool("exclude_bos_score", exclude_bos_score)
     tgt = _shift_left(target, pad_token_id)
     lp, S, vocab = _token_logprobs(
         hidden, weight, tgt, bias, pad_token_id, softcap, impl, epsilon != 0, B, K, T, shard
@@ -304,13 +305,14 @@ def rag_token_get_nll(
 
     Returns: ``[B]`` (or a scalar with ``reduce_loss``), fp32 (fp64 for fp64 inputs).
     """
-    hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
-    shard = vocab_parallel.vocab_shard(vocab_group, vocab_start)
-    B, K, T = _validate(
-        hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
-        shard is not None,
-    )  # fmt: skip
-    _check_bool("reduce_loss", reduce_loss)
+    with vocab_parallel.validated_together(vocab_group, hidden):  # a bad rank stops them all
+        hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+        shard = vocab_parallel.vocab_shard(vocab_group, vocab_start)
+        B, K, T = _validate(
+            hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
+            shard is not None,
+        )  # fmt: skip
+        _check_bool("reduce_loss", reduce_loss)
     tgt = _shift_left(target, pad_token_id)
     keep = tgt != pad_token_id  # [B, T]
     marg = None

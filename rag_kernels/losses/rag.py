@@ -108,17 +108,19 @@ def generator_feedback(
     ``mean_logprob``; ``lsr_loss`` takes ``sum_logprob``). ``vocab_group`` / ``vocab_start``:
     ``weight`` / ``bias`` are this rank's rows of a vocabulary-sharded head (as in
     ``rk.linear_logprob``; one all-gather, the values are the unsharded ones on every rank)."""
-    hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
-    shard = vocab_parallel.vocab_shard(vocab_group, vocab_start)
-    V.check_tensor("hidden", hidden, ndim=4)
-    V.check_index_tensor("target", target, ndim=2)
-    B, K, T, _ = hidden.shape
-    V.check_shape("target", target, (B, T))
-    checks = V.ValueChecks()
-    validate_linear_logprob_inputs(
-        hidden, weight, target[:, None, :], bias, ignore_index, softcap, checks, shard is not None
-    )
-    checks.run()
+    with vocab_parallel.validated_together(vocab_group, hidden):  # a bad rank stops them all
+        hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+        shard = vocab_parallel.vocab_shard(vocab_group, vocab_start)
+        V.check_tensor("hidden", hidden, ndim=4)
+        V.check_index_tensor("target", target, ndim=2)
+        B, K, T, _ = hidden.shape
+        V.check_shape("target", target, (B, T))
+        checks = V.ValueChecks()
+        validate_linear_logprob_inputs(
+            hidden, weight, target[:, None, :], bias, ignore_index, softcap, checks,
+            shard is not None,
+        )  # fmt: skip
+        checks.run()
     opts = make_options(ignore_index, softcap)
     with torch.no_grad():
         if shard is None:
@@ -196,20 +198,21 @@ def rag_loss(
     Validates once and reads the value checks with one host synchronisation (with
     ``vocab_group``, a second one after the all-gather checks the shard layout and targets).
     """
-    hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
-    shard = vocab_parallel.vocab_shard(vocab_group, vocab_start, reduce_hidden_grad)
-    checks = V.ValueChecks()
-    validate_rag_inputs(
-        hidden, weight, target, doc_scores, bias, ignore_index, softcap, doc_mask, checks,
-        shard is not None,
-    )  # fmt: skip
-    V.check_choice("mode", mode, MODES)
-    V.check_choice("reduction", reduction, V.REDUCTIONS)
-    if not isinstance(grad_skip_eps, (int, float)) or not 0.0 <= grad_skip_eps < 1.0:
-        raise ValueError(f"grad_skip_eps must be a float in [0, 1), got {grad_skip_eps!r}")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
-    checks.run()
+    with vocab_parallel.validated_together(vocab_group, hidden):  # a bad rank stops them all
+        hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+        shard = vocab_parallel.vocab_shard(vocab_group, vocab_start, reduce_hidden_grad)
+        checks = V.ValueChecks()
+        validate_rag_inputs(
+            hidden, weight, target, doc_scores, bias, ignore_index, softcap, doc_mask, checks,
+            shard is not None,
+        )  # fmt: skip
+        V.check_choice("mode", mode, MODES)
+        V.check_choice("reduction", reduction, V.REDUCTIONS)
+        if not isinstance(grad_skip_eps, (int, float)) or not 0.0 <= grad_skip_eps < 1.0:
+            raise ValueError(f"grad_skip_eps must be a float in [0, 1), got {grad_skip_eps!r}")
+        if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
+        checks.run()
     return rag_loss_core(
         hidden, weight, target, doc_scores, mode, bias, ignore_index, float(label_smoothing),
         doc_mask, softcap, grad_skip_eps, reduction, impl, shard,

@@ -45,7 +45,9 @@ package, so the ops can dispatch here without an import cycle.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -133,6 +135,62 @@ def vocab_shard(vocab_group, vocab_start, reduce_hidden_grad=True) -> VocabShard
             )
         return None
     return VocabShard(vocab_group, vocab_start, rank, world, reduce_hidden_grad)
+
+
+def _agreement_device(group, like) -> torch.device:
+    """The device of the verdict exchange: ``like``'s when it is a tensor, else the current
+    CUDA device for an NCCL-only group, else the CPU."""
+    if isinstance(like, torch.Tensor):
+        return like.device
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def validated_together(vocab_group, like=None) -> Iterator[None]:
+    """Run a vocab-parallel call's argument validation (the ``with`` body) so that a bad
+    argument on one rank stops every rank of ``vocab_group``, not only that one.
+
+    Without this, the rank whose arguments fail raises before the op's first collective while
+    the others enter it and wait there until the process group's timeout. With value checks on
+    (:func:`rag_kernels.ops.validation.value_checks_enabled`), the ranks exchange one int each
+    after validating (an all-gather on ``like``'s device, read on the host): a rank whose
+    validation raised re-raises its own error, naming the argument; every other rank raises a
+    ValueError naming the ranks that rejected their arguments. With value checks off (or under
+    ``torch.compile``), or when ``vocab_group`` is not a usable group of two or more ranks
+    (``vocab_shard`` then raises on its own, or the call is the plain op), the body runs as
+    is. A rank that does not pass ``vocab_group`` at all cannot take part: the others then
+    still wait."""
+    usable = (
+        isinstance(vocab_group, dist.ProcessGroup)
+        and V.value_checks_enabled()
+        and dist.is_available()
+        and dist.is_initialized()
+        and vocab_group is not dist.GroupMember.NON_GROUP_MEMBER
+    )
+    if usable:
+        rank, world = group_info(vocab_group)
+        usable = rank >= 0 and world > 1
+    if not usable:
+        yield
+        return
+    device = _agreement_device(vocab_group, like)
+    try:
+        yield
+    except Exception:
+        gather_ints([1], device, vocab_group)
+        raise
+    verdicts = gather_ints([0], device, vocab_group)
+    failed = [r for r, v in enumerate(verdicts) if v[0]]
+    if failed:
+        which = ", ".join(str(r) for r in failed)
+        raise ValueError(
+            f"vocab_group: rank{'s' if len(failed) > 1 else ''} {which} of the group rejected "
+            "its arguments (the error raised there names the argument); every rank of the "
+            "group stops, none waits in a collective"
+        )
 
 
 def check_shard_targets(checks: V.ValueChecks, name: str, target, ignore_index: int) -> None:
@@ -354,6 +412,7 @@ __all__ = [
     "VocabShard",
     "ShardedLogprob",
     "vocab_shard",
+    "validated_together",
     "check_shard_targets",
     "sharded_linear_logprob",
     "sharded_token_smoothing",

@@ -243,14 +243,15 @@ def linear_logprob(
 
     Returns: ``hidden.shape[:-1]`` fp32 log-probs (fp64 for fp64 inputs), or :class:`LogprobStats`.
     """
-    hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
-    shard = vocab_parallel.vocab_shard(vocab_group, vocab_start, reduce_hidden_grad)
-    checks = V.ValueChecks()
-    validate_linear_logprob_inputs(
-        hidden, weight, target, bias, ignore_index, softcap, checks, shard is not None
-    )
-    opts = make_options(ignore_index, softcap, filter_eps)
-    checks.run()
+    with vocab_parallel.validated_together(vocab_group, hidden):  # a bad rank stops them all
+        hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+        shard = vocab_parallel.vocab_shard(vocab_group, vocab_start, reduce_hidden_grad)
+        checks = V.ValueChecks()
+        validate_linear_logprob_inputs(
+            hidden, weight, target, bias, ignore_index, softcap, checks, shard is not None
+        )
+        opts = make_options(ignore_index, softcap, filter_eps)
+        checks.run()
     if shard is not None:
         st = vocab_parallel.sharded_linear_logprob(
             linear_logprob_core, hidden, weight, target, bias, opts, impl, shard

@@ -228,11 +228,12 @@ def token_smoothing(
     Returns: ``[B, T]`` fp32 (fp64 when ``hidden`` or ``doc_scores`` is fp64), differentiable
     with respect to ``hidden``, ``weight``, ``bias`` and ``doc_scores``.
     """
-    hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
-    shard = vocab_parallel.vocab_shard(vocab_group, vocab_start, reduce_hidden_grad)
-    checks = V.ValueChecks()
-    validate_token_smoothing_inputs(hidden, weight, doc_scores, bias, softcap, doc_mask, checks)
-    checks.run()
+    with vocab_parallel.validated_together(vocab_group, hidden):  # a bad rank stops them all
+        hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+        shard = vocab_parallel.vocab_shard(vocab_group, vocab_start, reduce_hidden_grad)
+        checks = V.ValueChecks()
+        validate_token_smoothing_inputs(hidden, weight, doc_scores, bias, softcap, doc_mask, checks)
+        checks.run()
     opts = TokenSmoothingOptions(softcap=None if softcap is None else float(softcap))
     if shard is not None:
         return vocab_parallel.sharded_token_smoothing(
@@ -282,12 +283,13 @@ def token_smoothing_with_logprob(
     in one pass over the vocabulary (fused impls); the reference computes the two separately.
     ``vocab_group`` / ``vocab_start`` / ``reduce_hidden_grad``: as in :func:`token_smoothing`
     (``target`` holds global ids; two local passes over the shard, the LM-head one first)."""
-    hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
-    shard = vocab_parallel.vocab_shard(vocab_group, vocab_start, reduce_hidden_grad)
-    checks = V.ValueChecks()
-    validate_token_smoothing_inputs(hidden, weight, doc_scores, bias, softcap, doc_mask, checks)
-    validate_target(target, hidden, weight, ignore_index, checks, shard is not None)
-    checks.run()
+    with vocab_parallel.validated_together(vocab_group, hidden):  # a bad rank stops them all
+        hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+        shard = vocab_parallel.vocab_shard(vocab_group, vocab_start, reduce_hidden_grad)
+        checks = V.ValueChecks()
+        validate_token_smoothing_inputs(hidden, weight, doc_scores, bias, softcap, doc_mask, checks)
+        validate_target(target, hidden, weight, ignore_index, checks, shard is not None)
+        checks.run()
     opts = TokenSmoothingOptions(softcap=None if softcap is None else float(softcap))
     tgt = kernel_target(target, ignore_index)
     if shard is not None:
