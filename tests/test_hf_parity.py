@@ -307,6 +307,32 @@ def test_n_docs_explicit_matches_default():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("impl", IMPLS_F64)
+@pytest.mark.parametrize("first", [13, -5], ids=["first-id-too-large", "first-id-negative"])
+@pytest.mark.parametrize("token", [False, True], ids=["sequence", "token"])
+def test_unread_first_target_column_is_not_checked(token, first, impl):
+    """transformers predicts target[:, 1:] and never reads target[:, 0] (often a decoder start
+    id): any value there is accepted and changes nothing, as in transformers."""
+    c = _make_case(SHAPES[0], "pads-at-end", True)  # V = 13
+    c["target"][:, 0] = first
+    for eps in (0.0, 0.1):
+        ours = _rk_loss(c, token, BOS, impl, epsilon=eps)
+        _check_parity(ours, _hf_loss(c, token, BOS, epsilon=eps), c)
+
+
+@pytest.mark.parametrize("impl", IMPLS_F64)
+@pytest.mark.parametrize("token", [False, True], ids=["sequence", "token"])
+def test_one_position_gives_zero_doc_scores_gradient(token, impl):
+    """T = 1: every shifted position is padding, and doc_scores gets a zero gradient (not
+    None), as in transformers, so an optimiser step over it behaves the same."""
+    c = _make_case(SHAPES[4], "last-only", True)  # T = 1
+    for loss in (_rk_loss(c, token, BOS, impl), _hf_loss(c, token, BOS)):
+        c["scores"].grad = None
+        loss.sum().backward()
+        assert c["scores"].grad is not None
+        assert (c["scores"].grad == 0).all()
+
+
 def _bad_inputs():
     h = torch.randn(6, 5, 4)
     w = torch.randn(13, 4)
@@ -325,6 +351,11 @@ def _bad_inputs():
         "target-negative": (dict(ok, target=t.clone().fill_(-5)), ValueError, "target"),
         "pad-not-int": (dict(ok, pad_token_id=1.0), TypeError, "pad_token_id"),
         "pad-bool": (dict(ok, pad_token_id=True), TypeError, "pad_token_id"),
+        "pad-beyond-int32-target": (
+            dict(ok, target=t.int(), pad_token_id=2**31),
+            ValueError,
+            "^pad_token_id must fit target's dtype",
+        ),
         "epsilon-out-of-range": (dict(ok, epsilon=1.5), ValueError, "epsilon"),
         "weight-dtype": (dict(ok, weight=w.double()), TypeError, "weight"),
         "bias-shape": (dict(ok, bias=torch.randn(12)), ValueError, "bias"),

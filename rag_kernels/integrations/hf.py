@@ -154,10 +154,13 @@ def _validate(
         )
     V.check_same_device("doc_scores", doc_scores, hidden, "hidden")
     V.check_same_device("target", target, hidden, "hidden")
+    V.check_ignore_index(pad_token_id, target, name="pad_token_id")
     checks = V.ValueChecks()
+    # transformers never reads target[:, 0] (it predicts target[:, 1:]): neither do the checks
     validate_linear_logprob_inputs(
-        hidden.reshape(B, K, T, hidden.shape[-1]), weight, target[:, None, :], bias,
-        pad_token_id, softcap, checks, vocab_sharded,
+        hidden.reshape(B, K, T, hidden.shape[-1]), weight,
+        _shift_left(target, pad_token_id)[:, None, :], bias, pad_token_id, softcap, checks,
+        vocab_sharded,
     )  # fmt: skip
     V.check_doc_scores(checks, "doc_scores", doc_scores, None)
     checks.run()
@@ -258,8 +261,8 @@ def rag_sequence_get_nll(
     if T >= 2:
         # The prior rides on shifted position 1 only; a pad there masks it away.
         prior = torch.where((tgt[:, 1] != pad_token_id)[:, None], log_prior, zero)
-    else:
-        prior = torch.zeros_like(log_prior)
+    else:  # no position 1: the prior takes no part (zero gradient, as in transformers)
+        prior = torch.where(torch.zeros_like(log_prior, dtype=torch.bool), log_prior, zero)
 
     if exclude_bos_score and bos_token_id is not None:
         use_bos = (tgt[:, 0] == bos_token_id).all()  # 0-d bool tensor, stays on the device

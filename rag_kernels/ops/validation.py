@@ -76,15 +76,18 @@ def check_index_tensor(name: str, x: object, *, ndim: int | Sequence[int] | None
     return check_tensor(name, x, ndim=ndim, dtypes=(torch.int64, torch.int32))
 
 
-def check_ignore_index(ignore_index: object, target: torch.Tensor) -> None:
-    """``ignore_index`` is an int that ``target``'s dtype can hold: comparing int32 ids with
-    2**32 would wrap it to 0 and silently ignore the rows whose target is 0."""
+def check_ignore_index(
+    ignore_index: object, target: torch.Tensor, name: str = "ignore_index"
+) -> None:
+    """``ignore_index`` (the argument ``name``) is an int that ``target``'s dtype can hold:
+    comparing int32 ids with 2**32 would wrap it to 0 and silently ignore the rows whose target
+    is 0."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        raise TypeError(f"{name} must be an int, got {type(ignore_index).__name__}")
     info = torch.iinfo(target.dtype)
     if not info.min <= ignore_index <= info.max:
         raise ValueError(
-            f"ignore_index must fit target's dtype {target.dtype} ([{info.min}, {info.max}]), "
+            f"{name} must fit target's dtype {target.dtype} ([{info.min}, {info.max}]), "
             f"got {ignore_index}"
         )
 
