@@ -468,3 +468,16 @@ def test_retrieval_only_evaluation(tmp_path, capsys):
     with open(os.path.join(out, "metrics.json")) as f:
         m = json.load(f)["final"]
     assert m["recall@1"] is not None and m["em"] is None and m["n"] == 2
+
+
+def test_resume_compares_local_model_directories_by_location(tmp_path, monkeypatch):
+    """Runs save local model directories absolute; a checkpoint that recorded one relative to
+    the working directory resumes from there without a spurious --generator difference."""
+    (tmp_path / "gen").mkdir()
+    monkeypatch.chdir(tmp_path)
+    old = TrainConfig(generator="gen").to_dict()
+    new = TrainConfig(generator=str(tmp_path / "gen")).to_dict()
+    assert resume_differences(old, new, {}, {}) == ([], [])
+    other = TrainConfig(generator=str(tmp_path)).to_dict()
+    unsafe, _ = resume_differences(old, other, {}, {})
+    assert any(t.startswith("--generator gen → ") for t in unsafe), unsafe

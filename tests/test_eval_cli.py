@@ -348,3 +348,27 @@ def test_score_candidates_chunking_is_exact(lm):
         torch.testing.assert_close(x, y)
         ref = torch.tensor([[_brute_score(lm, p, c) for p in ps] for c in cs], dtype=torch.float64)
         torch.testing.assert_close(x, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_relative_data_paths_are_saved_absolute(run, tmp_path, monkeypatch, capsys):
+    """Data paths given relative to the working directory are saved absolute (config.json),
+    so ``eval`` of the run works from any other directory."""
+    data_dir, elsewhere, out = tmp_path / "data", tmp_path / "elsewhere", tmp_path / "run"
+    data_dir.mkdir()
+    elsewhere.mkdir()
+    for k, path in run["data"].items():
+        shutil.copy(path, data_dir / f"{k}.jsonl")
+    monkeypatch.chdir(data_dir)
+    args = ["train", *TINY, "--steps", "1", "--batch-size", "2", "--docs", str(K)]
+    args += ["--max-new-tokens", "2", "--eval-limit", "2", "--skip-initial-eval"]
+    args += ["--progress", "false", "--output-dir", str(out)]
+    args += [x for k in run["data"] for x in (f"--{k}", f"{k}.jsonl")]
+    assert main(args) == 0
+    with open(out / "config.json") as fh:
+        saved = json.load(fh)
+    for k in run["data"]:
+        assert saved[k] == str(data_dir / f"{k}.jsonl"), (k, saved[k])
+    capsys.readouterr()
+    monkeypatch.chdir(elsewhere)
+    loaded, m = eval_cli(capsys, "--output-dir", str(out), "--progress", "false")
+    assert "step 1" in loaded and m

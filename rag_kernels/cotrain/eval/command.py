@@ -38,6 +38,7 @@ from ..errors import ArgumentParser, UserError, one_line, warn
 from ..training.config import (
     BadOptionValue,
     TrainConfig,
+    absolute_paths,
     coerce_value,
     field_kinds,
     flag_name,
@@ -246,7 +247,7 @@ def run_config(req: EvalRequest) -> tuple[TrainConfig, str]:
     # eval scores --eval; the run's dev file (--dev, for --eval-every) is not read, so a dev
     # file moved since training is no error
     values.update(output_dir=out, resume=False, resume_force=False, dev=None)
-    return validate(TrainConfig(**values), sources), source
+    return absolute_paths(validate(TrainConfig(**values), sources)), source
 
 
 def _model_name(value: str | None, default: str) -> str:

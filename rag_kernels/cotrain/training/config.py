@@ -389,7 +389,10 @@ def resume_differences(
     )
     for name in compared:
         a, b = old.get(name, "(absent)"), new.get(name, "(absent)")
-        if a != b:
+        same = a == b
+        if name in ("generator", "retriever"):  # a run saved before paths were made absolute
+            same = (_local_model_dir(a) or a) == (_local_model_dir(b) or b)
+        if not same:
             text = f"{flag_name(name)} {_show(a)} → {_show(b)}"
             (safe if name in RESUME_FORCE_SAFE else unsafe).append(text)
     if not for_eval and old.get("steps") != new.get("steps"):
@@ -861,4 +864,29 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         if k in kinds:
             values[k] = v
             sources.pop(k, None)
-    return validate(TrainConfig(**values), sources)
+    return absolute_paths(validate(TrainConfig(**values), sources))
+
+
+def _local_model_dir(value):
+    """``value``'s absolute path when it names an existing local model directory, else None
+    (the tiny test models, a hub id)."""
+    if not isinstance(value, str) or value == TINY:
+        return None
+    path = os.path.expanduser(value)
+    return os.path.abspath(path) if os.path.isdir(path) else None
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its data paths and local model directories made absolute (relative ones
+    are read from the working directory, as before), so that the configuration a run saves
+    (``config.json``, the checkpoint) names the same files from any working directory: ``eval``
+    and ``--resume`` then need not run where ``train`` did."""
+    changes = {
+        name: os.path.abspath(v)
+        for name in ("corpus", "train", "dev", "eval")
+        if (v := getattr(cfg, name))
+    }
+    for name in ("generator", "retriever"):
+        if (path := _local_model_dir(getattr(cfg, name))) is not None:
+            changes[name] = path
+    return dataclasses.replace(cfg, **changes)
