@@ -289,8 +289,26 @@ def test_bad_input_data(no_models, capsys, tmp_path, which, kind, expect):
         expect = "{p}, line 3: not valid UTF-8"
     else:
         _corrupt(paths, which, kind)
-    line = run_cli(capsys, "train", *TINY, *data_args(paths), "--output-dir", "out")
+    out = tmp_path / "runs" / "out"
+    line = run_cli(capsys, "train", *TINY, *data_args(paths), "--output-dir", str(out))
     assert expect.format(p=paths[which]) in line, line
+    # the failed run created runs/out (and its lock) only to find the data bad: both are gone
+    assert not (tmp_path / "runs").exists(), os.listdir(tmp_path / "runs")
+
+
+def test_failed_run_keeps_a_directory_it_did_not_create(no_models, capsys, tmp_path):
+    paths = tiny_files(tmp_path / "data")
+    _corrupt(paths, "train", "empty")
+    out = tmp_path / "mine"
+    out.mkdir()
+    line = run_cli(capsys, "train", *TINY, *data_args(paths), "--output-dir", str(out))
+    assert "no training questions" in line
+    assert out.is_dir()  # the user's (empty) directory stays
+    (out / "notes.txt").write_text("mine")
+    sub = out / "run"
+    line = run_cli(capsys, "train", *TINY, *data_args(paths), "--output-dir", str(sub))
+    assert "no training questions" in line and not sub.exists()
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_positive_id_not_in_corpus(no_models, capsys, tmp_path):

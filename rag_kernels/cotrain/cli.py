@@ -48,7 +48,7 @@ def _train(argv: list[str]) -> int:
         ok = True
     finally:
         if lock is not None:
-            lock.release()
+            lock.release(discard_unused=not ok)  # a failed first run leaves no empty directory
         finish_distributed(ok)
     if trainer.rank == 0 and "initial" in metrics:
         print("\nmetric      initial   final")

@@ -11,7 +11,8 @@
 * :class:`RunLock`: ``fcntl.flock`` on ``<output-dir>/.lock`` (opened with ``O_NOFOLLOW``)
   for the duration of a run, so two runs never interleave in one directory; a second run
   fails at once naming the lock file and the holder's pid. The kernel drops the lock when
-  the holder exits, even on ``kill -9``: a leftover ``.lock`` file is harmless.
+  the holder exits, even on ``kill -9``: a leftover ``.lock`` file is harmless. A run that
+  fails before writing anything into a directory it created removes the directory again.
 
 Stdlib only (the CLI takes the lock before anything heavy is imported).
 """
@@ -128,6 +129,17 @@ def ensure_dir(path: str, what: str = "--output-dir") -> None:
         raise UserError(f"{what} {path}: not writable")
 
 
+def _first_missing(path: str) -> str | None:
+    """The topmost directory of ``path`` (absolute) that does not exist, or None."""
+    path, top = os.path.abspath(path), None
+    while not os.path.lexists(path):
+        top, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return top
+
+
 class RunLock:
     """An exclusive ``flock`` on ``<directory>/.lock`` held while a run writes there.
 
@@ -138,6 +150,7 @@ class RunLock:
         self.directory = directory
         self.path = os.path.join(directory, LOCK_NAME)
         self._fd: int | None = None
+        self._created: str | None = None  # the topmost directory acquire() created
 
     @property
     def held(self) -> bool:
@@ -148,6 +161,7 @@ class RunLock:
 
         if self._fd is not None:
             return self
+        created = _first_missing(self.directory)
         ensure_dir(self.directory)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o644)
@@ -172,19 +186,42 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        self._created = created
         return self
 
-    def release(self) -> None:
+    def release(self, discard_unused: bool = False) -> None:
+        """Unlock. ``discard_unused`` (a run that failed): when ``acquire`` created the
+        directory and it still holds nothing but the lock file, remove both (and the parents
+        ``acquire`` created, while empty), so a failed first attempt leaves nothing behind."""
         if self._fd is None:
             return
         import fcntl
 
         fd, self._fd = self._fd, None
         try:
-            os.ftruncate(fd, 0)  # no stale pid; the file stays (unlinking it would race)
+            if not (discard_unused and self._discard()):
+                os.ftruncate(fd, 0)  # no stale pid; the file stays (unlinking it would race)
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def _discard(self) -> bool:
+        """Remove the lock file and the directories acquire() created, while still locked (a
+        run that opened the old lock file meanwhile finds it held and stops; one that comes
+        later creates them anew). False, removing nothing, when something else is there."""
+        top = self._created
+        try:
+            if top is None or os.listdir(self.directory) != [LOCK_NAME]:
+                return False
+            os.unlink(self.path)
+            d = os.path.abspath(self.directory)
+            while True:
+                os.rmdir(d)  # fails on a directory that is not empty: it stays
+                if d == top:
+                    return True
+                d = os.path.dirname(d)
+        except OSError:
+            return not os.path.lexists(self.path)
 
     def __enter__(self) -> RunLock:
         return self.acquire()

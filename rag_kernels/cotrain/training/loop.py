@@ -1172,11 +1172,14 @@ class CoTrainer:
         lock = None
         if self.rank == 0 and (self.run_lock is None or not self.run_lock.held):
             lock = RunLock(self.cfg.output_dir).acquire()
+        ok = False
         try:
-            return self._fit()
+            metrics = self._fit()
+            ok = True
+            return metrics
         finally:
             if lock is not None:
-                lock.release()
+                lock.release(discard_unused=not ok)
 
     def _refuse_previous_run(self) -> None:
         """A run without a checkpoint to resume would replace a previous run's files."""
