@@ -276,6 +276,47 @@ def test_gradnorm_unused_and_eval_and_freeze():
     assert out.retriever_weight.item() == pytest.approx(math.sqrt(g * r) / r, rel=1e-6)
 
 
+def _inf_term(s: torch.Tensor) -> torch.Tensor:
+    """A scalar loss whose value and gradient are inf (-log of an underflowed probability)."""
+    return -(torch.log(torch.zeros_like(s)) * s).sum()
+
+
+def test_gradnorm_a_non_finite_frozen_term_does_not_poison_the_average():
+    """During the freeze a non-finite retriever term (inf, or a NaN gradient) was measured
+    into the gradient-norm EMA: the weights, then the total and every gradient, were NaN or
+    inf from then on, or balancing silently stopped. It is left out of the average now."""
+    for bad in (_inf_term, lambda s: (s * float("nan")).sum()):
+        crit = CoTrainingLoss(balancing="gradnorm", retriever_freeze_steps=1)
+        for step in range(3):
+            s = torch.tensor([[0.3, -0.2, 0.5]], dtype=D64, requires_grad=True)
+            lg, lr = (s**2).sum(), bad(s) if step == 0 else 10 * s.sum() ** 2
+            out = crit(lg, lr, grad_wrt=s)
+            out.loss.backward()
+            assert torch.isfinite(out.loss) and torch.isfinite(s.grad).all(), step
+            assert torch.isfinite(crit.ema_grad_norms).all(), step
+            if step == 0:
+                assert out.loss.item() == pytest.approx(lg.item())
+        # after the freeze the two terms are balanced: equal weighted gradient norms
+        ng = float(out.generator_weight) * float(out.generator_grad_norm)
+        nr = float(out.retriever_weight) * float(out.retriever_grad_norm)
+        assert ng == pytest.approx(nr, rel=1e-6)
+
+
+@pytest.mark.parametrize("zero", ["generator", "retriever"])
+def test_gradnorm_a_non_finite_zero_weight_term_does_not_leak(zero):
+    """A term with base weight 0 is not measured and nothing is balanced (the other term
+    keeps its base weight): its non-finite value gave a NaN or inf total."""
+    crit = CoTrainingLoss(balancing="gradnorm", **{f"{zero}_weight": 0.0})
+    s = torch.tensor([[0.3, -0.2, 0.5]], dtype=D64, requires_grad=True)
+    good = (s**2).sum()
+    terms = (_inf_term(s), good) if zero == "generator" else (good, _inf_term(s))
+    out = crit(*terms, grad_wrt=s)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(good.item())
+    torch.testing.assert_close(s.grad, 2 * s.detach())
+    assert (out.generator_grad_norm, out.retriever_grad_norm) == (None, None)
+
+
 @pytest.mark.parametrize(
     "grad_wrt,exc,match",
     [
@@ -426,6 +467,13 @@ BAD_CALL = [
      "retriever_loss"),
     ("neg_step", lambda c: c(_scalar(1.0), _scalar(1.0), step=-1), ValueError, "step"),
     ("float_step", lambda c: c(_scalar(1.0), _scalar(1.0), step=1.5), TypeError, "step"),
+    # a [2] step gave a [2] total; a float or bool tensor step was taken as is
+    ("vector_step", lambda c: c(_scalar(1.0), _scalar(1.0), step=torch.tensor([3, 0])),
+     TypeError, r"0-d integer tensor, got a tensor of shape \(2,\)"),
+    ("float_tensor_step", lambda c: c(_scalar(1.0), _scalar(1.0), step=torch.tensor(1.5)),
+     TypeError, "step must be an int >= 0 or a 0-d integer tensor"),
+    ("bool_tensor_step", lambda c: c(_scalar(1.0), _scalar(1.0), step=torch.tensor(True)),
+     TypeError, "step must be"),
 ]  # fmt: skip
 
 

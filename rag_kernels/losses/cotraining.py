@@ -7,7 +7,9 @@ schedule and both weights may be rebalanced every step (``balancing``):
 * ``"gradnorm"``: rescale both terms so their gradients w.r.t. ``grad_wrt`` (retriever
   parameters, or the shared ``doc_scores``) have the same norm, the geometric mean of the
   two (a simplified GradNorm, Chen et al. 2018, without the learned weights):
-  ``w_i = base_i * sqrt(n_g * n_r) / n_i`` with ``n_i`` an EMA of ``||dL_i/d grad_wrt||``.
+  ``w_i = base_i * sqrt(n_g * n_r) / n_i`` with ``n_i`` an EMA of ``||dL_i/d grad_wrt||``
+  (a norm that is not finite is left out of its EMA; with a base weight 0 nothing is
+  balanced).
 * ``"uncertainty"``: homoscedastic-uncertainty weighting (Kendall, Gal & Cipolla 2018)
   with learnable log-variances ``s_g``, ``s_r`` (init 0):
   ``total = w_g * (exp(-s_g) L_g + s_g) + w_r(step) * (exp(-s_r) L_r + s_r)``.
@@ -43,7 +45,8 @@ class CoTrainingOutput:
     ``loss`` is the differentiable total; every other field is a detached 0-d tensor (or
     None) for logging. ``generator_weight`` / ``retriever_weight`` are the effective
     multipliers of ``L_g`` / ``L_r`` this step (for ``"uncertainty"``: ``w * exp(-s)``);
-    the grad norms are this step's measured (not EMA) norms, ``"gradnorm"`` only.
+    the grad norms are this step's measured (not EMA) norms, ``"gradnorm"`` only (None in
+    eval mode, and when a base weight is 0: there is nothing to balance).
     """
 
     loss: torch.Tensor
@@ -218,9 +221,11 @@ class CoTrainingLoss(nn.Module):
         return 1.0 if W == 0 else min(1.0, (step - F + 1) / W)
 
     def retriever_active(self, step: int | torch.Tensor | None = None) -> bool:
-        """Whether the retriever term has a non-zero weight at ``step`` (None: the step the
-        next training forward will use). Use it to pass ``doc_scores.detach()`` to the
-        generator loss during the freeze. Reads the counter (a host sync when it is on GPU)."""
+        """Whether the retriever's freeze is over at ``step`` (None: the step the next training
+        forward will use), whatever ``retriever_weight`` is: the retriever term's weight is
+        non-zero from then on unless ``retriever_weight`` is 0. Use it to pass
+        ``doc_scores.detach()`` to the generator loss during the freeze. Reads the counter (a
+        host sync when it is on GPU)."""
         if step is None:
             step = self.step_count
         return int(step) >= self.retriever_freeze_steps
@@ -242,7 +247,14 @@ class CoTrainingLoss(nn.Module):
         retriever_loss: torch.Tensor,
         grad_wrt: torch.Tensor | Sequence[torch.Tensor] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(scale_g, scale_r, norm_g, norm_r) from the EMA of the gradient norms."""
+        """(scale_g, scale_r, norm_g, norm_r) from the EMA of the gradient norms.
+
+        A term with base weight 0 is not measured (norm None) and there is nothing to balance
+        (scales 1). A measured norm that is not finite (a non-finite term, e.g. during the
+        freeze) leaves that term's average as it was: it never enters the EMA, whose scales
+        would otherwise turn the whole total NaN from then on. An average still 0 (never
+        measured, or gradients that never reached ``grad_wrt``) is replaced by the next
+        finite measurement."""
         if grad_wrt is None:
             raise ValueError(
                 "grad_wrt is required with balancing='gradnorm': pass the tensor(s) the two "
@@ -265,17 +277,19 @@ class CoTrainingLoss(nn.Module):
             and torch.is_grad_enabled()
             and (generator_loss.requires_grad or retriever_loss.requires_grad)
         )
-        if update:
+        both = self.generator_weight != 0 and self.retriever_weight != 0
+        if update and both:
             n_g = self._grad_norm(generator_loss, wrt)
             n_r = self._grad_norm(retriever_loss, wrt)
             new = torch.stack([n_g, n_r]).to(ema.device)
             m = self.gradnorm_momentum
             with torch.no_grad():
-                mixed = torch.where(self.ema_initialized, m * ema + (1 - m) * new, new)
-                ema.copy_(mixed)
+                warm = self.ema_initialized & (ema > 0)
+                mixed = torch.where(warm, m * ema + (1 - m) * new, new)
+                ema.copy_(torch.where(torch.isfinite(new), mixed, ema))
                 self.ema_initialized.fill_(True)
         g, r = ema[0], ema[1]
-        ok = self.ema_initialized & (g > self.eps) & (r > self.eps)
+        ok = self.ema_initialized & (g > self.eps) & (r > self.eps) & both
         geo = (g * r).sqrt()
         one = torch.ones((), dtype=ema.dtype, device=ema.device)
         scale_g = torch.where(ok, geo / g.clamp_min(self.eps), one)
@@ -296,7 +310,15 @@ class CoTrainingLoss(nn.Module):
         if retriever_loss is not None:
             _check_scalar_loss("retriever_loss", retriever_loss)
             V.check_same_device("retriever_loss", retriever_loss, generator_loss, "generator_loss")
-        if step is not None and not torch.is_tensor(step):
+        if torch.is_tensor(step):
+            if step.dim() != 0 or step.dtype.is_floating_point or step.dtype.is_complex:
+                raise TypeError(
+                    f"step must be an int >= 0 or a 0-d integer tensor, got a tensor of shape "
+                    f"{tuple(step.shape)} and dtype {step.dtype}"
+                )
+            if step.dtype == torch.bool:
+                raise TypeError("step must be an int >= 0 or a 0-d integer tensor, got a bool")
+        elif step is not None:
             _check_nonneg_int("step", step)
         use_counter = step is None
         dev = generator_loss.device
@@ -342,10 +364,12 @@ class CoTrainingLoss(nn.Module):
                 gen_term = w_g * generator_loss
                 ret_term = w_r * retriever_loss
             # gated, not a bare product: a non-finite L_r during the freeze must not leak
-            if step is None or torch.is_tensor(step):
-                r_on = active & (w_r != 0)
+            if self.retriever_weight == 0:
+                r_on = False
+            elif step is None or torch.is_tensor(step):
+                r_on = active
             else:  # an int step: known here, no tensor flag
-                r_on = self.retriever_weight != 0 and self._schedule_factor(step) > 0
+                r_on = self._schedule_factor(step) > 0
             total = _gate(g_on, gen_term) + _gate(r_on, ret_term)
 
         if use_counter and self.training:
