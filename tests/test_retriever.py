@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from rag_kernels import retriever as R
+from toolkit import assert_close
 
 D64 = torch.float64
 KL_REDUCTIONS = ["batchmean", "mean", "sum", "none"]
@@ -527,6 +528,28 @@ BAD = [
         "doc_scores",
     ),
     ("mean_tok_rank", lambda: R.mean_token_logprob(_G), ValueError, "gen_logprobs"),
+    # K = 0: emdr2 returned +inf, the KL objectives 0
+    ("pdist_K0", lambda: R.pdist_loss(_S[:, :0], _G[:, :0]), ValueError, "at least one document"),
+    ("lsr_K0", lambda: R.lsr_loss(_S[:, :0], _G[:, :0]), ValueError, "at least one document"),
+    ("emdr_K0", lambda: R.emdr2_loss(_S[:, :0], _GT[:, :0]), ValueError, "at least one document"),
+    (
+        "tau_subnormal_fp32",
+        lambda: R.pdist_loss(_S, _G, retriever_temperature=1e-40),
+        ValueError,
+        r"retriever_temperature must be at least 1\.175e-38 \(the smallest normal torch.float32",
+    ),
+    (
+        "tau_subnormal_emdr2",
+        lambda: R.emdr2_loss(_S, _GT, retriever_temperature=1e-39),
+        ValueError,
+        "retriever_temperature must be at least",
+    ),
+    (
+        "lm_tau_subnormal",
+        lambda: R.lsr_loss(_S, _G, lm_temperature=1e-45),
+        ValueError,
+        "lm_temperature must be at least",
+    ),
 ]
 
 
@@ -558,3 +581,73 @@ def test_a_target_minus_inf_on_every_document_is_an_error(name):
     assert not torch.isnan(loss) and (torch.isfinite(loss) or name == "lsr_loss")
     loss = getattr(R, name)(s, t.clamp_min(-50), doc_mask=mask)
     assert torch.isfinite(loss) and torch.isfinite(torch.autograd.grad(loss, s)[0]).all()
+
+
+@pytest.mark.parametrize("name", ["pdist_loss", "loop_loss", "adist_loss", "lsr_loss"])
+def test_a_target_plus_inf_on_an_unmasked_document_is_an_error(name):
+    """A +inf target (softmax of +inf is NaN) gave a NaN loss and gradient; now a ValueError
+    naming the target, query and document. On a masked document it is ignored."""
+    s = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 4, dtype=torch.float64)
+    t[2, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"got \+inf at query 2, document 1"):
+        getattr(R, name)(s, t)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[2, 1] = False
+    loss = getattr(R, name)(s, t, doc_mask=mask)
+    assert torch.isfinite(loss) and torch.isfinite(torch.autograd.grad(loss, s)[0]).all()
+
+
+@pytest.mark.parametrize("name", OBJ_IDS)
+@pytest.mark.parametrize(
+    "tau,offset,spread", [(1e-37, 40.0, 1.0), (2e-38, 10.0, 0.3)], ids=["1e-37", "2e-38"]
+)
+def test_tiny_temperature_float32_matches_float64(name, tau, offset, spread):
+    """A temperature small but normal in fp32: scores / tau overflowed to inf once |s| / tau
+    passed 3.4e38 (offset / tau does here), and the loss and gradient were NaN; the shifted
+    logits keep them finite (the score gaps / tau fit fp32) and equal to float64 on the same
+    fp32-rounded scores."""
+    torch.manual_seed(3)
+    B, K = 3, 5
+    scores = (offset + torch.randn(B, K, dtype=D64) * spread).float().double()
+    gen = _gen_input(_kind(name), B, K)
+    mask = _ragged_mask(B, K)
+    if name in TARGET_FNS:
+        f = TARGET_FNS[name]
+        fn = lambda s, g, m: f(s, g, doc_mask=m, retriever_temperature=tau)  # noqa: E731
+    elif name.startswith("lsr"):
+        fn = (
+            lambda s, g, m: R.lsr_loss(  # noqa: E731
+                s, g, doc_mask=m, direction=name[4:-1], retriever_temperature=tau
+            )
+        )
+    else:
+        fn = (
+            lambda s, g, m: R.emdr2_loss(  # noqa: E731
+                s, g, doc_mask=m, level=name[6:-1], retriever_temperature=tau
+            )
+        )
+    out = {}
+    for dt in (torch.float32, D64):
+        s = scores.to(dt).requires_grad_()
+        loss = fn(s, gen.to(dt), mask)
+        (grad,) = torch.autograd.grad(loss, s)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), (dt, loss, grad)
+        out[dt] = (loss, grad)
+    assert_close(out[torch.float32][0], out[D64][0], rtol=1e-5, name="loss")
+    assert_close(out[torch.float32][1], out[D64][1], rtol=1e-5, name="grad")
+
+
+def test_temperature_may_change_under_torch_compile():
+    """A compiled objective (fullgraph, dynamic) called with another temperature, as in
+    annealing: the temperature check used math.isfinite, which a symbolic float breaks."""
+    torch._dynamo.reset()
+    fn = torch.compile(
+        lambda s, t, tau: R.pdist_loss(s, t, retriever_temperature=tau),
+        backend="eager",
+        fullgraph=True,
+        dynamic=True,
+    )
+    s, t = torch.randn(2, 3, dtype=D64), torch.randn(2, 3, dtype=D64)
+    for tau in (0.5, 0.25, 0.125):
+        assert_close(fn(s, t, tau), R.pdist_loss(s, t, retriever_temperature=tau), name=str(tau))

@@ -83,9 +83,37 @@ LSR_DIRECTIONS = ("retriever||lm", "lm||retriever")
 def _check_temperature(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
+    # comparisons, not math.isfinite: torch.compile traces them on a symbolic float
+    if not (value > 0 and value < math.inf):
         raise ValueError(f"{name} must be a positive finite float, got {value!r}")
     return float(value)
+
+
+def _check_normal_temperature(name: str, value: float, dtype: torch.dtype) -> None:
+    """A temperature below the smallest normal number of the compute dtype (subnormal, or 0
+    there) would make ``scores / temperature`` and its gradient overflow to inf and NaN."""
+    tiny = torch.finfo(dtype).tiny
+    if value < tiny:
+        raise ValueError(
+            f"{name} must be at least {tiny:.4g} (the smallest normal {dtype} number: the "
+            f"objective computes in {dtype}), got {value!r}"
+        )
+
+
+def _scaled(
+    x: torch.Tensor, doc_mask: torch.Tensor | None, temperature: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(x - max_k x) / temperature`` over unmasked docs, ``-inf`` on masked ones: the logits
+    of ``softmax_k(x / temperature)`` (shift-invariant), which never overflow to +inf however
+    small the temperature (their max is 0), and whose gradient stays finite for a temperature
+    the compute dtype holds as a normal number (``_check_normal_temperature``)."""
+    x = x.to(dtype)
+    if doc_mask is not None:
+        x = torch.where(doc_mask, x, torch.full((), float("-inf"), dtype=dtype, device=x.device))
+    top = x.detach().amax(dim=-1, keepdim=True)  # K >= 1 (check_num_docs)
+    # a query whose scores are all -inf keeps them (its value check fails first, when on)
+    top = torch.where(top == float("-inf"), torch.zeros((), dtype=dtype, device=x.device), top)
+    return (x - top) / temperature
 
 
 def _check_scores_pair(
@@ -100,6 +128,7 @@ def _check_scores_pair(
             f"got {tuple(other.shape)}"
         )
     V.check_same_device(other_name, other, doc_scores, "doc_scores")
+    V.check_num_docs("doc_scores", doc_scores)
     V.check_mask("doc_mask", doc_mask, doc_scores.shape, doc_scores)
 
 
@@ -111,13 +140,17 @@ def _check_doc_scores(
 ) -> None:
     """The value checks of one objective call (one host synchronisation): the doc scores and,
     for a distillation target, that each query's target is finite on some unmasked document
-    (softmax of all -inf is undefined: its loss was NaN). A NaN target still propagates."""
+    (softmax of all -inf is undefined: its loss was NaN) and +inf on none (a softmax of +inf is
+    NaN too). A NaN target still propagates."""
     checks = V.ValueChecks()
     V.check_doc_scores(checks, "doc_scores", doc_scores, doc_mask)
     if checks.enabled and target is not None and target.numel():
-        live = target.detach() != float("-inf")
+        t = target.detach()
+        live = t != float("-inf")
+        top = t == float("inf")
         if doc_mask is not None:
             live = live & doc_mask
+            top = top & doc_mask
         dead = ~live.any(dim=-1)
 
         def fail():
@@ -127,7 +160,15 @@ def _check_doc_scores(
                 "distribution over its documents is undefined"
             )
 
+        def fail_inf():
+            b, k = (int(i) for i in top.nonzero()[0])
+            raise ValueError(
+                f"{target_name} must be finite or -inf on unmasked documents, got +inf at "
+                f"query {b}, document {k} ({int(top.sum())} such entries)"
+            )
+
         checks.add(dead.any(), fail)
+        checks.add(top.any(), fail_inf)
     checks.run()
 
 
@@ -135,10 +176,7 @@ def _masked_log_softmax(
     x: torch.Tensor, doc_mask: torch.Tensor | None, temperature: float, dtype: torch.dtype
 ) -> torch.Tensor:
     """``log_softmax_k(x / temperature)`` over unmasked docs; ``-inf`` on masked ones."""
-    x = x.to(dtype) / temperature
-    if doc_mask is not None:
-        x = torch.where(doc_mask, x, torch.full((), float("-inf"), dtype=dtype, device=x.device))
-    return torch.log_softmax(x, dim=-1)
+    return torch.log_softmax(_scaled(x, doc_mask, temperature, dtype), dim=-1)
 
 
 def _masked_kl(
@@ -185,6 +223,8 @@ def _target_kl(
     V.check_choice("reduction", reduction, KL_REDUCTIONS)
     _check_doc_scores(doc_scores, doc_mask, target_scores, target_name)
     dt = compute_dtype(doc_scores, target_scores)
+    _check_normal_temperature("retriever_temperature", tau_s, dt)
+    _check_normal_temperature("generator_temperature", tau_g, dt)
     log_p = _masked_log_softmax(target_scores.detach(), doc_mask, tau_g, dt)
     log_q = _masked_log_softmax(doc_scores, doc_mask, tau_s, dt)
     return _masked_kl(log_p, log_q, doc_mask, reduction)
@@ -254,6 +294,7 @@ def emdr2_loss(
             f"from doc_scores, got {tuple(gen_logprobs.shape)}"
         )
     V.check_same_device("gen_logprobs", gen_logprobs, doc_scores, "doc_scores")
+    V.check_num_docs("doc_scores", doc_scores)
     V.check_mask("token_mask", token_mask, (B, T), doc_scores)
     V.check_mask("doc_mask", doc_mask, (B, K), doc_scores)
     V.check_choice("level", level, EMDR2_LEVELS)
@@ -262,7 +303,8 @@ def emdr2_loss(
     _check_doc_scores(doc_scores, doc_mask)
 
     dt = compute_dtype(doc_scores, gen_logprobs)
-    s = doc_scores.to(dt) / tau_s
+    _check_normal_temperature("retriever_temperature", tau_s, dt)
+    s = _scaled(doc_scores, doc_mask, tau_s, dt)  # log_softmax_k below: the shift cancels
     g = gen_logprobs.detach().to(dt)
     if level == "answer":
         per_query = rag_sequence_loss_reference(g, s, token_mask, doc_mask)
@@ -390,6 +432,8 @@ def lsr_loss(
     V.check_choice("reduction", reduction, KL_REDUCTIONS)
     _check_doc_scores(doc_scores, doc_mask, lm_logprobs, "lm_logprobs")
     dt = compute_dtype(doc_scores, lm_logprobs)
+    _check_normal_temperature("retriever_temperature", gamma, dt)
+    _check_normal_temperature("lm_temperature", beta, dt)
     log_r = _masked_log_softmax(doc_scores, doc_mask, gamma, dt)
     log_lm = _masked_log_softmax(lm_logprobs.detach(), doc_mask, beta, dt)
     if direction == "retriever||lm":
