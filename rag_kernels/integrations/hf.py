@@ -167,6 +167,28 @@ def _validate(
     return B, K, T
 
 
+def _checked(
+    hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
+    reduce_loss, vocab_group, vocab_start, sequence_args=None,
+):  # fmt: skip
+    """Both drop-ins' argument handling: autocast, the vocab shard, every check (with
+    ``sequence_args = (bos_token_id, exclude_bos_score)`` the sequence model's too), a bad
+    argument on one rank of ``vocab_group`` stopping every rank. Returns ``(hidden, weight,
+    bias, shard, (B, K, T))``."""
+    with vocab_parallel.validated_together(vocab_group, hidden):
+        hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
+        shard = vocab_parallel.vocab_shard(vocab_group, vocab_start)
+        dims = _validate(
+            hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
+            shard is not None,
+        )  # fmt: skip
+        _check_bool("reduce_loss", reduce_loss)
+        if sequence_args is not None:
+            _check_int("bos_token_id", sequence_args[0], optional=True)
+            _check_bool("exclude_bos_score", sequence_args[1])
+    return hidden, weight, bias, shard, dims
+
+
 def _shift_left(target: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     """transformers' ``cat([target[:, 1:], pad], 1)``: the token each position predicts."""
     pad = torch.full((target.shape[0], 1), pad_token_id, dtype=target.dtype, device=target.device)
@@ -240,16 +262,10 @@ def rag_sequence_get_nll(
 
     Returns: ``[B]`` (or a scalar with ``reduce_loss``), fp32 (fp64 for fp64 inputs).
     """
-    with vocab_parallel.validated_together(vocab_group, hidden):  # a bad rank stops them all
-        hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
-        shard = vocab_parallel.vocab_shard(vocab_group, vocab_start)
-        B, K, T = _validate(
-            hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
-            shard is not None,
-        )  # fmt: skip
-        _check_int("bos_token_id", bos_token_id, optional=True)
-        _check_bool("reduce_loss", reduce_loss)
-        _check_bool("exclude_bos_score", exclude_bos_score)
+    hidden, weight, bias, shard, (B, K, T) = _checked(
+        hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
+        reduce_loss, vocab_group, vocab_start, (bos_token_id, exclude_bos_score),
+    )  # fmt: skip
     tgt = _shift_left(target, pad_token_id)
     lp, S, vocab = _token_logprobs(
         hidden, weight, tgt, bias, pad_token_id, softcap, impl, epsilon != 0, B, K, T, shard
@@ -308,14 +324,10 @@ def rag_token_get_nll(
 
     Returns: ``[B]`` (or a scalar with ``reduce_loss``), fp32 (fp64 for fp64 inputs).
     """
-    with vocab_parallel.validated_together(vocab_group, hidden):  # a bad rank stops them all
-        hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
-        shard = vocab_parallel.vocab_shard(vocab_group, vocab_start)
-        B, K, T = _validate(
-            hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
-            shard is not None,
-        )  # fmt: skip
-        _check_bool("reduce_loss", reduce_loss)
+    hidden, weight, bias, shard, (B, K, T) = _checked(
+        hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
+        reduce_loss, vocab_group, vocab_start,
+    )  # fmt: skip
     tgt = _shift_left(target, pad_token_id)
     keep = tgt != pad_token_id  # [B, T]
     marg = None
