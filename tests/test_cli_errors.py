@@ -63,6 +63,8 @@ BAD_FLAGS = [
     ("--retriever-temperature", "0"),
     ("--retriever-temperature", "nan"),
     ("--generator-temperature", "-1"),
+    ("--generator-temperature", "1e-40"),  # subnormal in fp32: the objectives refuse it
+    ("--retriever-temperature", "1e-39"),
     ("--generator-weight", "-1"),
     ("--retriever-weight", "-0.5"),
     ("--retriever-weight", "nan"),

@@ -92,6 +92,17 @@ def _gt(lo):
     return lambda v: None if v > lo else f"must be > {lo}"
 
 
+_FP32_TINY = 1.1754943508222875e-38  # the smallest normal float32
+
+
+def _temperature(v):
+    """> 0 and a normal float32 number: the objectives compute in float32 and refuse a
+    smaller temperature (its gradient would overflow), which would stop the run mid-way."""
+    if v <= 0:
+        return "must be > 0"
+    return None if v >= _FP32_TINY else "must be >= 1.175e-38 (the smallest normal float32)"
+
+
 def _in_range(lo, hi):  # [lo, hi)
     return lambda v: None if lo <= v < hi else f"must be in [{lo}, {hi})"
 
@@ -219,10 +230,12 @@ class TrainConfig:
         OBJECTIVES,
     )
     retriever_temperature: float = _f(
-        1.0, "τ_s of the retriever distribution in pdist/emdr2/lsr/adist/loop", check=_gt(0)
+        1.0, "τ_s of the retriever distribution in pdist/emdr2/lsr/adist/loop", check=_temperature
     )
     generator_temperature: float = _f(
-        0.1, "τ_g of the generator target distribution (pdist, lsr, adist, loop)", check=_gt(0)
+        0.1,
+        "τ_g of the generator target distribution (pdist, lsr, adist, loop)",
+        check=_temperature,
     )
     generator_weight: float = _f(1.0, "weight of the generator loss", check=_ge(0))
     retriever_weight: float = _f(1.0, "weight of the retriever objective", check=_ge(0))
