@@ -372,3 +372,24 @@ def test_relative_data_paths_are_saved_absolute(run, tmp_path, monkeypatch, caps
     monkeypatch.chdir(elsewhere)
     loaded, m = eval_cli(capsys, "--output-dir", str(out), "--progress", "false")
     assert "step 1" in loaded and m
+
+
+def test_eval_under_torchrun(run, tmp_path):
+    """``rag-kernels eval`` on 2 processes: only rank 0 writes, so only rank 0 locks the run
+    (every rank took the lock, and rank 1 failed on rank 0's); the metrics are the run's."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    shutil.copytree(run["out"], out)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "rag_kernels", "eval", "--output-dir", str(out), "--progress", "false"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(out / "metrics.json") as fh:
+        saved = json.load(fh)
+    assert saved["eval"]["step"] == 2
+    assert {k: v for k, v in saved["eval"].items() if k in saved["final"]} == saved["final"]
+    assert len(read_predictions(str(out / "predictions.jsonl"))) == len(run["questions"])

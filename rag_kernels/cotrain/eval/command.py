@@ -260,7 +260,10 @@ def main(argv: list[str]) -> int:
     cfg, source = run_config(req)
     from ..training.files import RunLock
 
-    lock = RunLock(cfg.output_dir).acquire()
+    # Under torchrun only rank 0 writes (predictions, metrics), so only rank 0 locks the run:
+    # a lock per rank made every other rank fail on rank 0's. torchrun sets RANK.
+    rank0 = os.environ.get("RANK", "0") == "0"
+    lock = RunLock(cfg.output_dir).acquire() if rank0 else None
     from ..training.loop import finish_distributed
 
     ok = False
@@ -269,7 +272,8 @@ def main(argv: list[str]) -> int:
         ok = True
         return code
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
         finish_distributed(ok)
 
 
