@@ -332,9 +332,9 @@ def test_loop_fsdp_matches_one_process(spawned, tmp_path):
         assert set(got[name]) == set(want[name]) and got[name]
         for k, v in want[name].items():
             torch.testing.assert_close(got[name][k], v, rtol=1e-3, atol=2e-5, msg=f"{name} {k}")
-    for i in range(2):  # the loss of the global batch: the mean of the ranks' losses
-        loss = sum(r["loop"]["logs"][i]["loss"] for r in res) / WORLD
-        assert loss == pytest.approx(logs[i]["loss"], rel=1e-4)
+    for i in range(2):  # every rank logs the loss of the global batch (the ranks' mean)
+        for r in res:
+            assert r["loop"]["logs"][i]["loss"] == pytest.approx(logs[i]["loss"], rel=1e-4)
         norm = res[0]["loop"]["logs"][i]["grad_norm_generator"]
         assert norm == pytest.approx(logs[i]["grad_norm_generator"], rel=1e-4)
 
@@ -372,8 +372,8 @@ def test_loop_fsdp_encoder_decoder_matches_one_process(spawned, bart_dir, tmp_pa
     tr = CoTrainer(_s2s_config(str(tmp_path / "s2s"), bart_dir, batch_size=4), tiny_dataset())
     tr.refresh_index()
     logs, metrics = tr.train_step(), tr.evaluate(tiny_dataset().test)
-    loss = sum(r["loop"]["s2s"][0]["loss"] for r in res) / WORLD
-    assert loss == pytest.approx(logs["loss"], rel=1e-4)
+    for r in res:  # every rank logs the loss of the global batch
+        assert r["loop"]["s2s"][0]["loss"] == pytest.approx(logs["loss"], rel=1e-4)
     for key in ("grad_norm_generator", "grad_norm_retriever"):
         assert res[0]["loop"]["s2s"][0][key] == pytest.approx(logs[key], rel=1e-4)
     for r in res:

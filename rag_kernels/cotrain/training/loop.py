@@ -800,7 +800,7 @@ class CoTrainer:
         for _ in range(self.cfg.grad_accum):
             for key, val in self.micro_step(self._batch()).items():
                 acc.setdefault(key, []).append(val)
-        logs = {k: float(np.mean(v)) for k, v in acc.items()}
+        logs = self._mean_over_ranks({k: float(np.mean(v)) for k, v in acc.items()})
         lrs = {"lr_generator": self._lr("generator"), "lr_retriever": self._lr("retriever")}
         logs.update(self.optimizer_step())
         self._check_finite_weights(logs)
@@ -812,6 +812,18 @@ class CoTrainer:
             **lrs,  # the learning rates this step's update used
         )
         return logs
+
+    def _mean_over_ranks(self, logs: dict[str, float]) -> dict[str, float]:
+        """The step's logged values (losses, weights) averaged over the data-parallel ranks:
+        the loss of the whole global batch, as the averaged gradients are, not rank 0's part
+        of it. One small all-reduce; every rank logs the same keys (the configuration's)."""
+        d = _dist()
+        if d is None or self.world == 1 or not logs:
+            return logs
+        keys = sorted(logs)
+        t = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.device)
+        d.all_reduce(t)
+        return dict(zip(keys, (t / self.world).tolist(), strict=True))
 
     def _check_finite_weights(self, logs: dict) -> None:
         """After an update: non-finite weights (a diverged run, e.g. a learning rate far too
