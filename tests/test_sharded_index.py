@@ -193,6 +193,33 @@ def test_k_larger_than_a_shard_and_the_whole_corpus(ranks):
         DenseIndex("flat").build(_corpus()).search(_queries(0), 0)
 
 
+def test_float64_queries_beyond_float32_are_refused():
+    """The index searches in float32: a float64 query that overflows there was searched as
+    inf and came back as ids -1 and scores -inf instead of an error."""
+    index = DenseIndex("flat").build(_corpus())
+    q = _queries(0).double()
+    q[0, 0] = 1e39
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        index.search(q, 2)
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(nlist=0), "nlist must be an int >= 1, got 0"),
+        (dict(nlist=-3), "nlist must be an int >= 1"),
+        (dict(nlist=2.5), "nlist must be an int >= 1, got 2.5"),
+        (dict(nlist=True), "nlist must be an int >= 1"),
+        (dict(nprobe=-1), "nprobe must be an int >= 0, got -1"),
+    ],
+    ids=["nlist0", "nlist_neg", "nlist_float", "nlist_bool", "nprobe_neg"],
+)
+def test_ivf_parameters_are_checked(kw, msg):
+    """They failed deep inside faiss (a RuntimeError at search, SWIG type errors)."""
+    with pytest.raises(ValueError, match=msg):
+        DenseIndex("ivf", **kw)
+
+
 def test_search_with_embeddings_and_rows_fetch_other_shards(ranks):
     world, res = ranks
     corpus = _corpus()

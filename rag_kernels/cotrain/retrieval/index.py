@@ -109,6 +109,10 @@ class DenseIndex:
     ):
         if kind not in ("flat", "ivf"):
             raise ValueError(f"kind must be 'flat' or 'ivf', got {kind!r}")
+        for name, v, lo in (("nlist", nlist, 1), ("nprobe", nprobe, 0)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        nlist, nprobe = int(nlist), int(nprobe)
         self.kind, self.nlist, self.nprobe = kind, nlist, nprobe
         self.use_gpu, self.gpu_device = use_gpu, gpu_device
         self.embeddings: torch.Tensor | None = None  # this process's rows, [stop - start, D]
@@ -227,8 +231,12 @@ class DenseIndex:
             return f"queries must be a [B, D] tensor, got {got}"
         if queries.shape[1] != self._dim:
             return f"queries must have D={self._dim} columns (the index's), got {queries.shape[1]}"
-        if not bool(torch.isfinite(queries.detach()).all()):
-            return "queries: non-finite values (NaN or ±inf) cannot be searched"
+        # after the cast the search makes: a float64 beyond float32's range overflows there
+        if not bool(torch.isfinite(queries.detach().float()).all()):
+            return (
+                "queries: non-finite values (NaN or ±inf, or beyond float32's range, which "
+                "the index searches in) cannot be searched"
+            )
         return None
 
     def _k_problem(self, k, n: int) -> str | None:
