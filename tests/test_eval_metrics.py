@@ -193,6 +193,7 @@ def test_bleu_matches_sacrebleu():
     assert bleu(preds, refs) == pytest.approx(want, abs=1e-12)
     assert 0.0 < want < 1.0
     assert bleu(["the cat sat on the mat"], [["the cat sat on the mat"]]) == pytest.approx(1.0)
+    assert bleu(["a b c d"], [["a b c d"]]) == 1.0  # sacrebleu: 100.00000000000004
     # single reference each, options passed through
     want = sacrebleu.corpus_bleu(preds, [[r[0] for r in refs]], lowercase=True).score / 100
     assert bleu(preds, [[r[0]] for r in refs], lowercase=True) == pytest.approx(want)

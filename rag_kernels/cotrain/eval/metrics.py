@@ -200,7 +200,8 @@ def bleu(predictions: list[str], references_list: list[list[str]], **kwargs) -> 
     n_refs = max(len(r) for r in references_list)
     # sacrebleu wants reference streams; None pads a query with fewer references
     streams = [[r[i] if i < len(r) else None for r in references_list] for i in range(n_refs)]
-    return BLEU(**kwargs).corpus_score(list(predictions), streams).score / 100.0
+    # sacrebleu's 100 can come out as 100.00000000000004: kept in [0, 1] as documented
+    return min(1.0, BLEU(**kwargs).corpus_score(list(predictions), streams).score / 100.0)
 
 
 def grounding_rate(predictions: list[str], retrieved_texts: list[list[str]]) -> float:
