@@ -878,6 +878,36 @@ def test_a_fresh_run_refuses_a_previous_runs_directory(tmp_path, capsys):
     assert (run / "checkpoint.pt").read_bytes() != before["checkpoint.pt"]
 
 
+def test_overwrite_removes_the_previous_run_when_training_starts(tmp_path):
+    """--overwrite left the previous run's config.json, metrics.json and best/ until the new
+    run ended: interrupted, the new checkpoint sat next to the old config.json (eval read it
+    and scored the new weights with the old --docs), and --resume took the old metrics.json
+    as its own. They are removed when the new run starts, and its config.json written."""
+    run = tmp_path / "run"
+    CoTrainer(config(run, steps=2, docs=2, eval_every=1), dataset=tiny_dataset(dev=True)).fit()
+    assert (run / "best").is_dir() and (run / "metrics.json").exists()
+    (run / "notes.txt").write_text("mine")
+    tr = CoTrainer(config(run, steps=3, docs=3, overwrite=True), dataset=tiny_dataset())
+    real = tr.train_step
+
+    def step():
+        out = real()
+        tr._stop_requested = True  # as Ctrl-C after the first step
+        return out
+
+    tr.train_step = step
+    with pytest.raises(SystemExit):
+        tr.fit()
+    assert sorted(os.listdir(run)) == [".lock", "checkpoint.pt", "config.json", "notes.txt",
+                                       "train_log.jsonl"]  # fmt: skip
+    with open(run / "config.json") as fh:
+        assert json.load(fh)["docs"] == 3
+    metrics = CoTrainer(config(run, steps=3, docs=3, resume=True), tiny_dataset()).fit()
+    with open(run / "metrics.json") as fh:
+        assert set(json.load(fh)) == set(metrics) == {"final"}
+    assert (run / "notes.txt").read_text() == "mine"
+
+
 def test_symlinked_lock_file_is_refused(tmp_path):
     outside = tmp_path / "outside"
     outside.write_text("precious")

@@ -314,8 +314,9 @@ class TrainConfig:
     overwrite: bool = _f(
         False,
         "replace a previous run's files in output_dir (checkpoint.pt, metrics.json, "
-        "train_log.jsonl, config.json, curves.png, best/); without it a run that has no "
-        "checkpoint to --resume refuses an output_dir holding any of them",
+        "train_log.jsonl, config.json, curves.png, best/: removed when the new run starts "
+        "training); without it a run that has no checkpoint to --resume refuses an "
+        "output_dir holding any of them",
     )
     resume_force: bool = _f(
         False,

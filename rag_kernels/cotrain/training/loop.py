@@ -1204,6 +1204,23 @@ class CoTrainer:
                 "it with --overwrite, or pass another --output-dir"
             )
 
+    def _start_fresh(self) -> None:
+        """A fresh run (none to resume; a previous one only with --overwrite): the previous
+        run's files go now, not when this run ends, and this run's config.json is written at
+        once. Left in place, an interrupted new run sat next to the old config.json (which
+        ``eval`` then read for the new checkpoint), metrics.json (which ``--resume`` took as
+        this run's) and best/."""
+        import shutil
+
+        out = self.cfg.output_dir
+        for name in RUN_FILES:
+            path = os.path.join(out, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                remove_file(path)  # a symlink itself, never its target
+        self._write_json(os.path.join(out, "config.json"), self.cfg.to_dict())
+
     def _fit(self) -> dict:
         cfg = self.cfg
         self._check_dev_split()
@@ -1224,7 +1241,7 @@ class CoTrainer:
             if resumed:
                 self._truncate_log(self.step)
             else:
-                remove_file(self.log_path)
+                self._start_fresh()
         if not cfg.skip_initial_eval and "initial" not in metrics:
             metrics["initial"] = self.evaluate(self.data.test, desc="initial eval")
             self._report("initial", metrics["initial"])
