@@ -76,13 +76,22 @@ BAD = [
     (["--retriever-max-length", "0"], "--retriever-max-length 0: must be >= 1"),
     (["--retriever-objective", "loop", "--docs", "1"], "loop needs --docs >= 2"),
     (["--refresh-every", "2"], "--refresh-every 2: needs --doc-encoder shared"),
+    # nothing would ever get a gradient (the first step crashed in backward)
+    (["--freeze-generator", "--retriever-weight", "0", "--retriever-objective", "pdist"],
+     "--freeze-generator with --retriever-weight 0 leaves nothing to train"),
+    (["--freeze-retriever", "--generator-weight", "0"],
+     "--generator-weight 0 with --freeze-retriever leaves nothing to train"),
+    (["--generator-weight", "0", "--retriever-weight", "0", "--balancing", "uncertainty"],
+     "--generator-weight 0 with --retriever-weight 0 leaves nothing to train"),
+    (["--generator-weight", "0", "--retriever-objective", "rag"],
+     "--generator-weight 0 with --retriever-objective rag (the retriever learns inside"),
     (["--prompt-template", "Q: {question}"], "must contain {passage}"),
     (["--prompt-template", "no fields"], "must contain {passage} and {question}"),
     (["--prompt-template", "{passage} {question} {title}"], "found {title}"),
     (["--prompt-template", "{} {passage} {question}"], "positional field"),
     (["--prompt-template", "{passage!r} {question}"], "without a conversion"),
     (["--prompt-template", "{passage} {question"], "valid format string"),
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("argv, expect", BAD, ids=[" ".join(a) for a, _ in BAD])
@@ -490,3 +499,22 @@ def test_max_new_tokens_beyond_the_generators_positions_is_refused(tmp_path):
     cfg = tiny_train_config(tmp_path / "run", max_new_tokens=10**8)
     with pytest.raises(UserError, match=r"^--max-new-tokens 100000000: the generator holds at"):
         CoTrainer(cfg, dataset=toolkit_tiny_dataset())
+
+
+def test_a_step_with_nothing_to_train_is_skipped(tmp_path):
+    """--freeze-generator while the retriever's freeze lasts: no loss term carries a gradient.
+    The step crashed in backward ("element 0 of tensors does not require grad"); now it
+    updates nothing, and training goes on once the freeze ends."""
+    tr = CoTrainer(
+        config(tmp_path / "run", steps=3, freeze_generator=True, retriever_freeze_steps=2),
+        dataset=tiny_dataset(),
+    )
+    before = {k: v.clone() for k, v in tr.retriever.query_model.state_dict().items()}
+    tr.refresh_index()
+    tr.train_step()
+    tr.train_step()
+    frozen = tr.retriever.query_model.state_dict()
+    assert all(torch.equal(before[k], v) for k, v in frozen.items())
+    tr.train_step()  # the freeze is over: the retriever trains
+    after = tr.retriever.query_model.state_dict()
+    assert not all(torch.equal(before[k], v) for k, v in after.items())

@@ -848,6 +848,20 @@ def _check_combinations(cfg: TrainConfig, sources: dict[str, str]) -> None:
             f"{where('refresh_every')}--refresh-every {cfg.refresh_every}: needs --doc-encoder "
             "shared (a frozen document encoder's index never changes)"
         )
+    gen_trains = not cfg.freeze_generator and cfg.generator_weight > 0
+    # the retriever learns from its objective, or (objective rag) inside the generator loss
+    ret_weight = cfg.generator_weight if cfg.retriever_objective == "rag" else cfg.retriever_weight
+    if not gen_trains and (cfg.freeze_retriever or ret_weight == 0):
+        gen = "--freeze-generator" if cfg.freeze_generator else "--generator-weight 0"
+        if cfg.freeze_retriever:
+            ret = "--freeze-retriever"
+        elif cfg.retriever_objective == "rag":
+            ret = "--retriever-objective rag (the retriever learns inside the generator loss)"
+        else:
+            ret = "--retriever-weight 0"
+        raise UserError(
+            f"{gen} with {ret} leaves nothing to train (no loss term reaches a parameter)"
+        )
     if cfg.retriever_objective == "loop" and cfg.docs < 2 and not cfg.freeze_retriever:
         raise UserError(
             f"{where('docs')}--retriever-objective loop needs --docs >= 2 (it leaves one "

@@ -631,7 +631,10 @@ class CoTrainer:
             step=self.step,
             grad_wrt=[scores] if cfg.balancing == "gradnorm" else None,
         )
-        self.scaler.scale(res.loss / cfg.grad_accum).backward()  # fp16 + CUDA: loss scaling
+        # No term carries a gradient (e.g. --freeze-generator while the retriever's freeze
+        # lasts): the step updates nothing, and the schedules and counters still advance.
+        if res.loss.requires_grad:
+            self.scaler.scale(res.loss / cfg.grad_accum).backward()  # fp16 + CUDA: scaling
         logs = res.as_dict()
         gold = [set(self.pid_to_row.get(p, -1) for p in ex.positive_ids) for ex in examples]
         if any(gold):  # on this batch: gold passage ranked first / anywhere in the top K
