@@ -60,6 +60,7 @@ BAD_FLAGS = [
     ("--score-scale", "0"),
     ("--score-scale", "-3"),
     ("--score-scale", "inf"),
+    ("--score-scale", "1e39"),  # the scores overflow float32: it crashed at the first step
     ("--retriever-temperature", "0"),
     ("--retriever-temperature", "nan"),
     ("--generator-temperature", "-1"),
@@ -437,3 +438,28 @@ def test_nothing_heavy_is_imported_before_validation(tmp_path):
         env={**os.environ, "PYTHONPATH": ROOT},
     )
     assert json.loads(p.stdout.strip().splitlines()[-1]) == [2, []], p.stdout + p.stderr
+
+
+DEEP = 100_000  # brackets inside each other: json, yaml and tomllib raise RecursionError
+
+
+@pytest.mark.parametrize("kind", ["corpus-jsonl", "train-dpr-json", "json", "yaml", "toml"])
+def test_deeply_nested_input_is_a_user_error(no_models, capsys, tmp_path, kind):
+    deep = "[" * DEEP + "]" * DEEP
+    paths = tiny_files(tmp_path / "data")
+    if kind == "corpus-jsonl":
+        p = tmp_path / "corpus.jsonl"
+        p.write_text('{"id": "p1", "text": "x", "meta": ' + deep + "}\n")
+        argv, want = [*data_args(paths)[2:], "--corpus", str(p)], f"{p}, line 1: invalid JSON"
+    elif kind == "train-dpr-json":
+        p = tmp_path / "train.json"
+        p.write_text('[{"question": "q?", "answers": ["a"], "x": ' + deep + "}]")
+        argv = ["--corpus", paths["corpus"], "--eval", paths["eval"], "--train", str(p)]
+        want = f"{p}, line 1: invalid JSON"
+    else:
+        p = tmp_path / f"run.{kind}"
+        p.write_text({"json": '{"steps": ' + deep + "}", "yaml": "steps: " + deep + "\n",
+                      "toml": "steps = " + deep + "\n"}[kind])  # fmt: skip
+        argv, want = ["--config", str(p)], f"{p}: invalid {kind.upper()}: nested too deeply"
+    line = run_cli(capsys, "train", *TINY, *argv, "--output-dir", str(tmp_path / "out"))
+    assert want in line and "nested too deeply" in line, line

@@ -240,6 +240,10 @@ def iter_json_array(path, *, chunk_size: int = _CHUNK) -> Iterator[tuple[int, ob
                     raise ValueError(
                         f"{_where(path, line_at(e.pos))}: invalid JSON ({e.msg})"
                     ) from None
+                except RecursionError:
+                    raise ValueError(
+                        f"{_where(path, line_at(pos))}: invalid JSON (nested too deeply to parse)"
+                    ) from None
                 if end >= len(buf) and more():  # a number or literal may go on
                     continue
                 break

@@ -108,6 +108,10 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {lineno}: invalid JSON ({e.msg})") from None
+            except RecursionError:
+                raise ValueError(
+                    f"{path}, line {lineno}: invalid JSON (nested too deeply to parse)"
+                ) from None
             if not isinstance(obj, dict):
                 raise ValueError(
                     f"{path}, line {lineno}: expected a JSON object, got {type(obj).__name__}"

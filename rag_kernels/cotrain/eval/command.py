@@ -227,7 +227,7 @@ def run_config(req: EvalRequest) -> tuple[TrainConfig, str]:
         raw = read_bytes(path)
         try:
             data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise UserError(f"{path}: not valid JSON ({one_line(e)[:160]})") from None
         source = path
     elif os.path.lexists(req.checkpoint):

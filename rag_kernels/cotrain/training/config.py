@@ -103,6 +103,13 @@ def _temperature(v):
     return None if v >= _FP32_TINY else "must be >= 1.175e-38 (the smallest normal float32)"
 
 
+def _score_scale(v):
+    """> 0, and the scores (in [-v, v]) finite in float32."""
+    if v <= 0:
+        return "must be > 0"
+    return None if v <= 3.4028234663852886e38 else "must be <= 3.4e38 (float32's largest)"
+
+
 def _in_range(lo, hi):  # [lo, hi)
     return lambda v: None if lo <= v < hi else f"must be in [{lo}, {hi})"
 
@@ -181,7 +188,9 @@ class TrainConfig:
         check=template_problem,
     )
     score_scale: float = _f(
-        20.0, "retriever score = score_scale * cos(q, d): the prior's logits", check=_gt(0)
+        20.0,
+        "retriever score = score_scale * cos(q, d): the prior's logits",
+        check=_score_scale,
     )
     # retrieval
     docs: int = _f(4, "documents retrieved per question (K)", check=_ge(1))
@@ -557,6 +566,9 @@ def _json_unique(pairs: list) -> dict:
     return out
 
 
+_TOO_DEEP = "nested too deeply to parse (lists or tables inside each other, thousands deep)"
+
+
 def _yaml_loader(yaml):
     """A SafeLoader that refuses a mapping key given twice (safe_load keeps the last)."""
 
@@ -615,6 +627,8 @@ def _read_file(path: str) -> tuple[dict, dict[str, int | None]]:
             elif "end of document" in msg:
                 line = max(1, len(text.rstrip().splitlines()))
             raise UserError(f"{_where(path, line)}: invalid TOML: {msg}") from None
+        except RecursionError:
+            raise UserError(f"{path}: invalid TOML: {_TOO_DEEP}") from None
     elif fmt == "yaml":
         try:
             import yaml
@@ -630,6 +644,8 @@ def _read_file(path: str) -> tuple[dict, dict[str, int | None]]:
             raise UserError(
                 f"{_where(path, mark.line + 1 if mark else None)}: invalid YAML: {what}"
             ) from None
+        except RecursionError:
+            raise UserError(f"{path}: invalid YAML: {_TOO_DEEP}") from None
         if data is None:
             data = {}
     else:
@@ -641,6 +657,8 @@ def _read_file(path: str) -> tuple[dict, dict[str, int | None]]:
             ) from None
         except _DuplicateKey as e:
             raise UserError(f"{path}: invalid JSON: duplicate key {e.args[0]!r}") from None
+        except RecursionError:
+            raise UserError(f"{path}: invalid JSON: {_TOO_DEEP}") from None
     if not isinstance(data, dict):
         raise UserError(
             f"{path}: expected a mapping of option names to values, got {type(data).__name__}"

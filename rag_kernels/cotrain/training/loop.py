@@ -1438,7 +1438,7 @@ def _parse_log_line(line: str) -> dict | None:
     """A train_log.jsonl row, or None if the line is not a JSON object with an int step."""
     try:
         row = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if (
         not isinstance(row, dict)
@@ -1452,7 +1452,7 @@ def _parse_log_line(line: str) -> dict | None:
 def read_metrics(path: str) -> dict:
     try:
         metrics = json.loads(read_bytes(path).decode("utf-8"))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise UserError(
             f"{path}: not valid JSON ({one_line(e)[:160]}); remove it to recompute "
             "the initial metrics"
