@@ -720,6 +720,20 @@ def test_plot_skips_a_torn_line(tmp_path, capsys):
     assert "line 4: unparsable" in capsys.readouterr().err
 
 
+def test_plot_without_retrieval_rows_warns_nothing(tmp_path):
+    """Training data without gold passages log no retrieval hits: legend() on the empty
+    panel printed matplotlib's "No artists with labels" warning at the end of every run."""
+    import warnings
+
+    log = tmp_path / "train_log.jsonl"
+    rows = [{"step": i, "loss": 1.0 / i, "grad_norm_generator": 0.5} for i in range(1, 4)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_curves(str(log), str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_cli_resume_after_torn_log_exits_0(tmp_path, capsys):
     data = write_data(tmp_path / "data")
     out = tmp_path / "run"

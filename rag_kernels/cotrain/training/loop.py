@@ -849,7 +849,8 @@ class CoTrainer:
     def _diverged(self, what: str, step: int) -> str:
         return (
             f"step {step}: training diverged: {what}; lower --lr-generator / "
-            "--lr-retriever (no checkpoint written since the last one)"
+            "--lr-retriever (or --generator-weight / --retriever-weight, if raised) (no "
+            "checkpoint written since the last one)"
         )
 
     def _lr(self, name: str) -> float | None:
@@ -1418,7 +1419,13 @@ def plot_curves(log_path: str, png_path: str) -> None:
             ]
             axes[1].plot(steps, smooth, label=label)
     axes[1].set_title("retrieval on training batches (moving avg)")
-    axes[1].legend()
+    if axes[1].lines:  # data without gold passages: nothing to show (legend() would warn)
+        axes[1].legend()
+    else:
+        axes[1].text(
+            0.5, 0.5, "no gold passages in the training data", ha="center",
+            transform=axes[1].transAxes,
+        )  # fmt: skip
     for key in ("grad_norm_generator", "grad_norm_retriever"):
         if key in rows[0]:
             axes[2].plot(steps, [r.get(key, math.nan) for r in rows], label=key)
