@@ -4,6 +4,7 @@ rouge-score and sacrebleu (called directly), known SQuAD examples."""
 import math
 import random
 
+import numpy as np
 import pytest
 
 from rag_kernels.cotrain.eval import (
@@ -106,6 +107,11 @@ def test_retrieval_hand_examples():
         (lambda: rouge_l(["a"], [[]]), ValueError, "at least one"),
         (lambda: bleu(["a", "b"], [["a"]]), ValueError, "same length"),
         (lambda: grounding_rate([None], [["a"]]), TypeError, "predictions"),
+        (
+            lambda: evaluate_all(predictions=["a"], answers=[[]]),
+            ValueError,
+            r"^answers\[0\] must hold at least one string",  # was references_list[0]
+        ),
     ],
     ids=[
         "len-mismatch",
@@ -115,6 +121,7 @@ def test_retrieval_hand_examples():
         "no-reference",
         "bleu-len",
         "none-prediction",
+        "evaluate-all-no-answer",
     ],
 )
 def test_bad_inputs(call, exc, match):
@@ -277,3 +284,10 @@ def test_evaluate_all_missing_parts_are_none():
     assert out["recall@1"] is None and out["grounding"] is None and out["em"] == 1.0
     out = evaluate_all(ranked_ids=[["a"]], positive_ids=[[]])  # no positives: undefined
     assert out["recall@1"] is None and out["mrr@10"] is None and out["f1"] is None
+
+
+def test_numpy_integer_k_is_an_int():
+    """The index takes a numpy k (from an argsort, say); the metrics refused it."""
+    ranked, positives = [["a", "b", "c"]], [["b"]]
+    assert recall_at_k(ranked, positives, np.int64(2)) == recall_at_k(ranked, positives, 2)
+    assert mrr_at_k(ranked, positives, np.int32(3)) == pytest.approx(0.5)

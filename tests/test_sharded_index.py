@@ -220,6 +220,12 @@ def test_ivf_parameters_are_checked(kw, msg):
         DenseIndex("ivf", **kw)
 
 
+def test_rows_refuses_a_bool_tensor():
+    """A bool mask was read as the row ids 0 and 1."""
+    with pytest.raises(ValueError, match="ids must be an integer tensor"):
+        DenseIndex("flat").build(_corpus()).rows(torch.tensor([True, False]))
+
+
 def test_search_with_embeddings_and_rows_fetch_other_shards(ranks):
     world, res = ranks
     corpus = _corpus()

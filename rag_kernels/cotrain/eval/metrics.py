@@ -19,6 +19,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Sequence
+from numbers import Integral
 
 __all__ = [
     "normalize_answer",
@@ -74,9 +75,9 @@ def _check_same_len(a_name: str, a: Sequence, b_name: str, b: Sequence) -> None:
 
 
 def _check_k(k: object) -> int:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    if not isinstance(k, Integral) or isinstance(k, bool) or k < 1:  # numpy ints too
         raise ValueError(f"k must be a positive int, got {k!r}")
-    return k
+    return int(k)
 
 
 def _check_strings(name: str, xs: Sequence) -> None:
@@ -241,6 +242,7 @@ def evaluate_all(
         out["mrr@10"] = mrr_at_k(ranked_ids, positive_ids, 10)
     if predictions is not None and answers is not None:
         _check_same_len("predictions", predictions, "answers", answers)
+        _check_string_lists("answers", answers, nonempty=True)  # named as the caller knows it
         if predictions:
             out["em"] = sum(
                 exact_match(p, a) for p, a in zip(predictions, answers, strict=True)

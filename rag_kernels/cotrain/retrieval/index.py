@@ -250,7 +250,12 @@ class DenseIndex:
 
     @staticmethod
     def _check_ids(ids, n: int) -> torch.Tensor:
-        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
+        if (
+            not isinstance(ids, torch.Tensor)
+            or ids.is_floating_point()
+            or ids.is_complex()
+            or ids.dtype == torch.bool  # would read rows 0 and 1
+        ):
             raise ValueError(f"ids must be an integer tensor, got {ids!r:.80}")
         ids = ids.long()
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
