@@ -817,16 +817,17 @@ class CoTrainer:
         return logs
 
     def _mean_over_ranks(self, logs: dict[str, float]) -> dict[str, float]:
-        """The step's logged values (losses, weights) averaged over the data-parallel ranks:
-        the loss of the whole global batch, as the averaged gradients are, not rank 0's part
-        of it. One small all-reduce; every rank logs the same keys (the configuration's)."""
+        """The step's logged values (losses, weights, retrieval hits) averaged over the
+        data-parallel ranks: the loss of the whole global batch, as the averaged gradients
+        are, not rank 0's part of it. A value that only some ranks have (retrieval hits need
+        a gold passage in the rank's batch) is averaged over those. One small all-gather."""
         d = _dist()
-        if d is None or self.world == 1 or not logs:
+        if d is None or self.world == 1:
             return logs
-        keys = sorted(logs)
-        t = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.device)
-        d.all_reduce(t)
-        return dict(zip(keys, (t / self.world).tolist(), strict=True))
+        parts: list = [None] * self.world
+        d.all_gather_object(parts, logs)
+        keys = sorted({k for p in parts for k in p})
+        return {k: float(np.mean([p[k] for p in parts if k in p])) for k in keys}
 
     def _check_finite_weights(self, logs: dict) -> None:
         """After an update: non-finite weights (a diverged run, e.g. a learning rate far too
