@@ -946,44 +946,41 @@ def _hf_target_id(value_fn):
     return mutate
 
 
-HF_MUTATIONS = (
-    [m for m in LM_HEAD_MUTATIONS if not m[0].startswith("target id")]
-    + [
-        ("target id = V", _hf_target_id(_bad_id), VE, "target"),
-        (
-            "target id = -2",
-            _hf_target_id(lambda t, o: -2 if o["pad_token_id"] != -2 else -3),
-            VE,
-            "target",
-        ),  # fmt: skip
-        ("hidden 4-D", _setv("hidden", lambda x, t, o: x[None]), VE, "hidden"),
-        ("T=0", _hf_T0, VE, "hidden"),
-        ("doc_scores 1-D", _setv("doc_scores", lambda x, t, o: x[:, 0]), VE, "doc_scores"),
-        (
-            "doc_scores wrong B",
-            _setv("doc_scores", lambda x, t, o: torch.cat([x, x[:1]])),
-            VE,
-            "doc_scores",
-        ),
-        ("doc_scores NaN", _score_at(NAN, False), VE, "doc_scores"),
-        ("n_docs=0", _opt("n_docs", 0), VE, "n_docs"),
-        (
-            "n_docs not a divisor",
-            lambda t, o: o.__setitem__("n_docs", t["hidden"].shape[0] + 1),
-            VE,
-            "n_docs",
-        ),
-        ("n_docs=1.5", _opt("n_docs", 1.5), TE, "n_docs"),
-        ("target wrong T", _setv("target", lambda x, t, o: _bump_last(x)), VE, "target"),
-        ("target float", _setv("target", lambda x, t, o: x.double()), TE, "target"),
-        ("pad_token_id=1.5", _opt("pad_token_id", 1.5), TE, "pad_token_id"),
-        ("pad_token_id=None", _opt("pad_token_id", None), TE, "pad_token_id"),
-        ("epsilon=1.5", _opt("epsilon", 1.5), VE, "epsilon"),
-        ("epsilon=-0.1", _opt("epsilon", -0.1), VE, "epsilon"),
-        ("epsilon=True", _opt("epsilon", True), VE, "epsilon"),
-        ("reduce_loss=1", _opt("reduce_loss", 1), TE, "reduce_loss"),
-    ]
-)
+HF_MUTATIONS = [m for m in LM_HEAD_MUTATIONS if not m[0].startswith("target id")] + [
+    ("target id = V", _hf_target_id(_bad_id), VE, "target"),
+    (
+        "target id = -2",
+        _hf_target_id(lambda t, o: -2 if o["pad_token_id"] != -2 else -3),
+        VE,
+        "target",
+    ),
+    ("hidden 4-D", _setv("hidden", lambda x, t, o: x[None]), VE, "hidden"),
+    ("T=0", _hf_T0, VE, "hidden"),
+    ("doc_scores 1-D", _setv("doc_scores", lambda x, t, o: x[:, 0]), VE, "doc_scores"),
+    (
+        "doc_scores wrong B",
+        _setv("doc_scores", lambda x, t, o: torch.cat([x, x[:1]])),
+        VE,
+        "doc_scores",
+    ),
+    ("doc_scores NaN", _score_at(NAN, False), VE, "doc_scores"),
+    ("n_docs=0", _opt("n_docs", 0), VE, "n_docs"),
+    (
+        "n_docs not a divisor",
+        lambda t, o: o.__setitem__("n_docs", t["hidden"].shape[0] + 1),
+        VE,
+        "n_docs",
+    ),
+    ("n_docs=1.5", _opt("n_docs", 1.5), TE, "n_docs"),
+    ("target wrong T", _setv("target", lambda x, t, o: _bump_last(x)), VE, "target"),
+    ("target float", _setv("target", lambda x, t, o: x.double()), TE, "target"),
+    ("pad_token_id=1.5", _opt("pad_token_id", 1.5), TE, "pad_token_id"),
+    ("pad_token_id=None", _opt("pad_token_id", None), TE, "pad_token_id"),
+    ("epsilon=1.5", _opt("epsilon", 1.5), VE, "epsilon"),
+    ("epsilon=-0.1", _opt("epsilon", -0.1), VE, "epsilon"),
+    ("epsilon=True", _opt("epsilon", True), VE, "epsilon"),
+    ("reduce_loss=1", _opt("reduce_loss", 1), TE, "reduce_loss"),
+]
 HF_SEQ_MUTATIONS = HF_MUTATIONS + [
     ("bos_token_id=1.5", _opt("bos_token_id", 1.5), TE, "bos_token_id"),
     ("exclude_bos_score='yes'", _opt("exclude_bos_score", "yes"), TE, "exclude_bos_score"),
