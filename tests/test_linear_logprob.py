@@ -199,3 +199,21 @@ def test_shared_target_over_two_dims(impl):
     got = rk.linear_logprob(h.view(2, 3, 4, 5), w, y, impl=impl)
     want = rk.linear_logprob(h, w, y.reshape(2, 1).expand(2, 12).reshape(-1), impl="reference")
     torch.testing.assert_close(got.reshape(-1), want)
+
+
+def test_expanded_target_traces_under_dynamic_compile():
+    """A target expanded with a Python-int K equal to hidden's (symbolic) K: the layout check
+    wrote `t in (h, 1)`, which dynamo evaluates as False for an int equal to a SymInt, so
+    fullgraph dynamic compilation of a valid call raised "target must have shape"."""
+    require_impl("linear_logprob", "cpu")
+    B, K, T, H, V = 2, 3, 5, 7, 11
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(B, K, T, H, generator=g), torch.randn(V, H, generator=g)
+    tgt = torch.randint(0, V, (B, T), generator=g)
+
+    def fn(h, w, tgt):
+        return rk.linear_logprob(h, w, tgt[:, None, :].expand(B, K, T), impl="cpu")
+
+    torch._dynamo.reset()
+    got = torch.compile(fn, dynamic=True, fullgraph=True, backend="eager")(h, w, tgt)
+    torch.testing.assert_close(got, fn(h, w, tgt), rtol=0, atol=0)

@@ -305,3 +305,22 @@ def test_torch_compile_cpu_path():
     want.backward()
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda lp, s: rk.rag_sequence_loss(lp, s, impl="reference"),
+        lambda lp, s: rk.rag_token_loss(lp, s, impl="reference"),
+        rk.document_posterior,
+    ],
+    ids=["sequence", "token", "posterior"],
+)
+def test_vmap_over_doc_scores_with_value_checks_on(fn):
+    """torch.func.vmap over doc_scores (reference impl): the value checks' flags are batched,
+    and reading them failed with "Cannot access data pointer"; they are skipped there."""
+    lp, s, _, _ = make_marginalize(2, 3, 4)
+    ss = torch.stack([s, s * 0.5, s - 1.0])
+    got = torch.func.vmap(lambda x: fn(lp, x))(ss)
+    want = torch.stack([fn(lp, x) for x in ss])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -137,6 +137,12 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def _is_batched(x: torch.Tensor) -> bool:
+    """``x`` is a ``torch.func.vmap`` batched tensor (one value per sample, none to read)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    return functorch is not None and bool(functorch.is_batchedtensor(x))
+
+
 def host_read(flags: torch.Tensor) -> list[bool]:
     """The one host synchronisation of a public call's value checks (tests count calls)."""
     return [bool(f) for f in flags.tolist()]
@@ -148,7 +154,9 @@ class ValueChecks:
     ``add(bad, fail)`` registers a 0-d bool tensor (True = invalid) and a function that raises
     the error (it may read the data again: that costs a sync only on the failure path).
     ``run()`` stacks the flags, reads them once and raises the first failure. Nothing runs when
-    value checks are off (``rk.set_value_checks(False)``) or inside ``torch.compile``.
+    value checks are off (``rk.set_value_checks(False)``) or inside ``torch.compile``; a flag
+    computed from inputs batched by ``torch.func.vmap`` has no single value to read and is
+    skipped (it failed with "Cannot access data pointer").
     """
 
     def __init__(self) -> None:
@@ -157,7 +165,7 @@ class ValueChecks:
         self._fails: list[Callable[[], None]] = []
 
     def add(self, bad: torch.Tensor, fail: Callable[[], None]) -> None:
-        if self.enabled:
+        if self.enabled and not _is_batched(bad):
             self._flags.append(bad.reshape(()))
             self._fails.append(fail)
 

@@ -108,7 +108,9 @@ def _target_layout(target: torch.Tensor, lead: torch.Size) -> torch.Tensor:
     fits = len(shape) == len(lead)
     pairs = list(zip(shape, lead, strict=True)) if fits else []
     bcast = [i for i, (t, h) in enumerate(pairs) if t == 1 and h != 1]
-    fits = fits and all(t in (h, 1) for t, h in pairs)
+    # (t == 1 or t == h, not t in (h, 1): dynamo takes an int equal to a symbolic size as
+    # not in the tuple, and a valid target failed under torch.compile(dynamic=True))
+    fits = fits and all(t == 1 or t == h for t, h in pairs)
     # size-1 dims of hidden inside the run are neutral: (1, 1, 1) fits hidden (3, 1, 5, H)
     if not fits or (bcast and any(shape[i] != 1 for i in range(bcast[0], bcast[-1] + 1))):
         raise ValueError(
