@@ -458,13 +458,45 @@ def read_rows(path: str | Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def csv_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot take result rows (None when it can): a symlink (not followed), a
+    directory, or an existing file that is not a results CSV of these benchmarks (its header
+    lacks :data:`COLUMNS`) — a user's file is never rewritten."""
+    path = Path(path)
+    if path.is_symlink():
+        return "is a symlink (not followed: pass the file itself)"
+    if path.is_dir():
+        return "is a directory"
+    if path.exists():
+        try:
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), [])
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            return f"cannot be read as a CSV ({e})"
+        missing = [c for c in COLUMNS if c not in header]
+        if missing:
+            return (
+                "exists and is not a results CSV of these benchmarks (its header lacks "
+                f"{', '.join(missing)}): it is left alone; pass another --csv"
+            )
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        return f"cannot be created ({parent} is not a writable directory)"
+    return None
+
+
 def write_rows(path: str | Path, rows: Iterable[dict]) -> None:
     """Append ``rows`` to the CSV at ``path`` (created with its header if missing).
 
     Columns are :data:`COLUMNS` then the extra keys in first-seen order; a new extra column
-    rewrites the file with the widened header (earlier rows get an empty cell).
+    rewrites the file with the widened header (earlier rows get an empty cell), through a
+    temporary file renamed over it. A path :func:`csv_problem` objects to raises ValueError.
     """
     path = Path(path)
+    if problem := csv_problem(path):
+        raise ValueError(f"{path}: {problem}")
     rows = list(rows)
     old = read_rows(path)
     header = list(COLUMNS)
@@ -477,10 +509,31 @@ def write_rows(path: str | Path, rows: Iterable[dict]) -> None:
         with open(path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=header, restval="").writerows(rows)
         return
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header, restval="")
-        writer.writeheader()
-        writer.writerows([*old, *rows])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "x", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header, restval="")
+            writer.writeheader()
+            writer.writerows([*old, *rows])
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _positive(kind):
+    """argparse type: a ``kind`` (int / float) > 0."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not v > 0 or (kind is float and not math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return v
+
+    return parse
 
 
 def latest(rows: Iterable[dict]) -> list[dict]:
@@ -557,8 +610,11 @@ class Benchmark:
     def parser(self) -> argparse.ArgumentParser:
         ap = argparse.ArgumentParser(prog=f"python -m {self.module}", description=self.description)
         ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-        ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
-        ap.add_argument("--warmup", type=int, default=1, help="untimed calls first (>= 1)")
+        ap.add_argument(
+            "--repeats", type=_positive(int), default=5, help="timed calls per measurement (>= 1)"
+        )
+        ap.add_argument("--warmup", type=_positive(int), default=1,
+                        help="untimed calls first (>= 1)")  # fmt: skip
         ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
         ap.add_argument("--csv", default=None, help=f"output (default results/{self.op}.csv)")
         ap.add_argument("--providers", default=None, help="comma-separated subset")
@@ -571,7 +627,8 @@ class Benchmark:
         ap.add_argument("--inprocess", action="store_true",
                         help="measure in this process instead of a fresh one per point "
                         "(fast; memory is less isolated)")  # fmt: skip
-        ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker")
+        ap.add_argument("--timeout", type=_positive(float), default=3600.0,
+                        help="seconds per worker (> 0)")  # fmt: skip
         ap.add_argument("--emulate-avx2", action="store_true",
                         help="cap the rag_kernels kernels, MKL, ATen and oneDNN at AVX2 "
                         f"({' '.join(f'{k}={v}' for k, v in EMULATE_AVX2.items())})")  # fmt: skip
@@ -605,23 +662,35 @@ class Benchmark:
                 print("--device cuda: no CUDA device available", file=sys.stderr)
                 return 2
         csv_path = Path(args.csv) if args.csv else RESULTS_DIR / f"{self.op}.csv"
+        if problem := csv_problem(csv_path):
+            print(f"--csv {csv_path}: {problem}", file=sys.stderr)
+            return 2
         providers = self.providers
         if args.providers:
             wanted = [s.strip() for s in args.providers.split(",") if s.strip()]
             unknown = [w for w in wanted if w not in {p.name for p in providers}]
             if unknown:
-                print(f"unknown providers {unknown}; known: {[p.name for p in providers]}")
+                print(f"--providers: unknown {unknown}; known: {[p.name for p in providers]}",
+                      file=sys.stderr)  # fmt: skip
                 return 2
             providers = [p for p in providers if p.name in wanted]
         cases = self.cases(args)
-        if args.modes:
-            modes = {s.strip() for s in args.modes.split(",")}
-            cases = [c for c in cases if c.mode in modes]
-        if args.shapes:
-            labels = {" ".join(s.split()) for s in args.shapes.split(",")}
-            cases = [c for c in cases if c.label in labels]
+        for flag, value, known, norm in (
+            ("--modes", args.modes, [c.mode for c in cases], str.strip),
+            ("--shapes", args.shapes, [c.label for c in cases], lambda s: " ".join(s.split())),
+        ):  # fmt: skip
+            if not value:
+                continue
+            wanted = {norm(s) for s in value.split(",") if s.strip()}
+            unknown = sorted(wanted - set(known))
+            if unknown:
+                print(f"{flag}: unknown {unknown}; known: {sorted(set(known))}", file=sys.stderr)
+                return 2
+            keep = [c.mode if flag == "--modes" else c.label for c in cases]
+            cases = [c for c, k in zip(cases, keep, strict=True) if k in wanted]
         commit = git_commit()
         written: list[dict] = []
+        failed = 0
         print(f"# {self.op}: {len(cases)} cases x {len(providers)} providers -> {csv_path}")
         for base_case in cases:
             for p in providers:
@@ -644,6 +713,7 @@ class Benchmark:
                     continue
                 if "error" in res:
                     print(f"FAIL {tag}: {res['error']}", flush=True)
+                    failed += 1
                     continue
                 row = {
                     "op": self.op, "provider": p.name, "mode": case.mode, "shape": case.label,
@@ -673,6 +743,9 @@ class Benchmark:
                 print(f"\n{metric} relative to {base}:\n" + ratio_table(written, base, metric))
         if getattr(args, "plot", False) and written and self.plot is not None:
             print(f"\nplot: {self.plot(csv_path)}")
+        if failed:
+            print(f"\n{failed} point(s) failed (FAIL lines above)", file=sys.stderr)
+            return 1
         return 0
 
 

@@ -103,7 +103,8 @@ def test_run_writes_long_format_rows(tmp_path, capsys):
     calls = []
     out = tmp_path / "fake.csv"
     bench = _fake_bench(calls)
-    assert bench.main(["--inprocess", "--csv", str(out), "--repeats", "3", "--warmup", "2"]) == 0
+    # exit 1: a point failed (provider "broken"), after every other point was measured
+    assert bench.main(["--inprocess", "--csv", str(out), "--repeats", "3", "--warmup", "2"]) == 1
     header = _header(out)
     assert header[: len(COLUMNS)] == list(COLUMNS)
     assert {"tflops", "dtype", "repeats"} <= set(header[len(COLUMNS) :])
@@ -289,3 +290,57 @@ def test_rag_loss_fused_provider_refuses_without_fused_kernels(monkeypatch):
     monkeypatch.setattr(rk, "available_impls", lambda op: tuple(i for i in real(op) if i != "cpu"))
     reason = rag_loss._rk_fused_available(case)
     assert reason and "impl='cpu'" in reason
+
+
+def test_a_user_file_as_csv_is_never_rewritten(tmp_path, capsys):
+    """--csv naming a file that is not a results CSV (or a symlink, a directory) rewrote it
+    as a widened results CSV; it is now refused before anything is measured."""
+    calls = []
+    bench = _fake_bench(calls)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nsecond line\n")
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    target = tmp_path / "target.csv"
+    harness.write_rows(target, [dict.fromkeys(COLUMNS, "1")])
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    before = {p: p.read_bytes() for p in (notes, other, target)}
+    for path, what in [
+        (notes, "exists and is not a results CSV"),
+        (other, "exists and is not a results CSV"),
+        (link, "is a symlink"),
+        (tmp_path, "is a directory"),
+        (notes / "x.csv", "cannot be created"),
+    ]:
+        assert bench.main(["--inprocess", "--csv", str(path)]) == 2, path
+        err = capsys.readouterr().err
+        assert f"--csv {path}: {what}" in err, err
+    assert {p: p.read_bytes() for p in before} == before and not calls
+    with pytest.raises(ValueError, match="is not a results CSV"):
+        harness.write_rows(notes, [dict.fromkeys(COLUMNS, "1")])
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--repeats", "0"], "--repeats"),
+        (["--warmup", "-1"], "--warmup"),
+        (["--timeout", "0"], "--timeout"),
+        (["--timeout", "nan"], "--timeout"),
+        (["--modes", "nosuch"], "--modes"),
+        (["--shapes", "N=1"], "--shapes"),
+        (["--providers", "nosuch"], "--providers"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v,
+)
+def test_bad_benchmark_arguments_name_the_flag(tmp_path, capsys, argv, flag):
+    """They were taken silently (--repeats 0 measured once, an unknown mode ran 0 cases and
+    exited 0, --timeout 0 failed every point with exit 0)."""
+    bench = _fake_bench([])
+    with pytest.raises(SystemExit) as exc:
+        code = bench.main(["--inprocess", "--csv", str(tmp_path / "r.csv"), *argv])
+        raise SystemExit(code)
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "r.csv").exists()
