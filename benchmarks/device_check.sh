@@ -53,7 +53,9 @@
 #
 # Exit status: 0 when the GPU tests ran and none failed, errored, was killed or was left
 # unrun (the benchmark targets are reported, not part of the status); 1 otherwise; 2 for bad
-# arguments. --dry-run: 0 when the wheel install and the test collection went through.
+# arguments (an unknown --steps name, a --steps without names, a budget that is not a whole
+# number of seconds). A --steps selection without `tests`: 0. --dry-run: 0 when the wheel
+# install and the test collection went through.
 set -u
 
 usage() { sed -n '2,/^set -u$/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
@@ -63,12 +65,35 @@ STEPS=${STEPS:-}
 while (($#)); do
     case $1 in
         --dry-run) MODE=dry ;;
-        --steps) STEPS=${2:-}; shift ;;
+        --steps)
+            if (($# < 2)) || [[ -z $2 || $2 == -* ]]; then
+                echo "device_check.sh: --steps needs a comma-separated list of steps" >&2
+                exit 2
+            fi
+            STEPS=$2; shift ;;
         --steps=*) STEPS=${1#--steps=} ;;
         -h | --help) usage; exit 0 ;;
         *) echo "device_check.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
     esac
     shift
+done
+
+KNOWN_STEPS="wheels env peak tests lp_rk lp_cce rag_rk rag_hf rag_cce con_rk con_naive lp_naive"
+KNOWN_STEPS+=" lp_rk_alt lp_liger lp_cce_exact summary"
+if [[ -n $STEPS ]]; then
+    IFS=, read -ra _wanted <<<"$STEPS"
+    for _s in "${_wanted[@]}"; do
+        if [[ " $KNOWN_STEPS " != *" $_s "* ]]; then
+            echo "device_check.sh: --steps: unknown step '$_s'; known: ${KNOWN_STEPS// /,}" >&2
+            exit 2
+        fi
+    done
+fi
+for _v in BUDGET_S RESERVE_S TESTS_S REPEATS RK_TEST_TIMEOUT; do
+    if [[ -n ${!_v:-} && ! ${!_v} =~ ^[0-9]+$ ]]; then
+        echo "device_check.sh: $_v must be a whole number, got '${!_v}'" >&2
+        exit 2
+    fi
 done
 
 cd "$(dirname "$0")/.." || exit 2

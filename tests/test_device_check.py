@@ -85,6 +85,14 @@ def test_help_and_bad_argument(tmp_path):
     assert rc == 0 and "One-shot GPU check" in out and "Exit status" in out
     rc, out = run_script(tmp_path, "--bogus")
     assert rc == 2 and "unknown argument '--bogus'" in out
+    # a step name nobody runs (a typo of tests) ran nothing and exited 0; a bare --steps ran
+    # the whole check; a budget that is not a number ended in a bash error
+    rc, out = run_script(tmp_path, "--steps", "summary,tset", "--dry-run")
+    assert rc == 2 and "--steps: unknown step 'tset'" in out, out
+    rc, out = run_script(tmp_path, "--steps")
+    assert rc == 2 and "--steps needs a comma-separated list" in out, out
+    rc, out = run_script(tmp_path, "--steps", "summary", BUDGET_S="abc")
+    assert rc == 2 and "BUDGET_S must be a whole number, got 'abc'" in out, out
 
 
 # ----------------------------------------------------------------------------- wheels, dry run
