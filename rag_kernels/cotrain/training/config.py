@@ -157,7 +157,8 @@ class TrainConfig:
         "truncate questions and passages to this many tokens for the retriever; default: "
         "the encoder's own maximum (the least of tokenizer.model_max_length, "
         "max_position_embeddings and a sentence-transformers max_seq_length: 256 for "
-        "all-MiniLM-L6-v2; 128 for tiny-random); more is refused",
+        "all-MiniLM-L6-v2); more than a real encoder's maximum is refused (tiny-random: 128 by "
+        "default, and built to any length asked)",
         check=_ge(1),
     )
     doc_encoder: str = _f(
