@@ -55,7 +55,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -230,16 +232,33 @@ def bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def _positive(kind):
+    """argparse type: a finite ``kind`` > 0 (transformers trains by epochs for max_steps <= 0)."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (v > 0 and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+        return v
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> list[float]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=3, help="optimizer steps")
+    ap.add_argument("--steps", type=_positive(int), default=3, help="optimizer steps (>= 1)")
     ap.add_argument("--model", default=None, help="a local causal LM (default: tiny random)")
-    ap.add_argument("--batch-size", type=int, default=2, help="queries per micro-batch")
-    ap.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch-size", type=_positive(int), default=2, help="queries per micro-batch")
+    ap.add_argument("--grad-accum", type=_positive(int), default=2, help="micro-batches per step")
+    ap.add_argument("--lr", type=_positive(float), default=3e-3)
     ap.add_argument("--mode", choices=("sequence", "token"), default="sequence")
     ap.add_argument("--output-dir", default=None, help="Trainer output dir (default: a temp dir)")
     a = ap.parse_args(argv)
+    if a.model is not None and not os.path.isdir(a.model):
+        ap.error(f"--model {a.model}: no such model directory")
 
     data = toy_dataset()
     if a.model is None:
@@ -250,6 +269,7 @@ def main(argv: list[str] | None = None) -> list[float]:
 
         tokenizer = AutoTokenizer.from_pretrained(a.model)
         model = AutoModelForCausalLM.from_pretrained(a.model)
+    own_dir = a.output_dir is None  # a temp dir of ours, removed at the end (save_strategy no)
     out = a.output_dir or tempfile.mkdtemp(prefix="trainer_rag_")
     args = TrainingArguments(
         output_dir=out,
@@ -273,7 +293,11 @@ def main(argv: list[str] | None = None) -> list[float]:
         data_collator=RagCollator(tokenizer, max_doc_tokens=64),
         rag_mode=a.mode,
     )
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if own_dir:
+            shutil.rmtree(out, ignore_errors=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     print("loss per step:", " ".join(f"{x:.4f}" for x in losses))
     return losses

@@ -112,3 +112,21 @@ def test_main_runs(ex, tmp_path, capsys):
     losses = ex.main(["--steps", "2", "--output-dir", str(tmp_path)])
     assert len(losses) == 2 and all(x == x for x in losses)
     assert "loss per step" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--steps", "0"], "--steps"),  # transformers trained by epochs (1 or 6 steps)
+        (["--steps", "-1"], "--steps"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--grad-accum", "0"], "--grad-accum"),
+        (["--lr", "nan"], "--lr"),
+        (["--model", "/nonexistent/model"], "--model"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v,
+)
+def test_main_refuses_bad_arguments(ex, capsys, argv, flag):
+    with pytest.raises(SystemExit) as exc:
+        ex.main(argv)
+    assert exc.value.code == 2 and flag in capsys.readouterr().err
