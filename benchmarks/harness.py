@@ -763,10 +763,19 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--device", default=None, help="substring of the device column")
     r.add_argument("--op", default=None, help="only rows of this op")
     args = ap.parse_args(argv)
+    if not Path(args.csv).is_file():
+        ap.error(f"{args.csv}: no such results CSV")
     rows = read_rows(args.csv)
     if args.op:
         rows = [x for x in rows if x.get("op") == args.op]
-    for metric in args.metric or ["median_ms", "peak_mb"]:
+    metrics = args.metric or ["median_ms", "peak_mb"]
+    bad = [m for m in metrics if m not in ("median_ms", "peak_mb", "p20_ms", "p80_ms")]
+    if bad:
+        ap.error(f"--metric: unknown {bad}; choose median_ms, peak_mb, p20_ms or p80_ms")
+    providers = sorted({x.get("provider", "") for x in rows})
+    if args.baseline not in providers:
+        ap.error(f"--baseline {args.baseline}: no rows of that provider; the CSV has {providers}")
+    for metric in metrics:
         print(f"{metric} relative to {args.baseline}:\n")
         print(ratio_table(rows, args.baseline, metric, args.device) + "\n")
     return 0

@@ -81,7 +81,18 @@ def main(argv=None) -> int:
     ap.add_argument("csv")
     ap.add_argument("--out", default=None, help="PNG path (default: next to the CSV)")
     args = ap.parse_args(argv)
-    for path in plot_csv(args.csv, args.out):
+    csv_path = Path(args.csv)
+    if not csv_path.is_file():
+        ap.error(f"{csv_path}: no such results CSV")
+    if args.out is not None and (
+        Path(args.out).suffix.lower() != ".png" or Path(args.out).is_dir()
+    ):
+        ap.error(f"--out {args.out}: must be a .png file path")
+    try:
+        paths = plot_csv(csv_path, args.out)
+    except (ValueError, KeyError) as e:  # no rows, or not a results CSV (a missing column)
+        ap.error(f"{csv_path}: cannot plot it: {e}")
+    for path in paths:
         print(path)
     return 0
 

@@ -344,3 +344,27 @@ def test_bad_benchmark_arguments_name_the_flag(tmp_path, capsys, argv, flag):
     assert exc.value.code == 2
     assert flag in capsys.readouterr().err
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_plot_and_ratios_refuse_bad_arguments(tmp_path, capsys):
+    """plot printed a path it did not write (--out without .png) and raised tracebacks on a
+    missing CSV; ratios exited 0 with empty tables on an unknown baseline or metric."""
+    from benchmarks import plot
+
+    out = tmp_path / "r.csv"
+    harness.write_rows(out, [dict.fromkeys(COLUMNS, "1") | {"provider": "base"}])
+    cases = [
+        (plot.main, [str(tmp_path / "missing.csv")], "no such results CSV"),
+        (plot.main, [str(out), "--out", str(tmp_path / "noext")], "must be a .png file path"),
+        (harness._cli, ["ratios", str(tmp_path / "missing.csv"), "--baseline", "base"],
+         "no such results CSV"),
+        (harness._cli, ["ratios", str(out), "--baseline", "nosuch"], "--baseline nosuch"),
+        (harness._cli, ["ratios", str(out), "--baseline", "base", "--metric", "speed"],
+         "--metric: unknown ['speed']"),
+    ]  # fmt: skip
+    for fn, argv, text in cases:
+        with pytest.raises(SystemExit) as exc:
+            fn(argv)
+        assert exc.value.code == 2, argv
+        assert text in capsys.readouterr().err, argv
+    assert not (tmp_path / "noext").exists() and not (tmp_path / "noext.png").exists()
