@@ -674,20 +674,19 @@ class Benchmark:
                       file=sys.stderr)  # fmt: skip
                 return 2
             providers = [p for p in providers if p.name in wanted]
-        cases = self.cases(args)
-        for flag, value, known, norm in (
-            ("--modes", args.modes, [c.mode for c in cases], str.strip),
-            ("--shapes", args.shapes, [c.label for c in cases], lambda s: " ".join(s.split())),
-        ):  # fmt: skip
+        cases = every_case = self.cases(args)
+        for flag, value, key in (
+            ("--modes", args.modes, lambda c: c.mode),
+            ("--shapes", args.shapes, lambda c: c.label),
+        ):
             if not value:
                 continue
-            wanted = {norm(s) for s in value.split(",") if s.strip()}
-            unknown = sorted(wanted - set(known))
-            if unknown:
-                print(f"{flag}: unknown {unknown}; known: {sorted(set(known))}", file=sys.stderr)
+            wanted = {" ".join(s.split()) for s in value.split(",") if s.strip()}
+            known = {key(c) for c in every_case}
+            if unknown := sorted(wanted - known):
+                print(f"{flag}: unknown {unknown}; known: {sorted(known)}", file=sys.stderr)
                 return 2
-            keep = [c.mode if flag == "--modes" else c.label for c in cases]
-            cases = [c for c, k in zip(cases, keep, strict=True) if k in wanted]
+            cases = [c for c in cases if key(c) in wanted]
         commit = git_commit()
         written: list[dict] = []
         failed = 0

@@ -311,13 +311,12 @@ class CoTrainingLoss(nn.Module):
             _check_scalar_loss("retriever_loss", retriever_loss)
             V.check_same_device("retriever_loss", retriever_loss, generator_loss, "generator_loss")
         if torch.is_tensor(step):
-            if step.dim() != 0 or step.dtype.is_floating_point or step.dtype.is_complex:
+            dt = step.dtype
+            if step.dim() != 0 or dt.is_floating_point or dt.is_complex or dt == torch.bool:
                 raise TypeError(
                     f"step must be an int >= 0 or a 0-d integer tensor, got a tensor of shape "
-                    f"{tuple(step.shape)} and dtype {step.dtype}"
+                    f"{tuple(step.shape)} and dtype {dt}"
                 )
-            if step.dtype == torch.bool:
-                raise TypeError("step must be an int >= 0 or a 0-d integer tensor, got a bool")
         elif step is not None:
             _check_nonneg_int("step", step)
         use_counter = step is None

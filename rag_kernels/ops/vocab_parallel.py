@@ -149,16 +149,20 @@ def _agreement_device(group, like) -> torch.device:
 
 
 @contextlib.contextmanager
-def validated_together(vocab_group, like=None) -> Iterator[None]:
+def validated_together(vocab_group, like) -> Iterator[None]:
     """Run a vocab-parallel call's argument validation (the ``with`` body) so that a bad
     argument on one rank stops every rank of ``vocab_group``, not only that one.
 
     Without this, the rank whose arguments fail raises before the op's first collective while
     the others enter it and wait there until the process group's timeout. With value checks on
-    (:func:`rag_kernels.ops.validation.value_checks_enabled`), the ranks exchange one int each
-    after validating (an all-gather on ``like``'s device, read on the host): a rank whose
-    validation raised re-raises its own error, naming the argument; every other rank raises a
-    ValueError naming the ranks that rejected their arguments. With value checks off (or under
+    (:func:`rag_kernels.ops.validation.value_checks_enabled`), the ranks exchange a small
+    header after validating (one all-gather on ``like``'s device, read on the host): whether
+    the rank's validation raised, and the rows, hidden size and dtype of ``like`` (the
+    replicated ``hidden``). A rank whose validation raised re-raises its own error, naming the
+    argument; every other rank raises a ValueError naming the ranks that rejected their
+    arguments. Ranks that disagree on the header's shapes or dtype (which would make the
+    op's collectives mismatch: gloo aborted one rank, another computed from garbage) all raise
+    the same ValueError (:func:`check_agreement`). With value checks off (or under
     ``torch.compile``), or when ``vocab_group`` is not a usable group of two or more ranks
     (``vocab_shard`` then raises on its own, or the call is the plain op), the body runs as
     is. A rank that does not pass ``vocab_group`` at all cannot take part: the others then
@@ -180,10 +184,12 @@ def validated_together(vocab_group, like=None) -> Iterator[None]:
     try:
         yield
     except Exception:
-        gather_ints([1], device, vocab_group)
+        gather_ints([1, 0, 0, -1], device, vocab_group)
         raise
-    verdicts = gather_ints([0], device, vocab_group)
-    failed = [r for r, v in enumerate(verdicts) if v[0]]
+    header = gather_ints(
+        [0, like.shape[:-1].numel(), like.shape[-1], dtype_code(like.dtype)], device, vocab_group
+    )
+    failed = [r for r, h in enumerate(header) if h[0]]
     if failed:
         which = ", ".join(str(r) for r in failed)
         raise ValueError(
@@ -191,6 +197,11 @@ def validated_together(vocab_group, like=None) -> Iterator[None]:
             "its arguments (the error raised there names the argument); every rank of the "
             "group stops, none waits in a collective"
         )
+    check_agreement(
+        "vocab_group (hidden and target are replicated)",
+        header,
+        ("number of rows of hidden / target", "hidden size H", "dtype of hidden"),
+    )
 
 
 def check_shard_targets(checks: V.ValueChecks, name: str, target, ignore_index: int) -> None:
@@ -279,19 +290,12 @@ def sharded_linear_logprob(
     allowed) are replicated; ``weight`` / ``bias`` are this rank's rows. ``hidden_in_group``:
     the caller already passed ``hidden`` through :func:`copy_to_group` (or wants no
     ``dh`` reduction). Collectives: one all-gather of ``[N + 1, 4]`` float64 per rank forward;
-    one all-reduce of ``[N, H]`` backward when ``shard.reduce_hidden_grad``.
+    one all-reduce of ``[N, H]`` backward when ``shard.reduce_hidden_grad``. The arguments are
+    validated by the caller inside :func:`validated_together`, which also checks that the
+    ranks agree on the rows, H and dtype of ``hidden``.
     """
     group, start, size = shard.group, shard.start, weight.shape[0]
     shape = hidden.shape[:-1]
-    if V.value_checks_enabled():  # before any collective whose sizes depend on them
-        header = gather_ints(
-            [0, shape.numel(), hidden.shape[-1], dtype_code(hidden.dtype)], hidden.device, group
-        )
-        check_agreement(
-            "vocab_group (hidden and target are replicated)",
-            header,
-            ("number of rows of hidden / target", "hidden size H", "dtype of hidden"),
-        )
     if shard.reduce_hidden_grad and not hidden_in_group:
         hidden = copy_to_group(hidden, group)
     keep = target != opts.ignore_index

@@ -232,8 +232,10 @@ def linear_logprob(
             rank. Every rank returns the unsharded op's ``lp`` (and ``lse``, ``sum_logprob``);
             the backward gives each rank the gradient of its own rows and the whole ``dh``.
             Forward: one all-gather of ``[N + 1, 4]`` float64 per rank (per-row local
-            ``(lse, lp, sum_logprob, target)`` and the shard layout), nothing else; backward:
-            one all-reduce of ``dh [N, H]``. A group of one rank is the plain op.
+            ``(lse, lp, sum_logprob, target)`` and the shard layout), and with value checks
+            on a 4-int header before it (the ranks' validation verdicts, rows, H and dtype:
+            ``vocab_parallel.validated_together``); backward: one all-reduce of
+            ``dh [N, H]``. A group of one rank is the plain op.
         vocab_start: with ``vocab_group``, the global id of this rank's first row; the
             shards must tile ``[0, V)`` (checked after the all-gather, with the targets).
         reduce_hidden_grad: with ``vocab_group``, all-reduce ``dh`` over the group (default);
