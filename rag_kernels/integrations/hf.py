@@ -118,7 +118,8 @@ def _validate(
     hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
     vocab_sharded=False,
 ):  # fmt: skip
-    """Every check of both drop-ins, value checks read once; returns ``(B, K, T)``."""
+    """Every check of both drop-ins, value checks read once; returns ``((B, K, T), tgt)``
+    with ``tgt`` the left-shifted target (:func:`_shift_left`), the one the losses read."""
     V.check_tensor("hidden", hidden, ndim=3)
     V.check_tensor("doc_scores", doc_scores, ndim=2)
     V.check_index_tensor("target", target, ndim=2)
@@ -157,14 +158,14 @@ def _validate(
     V.check_ignore_index(pad_token_id, target, name="pad_token_id")
     checks = V.ValueChecks()
     # transformers never reads target[:, 0] (it predicts target[:, 1:]): neither do the checks
+    tgt = _shift_left(target, pad_token_id)
     validate_linear_logprob_inputs(
-        hidden.reshape(B, K, T, hidden.shape[-1]), weight,
-        _shift_left(target, pad_token_id)[:, None, :], bias, pad_token_id, softcap, checks,
-        vocab_sharded,
+        hidden.reshape(B, K, T, hidden.shape[-1]), weight, tgt[:, None, :], bias, pad_token_id,
+        softcap, checks, vocab_sharded,
     )  # fmt: skip
     V.check_doc_scores(checks, "doc_scores", doc_scores, None)
     checks.run()
-    return B, K, T
+    return (B, K, T), tgt
 
 
 def _checked(
@@ -174,11 +175,11 @@ def _checked(
     """Both drop-ins' argument handling: autocast, the vocab shard, every check (with
     ``sequence_args = (bos_token_id, exclude_bos_score)`` the sequence model's too), a bad
     argument on one rank of ``vocab_group`` stopping every rank. Returns ``(hidden, weight,
-    bias, shard, (B, K, T))``."""
+    bias, shard, (B, K, T), tgt)`` (``tgt``: the left-shifted target)."""
     with vocab_parallel.validated_together(vocab_group, hidden):
         hidden, weight, bias = V.autocast_inputs(hidden, hidden, weight, bias)
         shard = vocab_parallel.vocab_shard(vocab_group, vocab_start)
-        dims = _validate(
+        dims, tgt = _validate(
             hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
             shard is not None,
         )  # fmt: skip
@@ -186,7 +187,7 @@ def _checked(
         if sequence_args is not None:
             _check_int("bos_token_id", sequence_args[0], optional=True)
             _check_bool("exclude_bos_score", sequence_args[1])
-    return hidden, weight, bias, shard, dims
+    return hidden, weight, bias, shard, dims, tgt
 
 
 def _shift_left(target: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -262,11 +263,10 @@ def rag_sequence_get_nll(
 
     Returns: ``[B]`` (or a scalar with ``reduce_loss``), fp32 (fp64 for fp64 inputs).
     """
-    hidden, weight, bias, shard, (B, K, T) = _checked(
+    hidden, weight, bias, shard, (B, K, T), tgt = _checked(
         hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
         reduce_loss, vocab_group, vocab_start, (bos_token_id, exclude_bos_score),
     )  # fmt: skip
-    tgt = _shift_left(target, pad_token_id)
     lp, S, vocab = _token_logprobs(
         hidden, weight, tgt, bias, pad_token_id, softcap, impl, epsilon != 0, B, K, T, shard
     )
@@ -324,11 +324,10 @@ def rag_token_get_nll(
 
     Returns: ``[B]`` (or a scalar with ``reduce_loss``), fp32 (fp64 for fp64 inputs).
     """
-    hidden, weight, bias, shard, (B, K, T) = _checked(
+    hidden, weight, bias, shard, (B, K, T), tgt = _checked(
         hidden, weight, doc_scores, target, bias, pad_token_id, epsilon, n_docs, softcap,
         reduce_loss, vocab_group, vocab_start,
     )  # fmt: skip
-    tgt = _shift_left(target, pad_token_id)
     keep = tgt != pad_token_id  # [B, T]
     marg = None
     if epsilon != 0:
