@@ -19,7 +19,8 @@
 # `pip install --no-deps --no-index --target` into a scratch folder put on PYTHONPATH (the
 # machine reaches no package index): cut_cross_entropy and liger_kernel for the Cut
 # Cross-Entropy and Liger rows (skipped with a message when absent), pytest and its
-# dependencies if the machine lacks them.
+# dependencies if the machine lacks them (pytest, pluggy, iniconfig, packaging, pygments;
+# pytest-xdist and execnet for parallel tests).
 #
 # Steps, in this order, each under `timeout`, all under one deadline (BUDGET_S, default 470 s;
 # RESERVE_S=15 s are kept for the summary; a step that would get under 10 s is skipped and
@@ -340,8 +341,9 @@ def write_junit(suites, extra):
 if importlib.util.find_spec("pytest") is None:
     bar = "!" * 78
     msg = (f"pytest is NOT installed for {py}: the GPU correctness tests CANNOT run and the "
-           "check cannot pass. Put wheels of pytest, pluggy, iniconfig and packaging in "
-           "WHEELS_DIR (they are installed with the others) and run it again.")
+           "check cannot pass. Put wheels of pytest, pluggy, iniconfig, packaging and "
+           "pygments (pytest >= 8.4 needs it) in WHEELS_DIR (they are installed with the "
+           "others) and run it again.")
     say(bar)
     say(msg)
     say(bar)
