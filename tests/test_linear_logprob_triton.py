@@ -322,3 +322,20 @@ def test_chunk_columns_within_budget(n_total, n_rows, vocab, elem, want):
     budget = max(tu.CHUNK_FRACTION * n_total * vocab * elem, tu.CHUNK_MIN_BYTES)
     if cols > tu.CHUNK_ALIGN:  # the 128-column floor is the documented exception
         assert n_rows * cols * elem <= budget
+
+
+def test_vocab_splits_merge_an_all_minus_inf_row_as_one_split(monkeypatch):
+    """A -inf bias over the whole vocabulary: every split's partial max is -inf. The merged
+    log-sum-exp is -inf, as with one split and in the reference (the host merge computed
+    ``exp(-inf - -inf)``: NaN), whatever the SM count makes the split count."""
+    h, w, y, b, _ = make_linear_logprob(9, 16, 131, bias=True, n_ignore=0)
+    b = torch.full_like(b, float("-inf"))
+    ref = rk.linear_logprob(h, w, y, bias=b, impl="reference", return_stats=True)
+    for splits in (1, 3):
+        monkeypatch.setattr(tk, "_num_splits", lambda n, v, device, s=splits: s)
+        with torch.no_grad():
+            out = rk.linear_logprob(
+                h.float(), w.float(), y, bias=b.float(), impl="triton", return_stats=True
+            )
+        assert (out[1] == float("-inf")).all(), (splits, out[1])
+        assert_close(out[1].double(), ref[1], name=f"lse ({splits} splits)")

@@ -488,6 +488,27 @@ def test_triton_vocab_splits_and_bf16(variant):
 
 
 @needs_triton
+def test_triton_vocab_splits_merge_all_minus_inf_rows_as_one_split():
+    """A -inf bias over the whole vocabulary (every split's partial max -inf): the merged
+    per-document log-sum-exp is -inf with 3 splits as with 1 (the host merge gave NaN)."""
+    B, K, T, H, V = 1, 2, 3, 16, 45
+    hidden, weight, scores, b, _ = make_token_smoothing(B, K, T, H, V, bias=True)
+    b = torch.full_like(b, float("-inf"))
+    lp = torch.log_softmax(scores.float(), -1)
+    for splits in (1, 3):
+        _, lse, _, _ = ts_triton.forward(
+            hidden.float(),
+            weight.float(),
+            lp,
+            b.float(),
+            None,
+            TokenSmoothingOptions(),
+            num_splits=splits,
+        )
+        assert (lse == float("-inf")).all(), (splits, lse)
+
+
+@needs_triton
 @triton_variants
 def test_triton_bf16_softcap_mask_multi_chunk_within_twice_pytorch(variant, monkeypatch):
     """bf16 with bias, softcap, masked (NaN-poisoned) documents and three vocab chunks."""

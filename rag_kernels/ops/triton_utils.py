@@ -72,6 +72,16 @@ def chunk_columns(n_total: int, n_rows: int, vocab: int, elem_bytes: int) -> int
     return max(1, min(vocab, max(cols, CHUNK_ALIGN)))
 
 
+def merge_split_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The log-sum-exp of rows whose vocabulary was cut into ``splits`` parts, from each part's
+    max ``m [splits, N]`` and ``s = sum exp(z - m)`` (``s = 0`` where the part's max is -inf):
+    ``logsumexp_j(m_j + log s_j)``. A row that is -inf in every part gets -inf, as with one
+    part (``max + log(sum s exp(m - max))`` gave ``exp(-inf - -inf)``: NaN); a NaN stays."""
+    if m.shape[0] == 1:
+        return m[0] + torch.log(s[0])
+    return torch.logsumexp(m + torch.log(s), dim=0)
+
+
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` as fp32 with fp32 accumulation, for the cross-chunk ``dh`` sum: cuBLAS's
     16-bit GEMM with an fp32 output (``out_dtype``, torch >= 2.8) on CUDA; on CPU (the

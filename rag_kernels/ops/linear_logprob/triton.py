@@ -587,11 +587,7 @@ def launch_forward(hidden, weight, target, bias, opts, *, num_splits: int | None
         SOFTCAP=softcap is not None,
         **_kernel_flags(hidden),
     )
-    if splits == 1:
-        lse = m[0] + torch.log(s[0])
-    else:
-        mx = m.amax(dim=0)
-        lse = mx + torch.log((s * torch.exp(m - mx)).sum(dim=0))
+    lse = tu.merge_split_lse(m, s)
     zero = torch.zeros((), dtype=torch.float32, device=dev)
     lp = torch.where(keep, zt.sum(dim=0) - lse, zero)
     sum_lp = torch.where(keep, zs.sum(dim=0) - V * lse, zero)

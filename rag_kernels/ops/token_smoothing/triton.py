@@ -610,11 +610,7 @@ def launch_forward(hidden, weight, log_prior, bias, target, opts, *, num_splits:
         **meta,
     )
     kept = (pi > float("-inf"))[:, :, None].expand(B, K, T).reshape(-1)
-    if splits == 1:
-        lse = m[0] + torch.log(s[0])
-    else:
-        mx = m.amax(dim=0)
-        lse = mx + torch.log((s * torch.exp(m - mx)).sum(dim=0))
+    lse = tu.merge_split_lse(m, s)
     # Masked documents' entries were never written: select, never compute with them.
     zero = torch.zeros((), dtype=f32, device=dev)
     if has_y:
