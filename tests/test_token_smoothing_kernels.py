@@ -543,6 +543,22 @@ def test_triton_bf16_softcap_mask_multi_chunk_within_twice_pytorch(variant, monk
 
 
 @needs_triton
+def test_triton_refuses_more_documents_than_its_tiles_take():
+    """Past MAX_DOCS documents a token's rows no longer fit one program's tile on the GPU (the
+    launch failed with OutOfResources): a ValueError naming hidden's K, before any launch."""
+    from rag_kernels.ops import token_smoothing as ts
+
+    K = ts_triton.MAX_DOCS + 1
+    hidden, weight, scores, _, _ = make_token_smoothing(1, K, 1, 16, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match=rf"hidden has K={K} documents.*impl='reference'"):
+        ts.token_smoothing(hidden, weight, scores, impl="triton")
+    hidden, weight, scores, _, _ = make_token_smoothing(1, K - 1, 1, 16, 16, dtype=torch.float32)
+    out = ts.token_smoothing(hidden, weight, scores, impl="triton")
+    ref = ts.token_smoothing(hidden.double(), weight.double(), scores, impl="reference")
+    assert_close(out.double(), ref, rtol=1e-5, atol=1e-5, name="K = MAX_DOCS")
+
+
+@needs_triton
 def test_triton_rejects_float64():
     hidden, weight, scores, _, _ = make_token_smoothing(1, 2, 2, 3, 5)
     with pytest.raises(TypeError, match="float64"):

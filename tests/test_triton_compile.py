@@ -225,8 +225,9 @@ _TS_KERNELS = {
     ),
 }
 # Documents per query: K = 8 (KP x BT = 8 x 8 rows) with bias x softcap; the extremes K = 1
-# (1 x 64) and K = 64 (64 x 1) with every feature on. T = 256.
-_TS_DOCS = {8: "all", 1: "full", 64: "full"}
+# (1 x 64) and K = 64 (64 x 1), and the wide tiles of K = 65 (128 rows) and K = 129 ... 256
+# (MAX_DOCS, 256 rows), with every feature on. T = 256.
+_TS_DOCS = {8: "all", 1: "full", 64: "full", 65: "full", 256: "full"}
 
 
 def _token_smoothing_cases():

@@ -71,6 +71,15 @@ if _INTERPRET:
 else:
     ROWS, BLOCK_V, BLOCK_H, NUM_WARPS, GROUP_N = 64, 128, 64, 8, 8
     FP32_BWD_BLOCKS = (64, 32)
+# A token's K documents share one program (the mixture over documents is per vocabulary
+# entry), KP x BT rows. Tiles of more rows than ROWS (K > 64): per row count, (BLOCK_V, BLOCK_H,
+# num_stages, fp32 backward (BLOCK_V, BLOCK_H)), the vocab tile narrowed so the [rows, BLOCK_V]
+# logit tile keeps ROWS x BLOCK_V entries (offline sm_90 compiles, triton 3.6 and 3.9: no
+# spills, <= 123 KB of shared memory; the default tiles spill at 128 rows and overflow the
+# shared memory from 256). MAX_DOCS: the most documents the kernels take (at 512 rows the
+# fp32 backward spills at every tile tried).
+WIDE_TILES = {128: (64, 32, 2, (32, 32)), 256: (32, 32, 2, (16, 32))}
+MAX_DOCS = 256
 # Deterministic backward: vocabulary columns per chunk; None = the memory budget of
 # triton_utils.chunk_columns (tests set a small width to get several chunks at tiny V).
 CHUNK_COLUMNS: int | None = None
@@ -524,6 +533,12 @@ def _flags(hidden: torch.Tensor, bias, softcap) -> dict:
 
 def _blocks(K: int, T: int) -> tuple[int, int]:
     """``(KP, BT)``: documents padded to a power of two, tokens per program."""
+    if K > MAX_DOCS:
+        raise ValueError(
+            f"hidden has K={K} documents per query; token smoothing's Triton kernels take at most "
+            f"{MAX_DOCS} (a token's documents share one program). Retrieve fewer documents, or "
+            "pass impl='reference' (it materialises the [B, K, T, V] logits)"
+        )
     kp = triton.next_power_of_2(max(K, 1))
     bt = max(1, ROWS // kp)
     bt = min(bt, triton.next_power_of_2(max(T, 1)))
@@ -535,13 +550,17 @@ def _blocks(K: int, T: int) -> tuple[int, int]:
 def launch_meta(K: int, T: int, backward: bool = False, fp32: bool = False) -> dict:
     """The kernels' launch configuration for ``K`` documents and ``T`` tokens: the block
     constexprs (``KP, BT, BLOCK_V, BLOCK_H``, and ``GROUP_N`` for the backward kernels) and
-    ``num_warps`` (also what tests/test_triton_compile.py compiles)."""
+    ``num_warps`` / ``num_stages`` (also what tests/test_triton_compile.py compiles)."""
     kp, bt = _blocks(K, T)
     meta = dict(KP=kp, BT=bt, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, num_warps=NUM_WARPS)
+    fp32_bwd = FP32_BWD_BLOCKS
+    wide = None if _INTERPRET else WIDE_TILES.get(kp * bt)
+    if wide is not None:
+        meta["BLOCK_V"], meta["BLOCK_H"], meta["num_stages"], fp32_bwd = wide
     if not backward:
         return meta
-    if fp32 and FP32_BWD_BLOCKS is not None:
-        meta["BLOCK_V"], meta["BLOCK_H"] = FP32_BWD_BLOCKS
+    if fp32 and fp32_bwd is not None:
+        meta["BLOCK_V"], meta["BLOCK_H"] = fp32_bwd
     return dict(meta, GROUP_N=GROUP_N)
 
 
