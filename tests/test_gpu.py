@@ -520,6 +520,9 @@ TS_CASES = {
     "B2K8T64H1024V32000": ((2, 8, 64, 1024, 32000), False, None, False, False),
     "B1K3T129H257V1031_mask": ((1, 3, 129, 257, 1031), False, None, True, False),
     "B2K4T33H512V8191_target": ((2, 4, 33, 512, 8191), False, None, False, True),
+    # the wide tiles past 64 documents (128 and 256 rows; K = 256 = MAX_DOCS)
+    "B1K100T5H256V3001_bias_softcap_mask_target": ((1, 100, 5, 256, 3001), True, 20.0, True, True),
+    "B1K256T2H128V1024_target": ((1, 256, 2, 128, 1024), False, None, False, True),
 }
 
 
