@@ -13,6 +13,9 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 RUFF    = $(VENV)/bin/ruff
 TORCH  ?= torch==2.13.0
+# The GPU image's triton, for the offline sm_90 compile tests only (tests/triton_compile.py):
+# installed beside the venv's, never imported by the package.
+GPU_IMAGE_TRITON ?= triton==3.6.0
 EXTRAS ?= train,models,test,bench,demo
 STAMP   = $(VENV)/.rag_kernels-installed
 PYTEST_ARGS ?=
@@ -31,7 +34,11 @@ $(STAMP): $(VENV)/.base setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	$(PY) -c "import rag_kernels as rk; assert rk.cpu_available(), 'C++ extension failed to load'; print('rag_kernels installed; C++ extension loaded')"
 	touch $@
 
-install: $(STAMP)
+$(VENV)/gpu-image-triton/.installed: $(VENV)/.base
+	$(PIP) install -q --no-deps --target $(VENV)/gpu-image-triton "$(GPU_IMAGE_TRITON)"
+	touch $@
+
+install: $(STAMP) $(VENV)/gpu-image-triton/.installed
 
 install-models install-test: install  # former names; one install covers everything now
 

@@ -590,6 +590,61 @@ def test_triton_never_reads_past_the_inputs(tiny_chunks, D, dtype, mode, nan_emp
         assert torch.equal(a, b), f"{name}: padding past the inputs changed the result"
 
 
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+def test_triton_out_of_range_positive_index_is_never_dereferenced(tiny_chunks, dtype):
+    """With the value checks off nothing stops a positive index outside [0, M): in index
+    mode with doc ids the kernels read that positive's id through it (an illegal address on
+    a GPU). Such a row has no positive (loss inf), excludes nothing, and the other rows are
+    those of a clean call, forward and backward."""
+    tk = tiny_chunks
+    B, M, D = 6, 37, 32
+    q64, d64, pos, ids, w = make_contrastive(B, M, D, positives="index", doc_ids=True)
+    q, d = F.normalize(q64, dim=-1).to(dtype), F.normalize(d64, dim=-1).to(dtype)
+    scale = torch.tensor(20.0)
+    clean = pos.long().clone()
+    bad = clean.clone()
+    bad[1], bad[4] = M + 10**6, -(10**6)
+    ok = torch.ones(B, dtype=torch.bool)
+    ok[[1, 4]] = False
+    grad = (w.float() * ok).contiguous()
+
+    def run(pos_index):
+        loss, lse, plse = tk.forward(q, d, scale, pos_index, None, ids, None)
+        dq, _, _ = tk.backward(
+            q, d, scale, pos_index, None, ids, None, lse, plse, grad, (True, False, False)
+        )
+        return loss, lse, dq
+
+    got, want = run(bad), run(clean)
+    assert torch.isinf(got[0][~ok]).all() and (got[0][~ok] > 0).all()
+    for name, a, b in zip(("loss", "lse", "dq"), got, want, strict=True):
+        assert torch.equal(a[ok], b[ok]), f"{name}: rows with a valid positive changed"
+
+
+def test_triton_launchers_take_strided_operands(tk):
+    """The registered launchers (``torch.ops.rag_kernels.contrastive_*_triton``, callable
+    directly) read row-major rows: a transposed view or a strided index gives the result of
+    its contiguous copy, not of its storage order (the dq / dd GEMMs are ATen's, which take
+    strides, and may round differently)."""
+    B, M, D = 7, 19, 32
+    q64, d64, pos, ids, w = make_contrastive(B, M, D, positives="index", doc_ids=True)
+    q, d = F.normalize(q64, dim=-1).float(), F.normalize(d64, dim=-1).float()
+    scale = torch.tensor(20.0)
+    q_t = q.t().contiguous().t()  # same values, column-major
+    d_t = d.t().contiguous().t()
+    pos2 = torch.stack([pos.long(), pos.long()], 1)[:, 0]  # stride 2
+    ids2 = torch.stack([ids, ids], 1)[:, 0]
+    want = tk.forward(q, d, scale, pos.long(), None, ids, None)
+    got = tk.forward(q_t, d_t, scale, pos2, None, ids2, None)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    g = w.float()
+    want_g = tk.backward(q, d, scale, pos.long(), None, ids, None, *want[1:], g, (True, True, True))
+    got_g = tk.backward(q_t, d_t, scale, pos2, None, ids2, None, *want[1:], g, (True, True, True))
+    for name, a, b in zip(("dq", "dd", "dscale"), got_g, want_g, strict=True):
+        assert_close(a, b, rtol=1e-6, atol=1e-6, name=name)  # ATen's GEMMs: strided operands
+
+
 def test_chunk_columns_budget(tk):
     """The backward buffer [B, Mc] holds at most max(1 % of B x M, 256 MiB) and as many
     columns as fit, in multiples of the alignment (128 on CUDA, 16 in the interpreter) with a

@@ -2,10 +2,13 @@
 
 One test per (kernel, config, dtype, feature variant): it fails when the compile spills
 (any stack frame / local memory) or needs more shared memory than the H100 has per block
-(232448 B), or does not compile at all. No GPU is needed (tests/triton_compile.py: triton's
-bundled ptxas and cuobjdump); the compiles run in one interpreter-free child process per
-test session (the suite runs with TRITON_INTERPRET=1), and the autotune config lists are
-read in such a process at collection, so they are the GPU lists, not the interpreter's.
+(232448 B), or does not compile at all, with each triton of ``compilers()``: this
+environment's and the GPU image's (installed by the Makefile; spills differ between triton
+versions), minus the strict expected failures of ``KNOWN_SPILLS``. No GPU is needed
+(tests/triton_compile.py: triton's bundled ptxas and cuobjdump); the compiles run in one
+interpreter-free child process per triton and test session (the suite runs with
+TRITON_INTERPRET=1), and the autotune config lists are read in such a process at collection,
+so they are the GPU lists, not the interpreter's.
 
 Each op contributes its cases from one function below; ``CASES`` joins them. A new kernel or
 config is covered by adding it there (the config lists are enumerated from the autotuner, so
@@ -18,8 +21,10 @@ import pytest
 import torch
 
 from triton_compile import (
+    GPU_IMAGE_TRITON,
     Case,
     compile_in_subprocess,
+    compilers,
     configs_in_subprocess,
     offline_compile_unavailable,
 )
@@ -320,6 +325,7 @@ _CT_KERNELS = {
             grad_ptr="*{dt}",
             parts_ptr="*fp32",
             B="i32",
+            M="i32",
             D="i32",
             U="i32",
             stride_mask="i32",
@@ -368,19 +374,63 @@ CASES = (
 )
 
 
+# Every case with this environment's triton and with the GPU image's (the one a first GPU
+# run compiles with: spills differ between versions), when the Makefile installed it.
+COMPILERS = compilers()
+
+
 @pytest.fixture(scope="module")
 def compiled(request):
-    """Resources of every selected case, compiled in one child process on first use."""
-    mine = {
-        item.callspec.id: item.callspec.params["case"]
-        for item in request.session.items
-        if item.module is request.module and hasattr(item, "callspec")
+    """Resources of every selected case, compiled in one child process per triton on first
+    use."""
+    mine: dict[str, dict] = {}
+    for item in request.session.items:
+        spec = getattr(item, "callspec", None)
+        if item.module is request.module and spec is not None and "compiler" in spec.params:
+            mine.setdefault(spec.params["compiler"], {})[spec.id] = spec.params["case"]
+    sites = dict(COMPILERS)
+    out = {}
+    for name, cases in mine.items():
+        results = compile_in_subprocess(list(cases.values()), site=sites[name])
+        out.update(zip(cases, results, strict=True))
+    return out
+
+
+# Known spills under the GPU image's triton 3.6 (none under 3.9), measured 2026-12-02: the
+# softcap epilogue of the 128 x 128 (and 64 x 128, 4-warp) LM-head tiles at the 255-register
+# cap, 8 B of stack each; the fp32 token-smoothing dz tile at K = 1 and the bf16 RAG-Sequence
+# marginalisation tile at T = 2048, 8 B each. Expected failures, strict: a case that stops
+# spilling fails until it is taken off this list.
+KNOWN_SPILLS = {
+    "triton3.6.0": {
+        f"linear_logprob-fwd-bf16-{v}-cfg{c}": "8 B"
+        for v in ("softcap", "bias-softcap")
+        for c in ("0_128x128x64_w8s3", "1_128x128x64_w8s4", "3_64x128x64_w4s4")
     }
-    return dict(zip(mine, compile_in_subprocess(list(mine.values())), strict=True))
+    | {
+        "linear_logprob-dz-bf16-bias-softcap-cfg0_128x128x64_w8s3": "8 B",
+        "linear_logprob-dz-bf16-bias-softcap-cfg1_128x128x64_w8s4": "8 B",
+        "token_smoothing-dz-fp32-bias-softcap-K1": "8 B",
+        "marginalize-bf16-sequence-K2xT2048-w8": "8 B",
+    }
+}
 
 
+@pytest.mark.parametrize("compiler", [name for name, _ in COMPILERS])
 @pytest.mark.parametrize("case", CASES)
-def test_compiles_for_sm90_without_spills(case, compiled, request):
-    res = compiled[request.node.callspec.id]
-    assert not isinstance(res, str), f"compile failed: {res}"
-    assert not res.problems(), res.problems()
+def test_compiles_for_sm90_without_spills(case, compiler, compiled, request):
+    ident = request.node.callspec.id
+    res = compiled[ident]
+    assert not isinstance(res, str), f"compile failed ({compiler}): {res}"
+    known = KNOWN_SPILLS.get(compiler, {}).get(ident.removesuffix(f"-{compiler}"))
+    if known is not None:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"known spill: {known}"))
+    assert not res.problems(), f"{compiler}: {res.problems()}"
+
+
+def test_the_gpu_images_triton_is_compiled_with():
+    """The Makefile installs the GPU image's triton for the cases above; without it they
+    would hold only for this environment's triton, which a GPU run does not use."""
+    assert len(COMPILERS) == 2, (
+        f"no second triton in {GPU_IMAGE_TRITON} (make install puts the GPU image's there)"
+    )

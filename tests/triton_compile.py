@@ -92,6 +92,29 @@ class Case:
     launch_meta: tuple | None = None
 
 
+# The GPU image's triton (the version a first GPU run compiles with; register use and spills
+# differ between triton versions), installed by the Makefile next to the venv's own:
+# `pip install --no-deps --target <venv>/gpu-image-triton triton==<version>`.
+GPU_IMAGE_TRITON = os.environ.get(
+    "RK_GPU_IMAGE_TRITON", os.path.join(sys.prefix, "gpu-image-triton")
+)
+
+
+def compilers() -> list[tuple[str, str | None]]:
+    """``(name, site)`` of each triton the compile tests use: this environment's
+    (``site`` None) and, when installed, the GPU image's (``site`` = the folder prepended to
+    the compile worker's ``PYTHONPATH``); ``name`` is ``triton<version>``."""
+    import triton
+
+    out = [(f"triton{triton.__version__}", None)]
+    if os.path.isdir(os.path.join(GPU_IMAGE_TRITON, "triton")):
+        for entry in sorted(os.listdir(GPU_IMAGE_TRITON)):
+            m = re.fullmatch(r"triton-(.+)\.dist-info", entry)
+            if m and m.group(1) != triton.__version__:
+                out.append((f"triton{m.group(1)}", GPU_IMAGE_TRITON))
+    return out
+
+
 def _tools_dir() -> str:
     import triton
 
@@ -245,20 +268,20 @@ def _compile_case(case: Case) -> Resources:
 # ------------------------------------------------------------------------ subprocess side
 
 
-def _child_env() -> dict:
+def _child_env(site: str | None = None) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     env["RAG_KERNELS_AUTOTUNE"] = "1"  # every GPU config, not only the first
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, _REPO, env.get("PYTHONPATH")) if p)
     return env
 
 
-def _run_child(request: dict, timeout: float) -> dict:
+def _run_child(request: dict, timeout: float, site: str | None = None) -> dict:
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__)],
         input=json.dumps(request),
         capture_output=True,
         text=True,
-        env=_child_env(),
+        env=_child_env(site),
         timeout=timeout,
         cwd=_REPO,
     )
@@ -274,10 +297,15 @@ def configs_in_subprocess(kernels: list[tuple[str, str]], timeout: float = 300) 
     return out["configs"]
 
 
-def compile_in_subprocess(cases: list[Case], timeout: float = 1800) -> list[Resources | str]:
-    """Compile every case in one interpreter-free child process; per case a :class:`Resources`
-    or the error text (a compile error fails that case only)."""
-    out = _run_child({"cases": [dataclasses.asdict(c) for c in cases]}, timeout)
+def compile_in_subprocess(
+    cases: list[Case], timeout: float = 1800, site: str | None = None
+) -> list[Resources | str]:
+    """Compile every case in one interpreter-free child process (with the triton found first
+    in ``site`` when given: :func:`compilers`); per case a :class:`Resources` or the error
+    text (a compile error fails that case only)."""
+    out = _run_child({"cases": [dataclasses.asdict(c) for c in cases]}, timeout, site)
+    if site is not None and not out["triton"].startswith(os.path.abspath(site)):
+        raise RuntimeError(f"the compile worker imported {out['triton']}, not the one in {site}")
     return [Resources(**r) if isinstance(r, dict) else r for r in out["results"]]
 
 
@@ -285,7 +313,9 @@ def _child_main() -> None:
     request = json.loads(sys.stdin.read())
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("the compile worker must run with TRITON_INTERPRET=0")
-    reply: dict = {}
+    import triton
+
+    reply: dict = {"triton": os.path.abspath(triton.__file__)}
     if "configs" in request:
         reply["configs"] = [
             [config_dict(c) for c in autotune_configs(resolve(m, a))] for m, a in request["configs"]

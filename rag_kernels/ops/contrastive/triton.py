@@ -105,9 +105,12 @@ if _INTERPRET:
     _BWD_CONFIGS_16 = _BWD_CONFIGS_32 = [_cfg(16, 16, 16, 1, 1, GROUP_B=2)]
     _ALIGN = 16
 else:
-    # Chosen by compiling for sm_90 offline (tests/test_triton_compile.py): none spills in any
-    # mode, with 16-aligned or odd B / M. 16-bit: tensor-core tiles (128 x 128 tiles with 64-wide
-    # D chunks spilled in mask mode). fp32: IEEE FMA dots with BLOCK_D = 32 (128 spilled).
+    # Chosen by compiling for sm_90 offline (tests/test_triton_compile.py, with this
+    # environment's triton and the GPU image's): none spills in any mode, with 16-aligned or
+    # odd B / M. 16-bit: tensor-core tiles (128 x 128 tiles spilled in mask mode, with 64-wide
+    # D chunks under both tritons, with 32-wide ones under the GPU image's). fp32: IEEE FMA
+    # dots with BLOCK_D = 32 (128 spilled); 64 x 64 tiles of 4 warps (forward) and 128-wide
+    # tiles of 8 (backward) spilled under the GPU image's triton.
     _FWD_CONFIGS_16 = [
         _cfg(128, 64, 64, 8, 3),
         _cfg(64, 128, 64, 8, 3),
@@ -117,19 +120,15 @@ else:
     _BWD_CONFIGS_16 = [
         _cfg(128, 64, 64, 8, 3, GROUP_B=8),
         _cfg(64, 128, 64, 8, 3, GROUP_B=8),
-        _cfg(128, 128, 32, 8, 3, GROUP_B=8),
         _cfg(64, 64, 64, 4, 3, GROUP_B=8),
     ]
     _FWD_CONFIGS_32 = [
-        _cfg(64, 64, 32, 4, 2),
         _cfg(32, 64, 32, 4, 2),
         _cfg(64, 64, 32, 8, 1),
         _cfg(32, 32, 32, 4, 2),
     ]
     _BWD_CONFIGS_32 = [
         _cfg(64, 64, 32, 8, 2, GROUP_B=8),
-        _cfg(128, 64, 32, 8, 2, GROUP_B=8),
-        _cfg(64, 128, 32, 8, 2, GROUP_B=8),
         _cfg(32, 64, 32, 4, 2, GROUP_B=8),
     ]
     _ALIGN = 128
@@ -183,13 +182,15 @@ def _masks(
     offs_m,
     b_ok,
     m_ok,
+    M,
     stride_mask,
     U,
     MASK_MODE: tl.constexpr,
     HAS_IDS: tl.constexpr,
 ):
     """``(is_pos, excl)`` boolean tiles; every entry outside the rows / columns is excluded
-    and no positive."""
+    and no positive. A positive index outside ``[0, M)`` (possible only with the value checks
+    off) is never dereferenced: it matches no candidate and excludes none."""
     valid = b_ok[:, None] & m_ok[None, :]
     if MASK_MODE:
         mrow = offs_b.to(tl.int64) * stride_mask
@@ -206,8 +207,9 @@ def _masks(
         is_pos = (offs_m[None, :] == p[:, None]) & valid
         if HAS_IDS:
             cid = tl.load(ids_ptr + offs_m, mask=m_ok, other=0)
-            key = tl.load(ids_ptr + p, mask=b_ok, other=0)
-            excl = (cid[None, :] == key[:, None]) & (~is_pos)
+            p_ok = b_ok & (p >= 0) & (p < M)
+            key = tl.load(ids_ptr + p, mask=p_ok, other=0)
+            excl = (cid[None, :] == key[:, None]) & p_ok[:, None] & (~is_pos)
         else:
             excl = ~valid
     return is_pos & valid, excl | (~valid)
@@ -273,7 +275,7 @@ def contrastive_fwd_kernel(
             BLOCK_D,
         )
         is_pos, excl = _masks(
-            pos_ptr, mask_ptr, ids_ptr, table_ptr, offs_b, offs_m, b_ok, m_ok, stride_mask, U,
+            pos_ptr, mask_ptr, ids_ptr, table_ptr, offs_b, offs_m, b_ok, m_ok, M, stride_mask, U,
             MASK_MODE, HAS_IDS,
         )  # fmt: skip
         sm = tl.where(excl, neg_inf, s)
@@ -318,6 +320,7 @@ def contrastive_bwd_kernel(
     grad_ptr,
     parts_ptr,
     B,
+    M,
     D,
     U,
     stride_mask,
@@ -370,7 +373,7 @@ def contrastive_bwd_kernel(
         BLOCK_D,
     )
     is_pos, excl = _masks(
-        pos_ptr, mask_ptr, ids_ptr, table_ptr, offs_b, offs_m, b_ok, m_ok, stride_mask, U,
+        pos_ptr, mask_ptr, ids_ptr, table_ptr, offs_b, offs_m, b_ok, m_ok, M, stride_mask, U,
         MASK_MODE, HAS_IDS,
     )  # fmt: skip
     s = scale * sim
@@ -442,23 +445,23 @@ def _pad_cols(x: torch.Tensor, mult: int = 16) -> torch.Tensor:
     row stride made ptxas spill."""
     cols = x.shape[1]
     if cols % mult == 0:
-        return x
+        return x.contiguous()
     out = x.new_zeros(x.shape[0], triton.cdiv(cols, mult) * mult)
     out[:, :cols] = x
     return out
 
 
 def _prepare(q, d, pos_index, pos_mask, cand_ids, id_table):
-    """The kernels' operands: embeddings (zero-padded along D when D % 16 != 0: zeros add
-    nothing to a score), the positives mask / id table as uint8 with padded row strides,
-    and dummies for what the mode does not use."""
+    """The kernels' operands, contiguous (the kernels take row-major rows): embeddings
+    (zero-padded along D when D % 16 != 0: zeros add nothing to a score), the positives mask /
+    id table as uint8 with padded row strides, and dummies for what the mode does not use."""
     dummy = torch.zeros(1, dtype=torch.int64, device=q.device)
     mask = None if pos_mask is None else _pad_cols(pos_mask).view(torch.uint8)
     table = None if id_table is None else _pad_cols(id_table).view(torch.uint8)
     args = (
-        dummy if pos_index is None else pos_index,
+        dummy if pos_index is None else pos_index.contiguous(),
         dummy if mask is None else mask,
-        dummy if cand_ids is None else cand_ids,
+        dummy if cand_ids is None else cand_ids.contiguous(),
         dummy if table is None else table,
     )
     sizes = (
@@ -592,7 +595,8 @@ def contrastive_bwd(
             return (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(w, meta["BLOCK_M"]),)
 
         _BWD[bits][grid](
-            qk, dk, s32, *args, lse, pos_lse, g, gmat, parts, B, qk.shape[1], U, stride_mask, j0, w,
+            qk, dk, s32, *args, lse, pos_lse, g, gmat, parts, B, M, qk.shape[1], U, stride_mask,
+            j0, w,
             _key(B), _key(M),
             STORE_G=store_g, NEED_DSCALE=need_s, **flags,
         )  # fmt: skip
