@@ -54,7 +54,7 @@ def active_order(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = active.shape[0]
     idx = torch.arange(n, device=active.device)
     before = torch.cumsum(active, 0)  # active rows up to and including each row
-    n_act = before[-1:]
+    n_act = before[-1:].clone()  # its own allocation: one pointer alignment whatever n is
     # active row -> its rank among active rows; inactive row -> n_act + its rank among inactive
     pos = torch.where(active, before - 1, n_act + idx - before)
     rows = torch.empty_like(idx).scatter_(0, pos, idx)

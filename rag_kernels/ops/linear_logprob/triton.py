@@ -852,7 +852,7 @@ def _(hidden, weight, target, bias, lse, grad_lp, grad_lse, grad_sum, ignore_ind
       filter_eps, triton_backward, need_dh, need_dw, need_db):  # fmt: skip
     return (
         hidden.new_empty(hidden.shape if need_dh else (0,)),
-        weight.new_empty(weight.shape if need_dw else (0,)),
+        weight.new_empty(weight.shape) if need_dw else hidden.new_empty(0),
         bias.new_empty(bias.shape) if need_db and bias is not None else hidden.new_empty(0),
     )
 

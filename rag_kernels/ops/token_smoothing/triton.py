@@ -907,7 +907,7 @@ def _(hidden, weight, log_prior, bias, target, lse, wsum, grad_out, grad_lp, sof
       triton_backward, need_dh, need_dw, need_db):  # fmt: skip
     return (
         hidden.new_empty(hidden.shape if need_dh else (0,)),
-        weight.new_empty(weight.shape if need_dw else (0,)),
+        weight.new_empty(weight.shape) if need_dw else hidden.new_empty(0),
         bias.new_empty(bias.shape) if need_db and bias is not None else hidden.new_empty(0),
     )
 
