@@ -38,7 +38,7 @@ $(VENV)/gpu-image-triton/.installed: $(VENV)/.base
 	$(PIP) install -q --no-deps --target $(VENV)/gpu-image-triton "$(GPU_IMAGE_TRITON)"
 	touch $@
 
-install: $(STAMP) $(VENV)/gpu-image-triton/.installed
+install: $(STAMP)
 
 install-models install-test: install  # former names; one install covers everything now
 
@@ -49,7 +49,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(PY) -m rag_kernels demo
 
 # lint is a prerequisite, so it finishes (and must pass) before pytest starts, also under -j.
-test: lint
+test: lint $(VENV)/gpu-image-triton/.installed
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: install
