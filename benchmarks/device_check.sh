@@ -121,6 +121,11 @@ WHEELS_DIR=${WHEELS_DIR:-shared/wheels}
 BENCH_DEVICE=${BENCH_DEVICE:-cuda}
 BENCH_QUICK=${BENCH_QUICK:-0}
 REPEATS=${REPEATS:-5}
+if [[ $BENCH_QUICK == 1 ]]; then  # the scripts' --quick shapes, as tests/test_device_check.py
+    LP_SHAPE=${LP_SHAPE:-N=67 H=33 V=517}
+    RAG_SHAPE=${RAG_SHAPE:-B=2 K=3 T=9 H=17 V=101}
+    CON_SHAPE=${CON_SHAPE:-B=129 M=129 D=384}
+fi
 LP_SHAPE=${LP_SHAPE:-N=16384 H=4096 V=128256}
 RAG_SHAPE=${RAG_SHAPE:-B=8 K=8 T=256 H=4096 V=128256}
 CON_SHAPE=${CON_SHAPE:-B=65536 M=65536 D=768}
@@ -187,7 +192,22 @@ install_wheels() {
     [[ $MODE == dry ]] && dry=(--dry-run)
     echo "installing ${#whls[@]} wheels from $WHEELS_DIR into $SCRATCH/site (--no-deps --no-index)"
     "$PY" -m pip install --no-deps --no-index --no-compile --no-cache-dir \
-        --disable-pip-version-check "${dry[@]}" --target "$SCRATCH/site" "${whls[@]}"
+        --disable-pip-version-check "${dry[@]}" --target "$SCRATCH/site" "${whls[@]}" || return
+    # The dry run still collects the GPU tests: a python without pytest gets the test runner's
+    # wheels (only those) for real, in the scratch folder (removed at exit).
+    if [[ $MODE == dry ]] && ! "$PY" -c "import pytest" 2>/dev/null; then
+        local runner=() w
+        for w in "${whls[@]}"; do
+            case ${w##*/} in
+                pytest-* | pytest_xdist-* | pluggy-* | iniconfig-* | packaging-* | execnet-* | \
+                    [Pp]ygments-*) runner+=("$w") ;;
+            esac
+        done
+        ((${#runner[@]} == 0)) && return 0
+        echo "dry run: installing the ${#runner[@]} test-runner wheels for the test collection"
+        "$PY" -m pip install --no-deps --no-index --no-compile --no-cache-dir \
+            --disable-pip-version-check --target "$SCRATCH/site" "${runner[@]}"
+    fi
 }
 export -f install_wheels
 
@@ -209,16 +229,24 @@ step wheels 40 bash -c install_wheels
 step env 30 "$PY" - "$OUT/env.txt" <<'PY'
 """Versions, the GPU and its clocks -> env.txt (also printed)."""
 import importlib
+import importlib.metadata
 import os
 import subprocess
 import sys
 
 lines = [f"python {sys.version.split()[0]} ({sys.executable})"]
-for mod in ("torch", "triton", "transformers", "pytest", "xdist", "cut_cross_entropy",
-            "liger_kernel"):
+for mod, dist in (("torch", "torch"), ("triton", "triton"), ("transformers", "transformers"),
+                  ("pytest", "pytest"), ("xdist", "pytest-xdist"),
+                  ("cut_cross_entropy", "cut-cross-entropy"), ("liger_kernel", "liger-kernel")):
     try:
         m = importlib.import_module(mod)
-        lines.append(f"{mod} {getattr(m, '__version__', '?')}")
+        version = getattr(m, "__version__", None)
+        if version is None:  # liger_kernel has none
+            try:
+                version = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                version = "?"
+        lines.append(f"{mod} {version}")
     except Exception as exc:
         lines.append(f"{mod} MISSING ({type(exc).__name__}: {str(exc)[:120]})")
 try:

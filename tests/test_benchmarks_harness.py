@@ -257,7 +257,8 @@ def test_linear_logprob_quick(tmp_path):
     assert {("naive", "fwd"), ("naive", "fwd+bwd"), ("rk_reference", "fwd+bwd")} <= got
     assert "skip liger" in proc.stdout  # CUDA only: skipped with a reason, no row
     assert all(r["shape"] == "N=67 H=33 V=517" and r["op"] == "linear_logprob" for r in rows)
-    # the plot reads the same CSV
+    # the plot reads the same CSV (matplotlib: the bench extra, which make test installs)
+    pytest.importorskip("matplotlib")
     from benchmarks.plot import plot_csv
 
     (png,) = plot_csv(out)

@@ -41,8 +41,12 @@ def _grads(loss, tensors, retain_graph=False):
 # ------------------------------------------------------------------ sentence-transformers parity
 
 
+def _st_losses():
+    return pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+
+
 def _mnrl(symmetric):
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    MultipleNegativesRankingLoss = _st_losses().MultipleNegativesRankingLoss
 
     kwargs = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
     # the model is only stored by the constructor; compute_loss_from_embeddings never calls it
@@ -66,9 +70,7 @@ def test_matches_sentence_transformers_mnrl(impl, symmetric):
 
 
 def test_symmetric_matches_deprecated_symmetric_class():
-    from sentence_transformers.sentence_transformer.losses import (
-        MultipleNegativesSymmetricRankingLoss,
-    )
+    MultipleNegativesSymmetricRankingLoss = _st_losses().MultipleNegativesSymmetricRankingLoss
 
     B, D = 6, 5
     q, pos = _leaf(B, D), _leaf(B, D)
