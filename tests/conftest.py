@@ -20,31 +20,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import triton_interpreter_compat  # noqa: E402
 
-def _triton_interpreter_numpy_compat():
-    """Triton < 3.9's interpreter turns a scalar kernel argument into a Python int with
-    ``int(arr)`` of its 1-element array (e.g. ``range(0, T, BLOCK_T)`` over a runtime ``T``),
-    which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python
-    scalars"); Triton 3.9 squeezes the array first. Do the same on older Triton."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    try:
-        from triton.runtime import interpreter
-    except Exception:  # no triton: its tests skip
-        return
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "_rk_squeeze_index", False):
-        return
-
-    def patch(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    patch._rk_squeeze_index = True
-    interpreter._patch_lang_tensor = patch
-
-
-_triton_interpreter_numpy_compat()
+triton_interpreter_compat.install()  # Triton < 3.9 interpreter with NumPy >= 2.4
 
 
 def pytest_collection_modifyitems(config, items):

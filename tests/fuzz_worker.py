@@ -99,8 +99,11 @@ from dataclasses import dataclass, field  # noqa: E402
 import torch  # noqa: E402
 
 import rag_kernels as rk  # noqa: E402
+import triton_interpreter_compat  # noqa: E402
 from rag_kernels.ops import registry  # noqa: E402
 from rag_kernels.ops.token_smoothing import token_smoothing_with_logprob  # noqa: E402
+
+triton_interpreter_compat.install()  # Triton < 3.9 interpreter with NumPy >= 2.4
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 DTYPE_NAMES = {F64: "fp64", F32: "fp32", BF16: "bf16", F16: "fp16"}

@@ -24,7 +24,11 @@ from typing import NamedTuple
 import pytest
 import torch
 
+import triton_interpreter_compat
 from rag_kernels.ops import registry
+
+# also in processes without the conftest (spawned distributed workers import this module)
+triton_interpreter_compat.install()
 
 IGNORE = -100  # the default ignore_index of rk.linear_logprob / rk.rag_loss
 
