@@ -76,9 +76,8 @@ def merge_split_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """The log-sum-exp of rows whose vocabulary was cut into ``splits`` parts, from each part's
     max ``m [splits, N]`` and ``s = sum exp(z - m)`` (``s = 0`` where the part's max is -inf):
     ``logsumexp_j(m_j + log s_j)``. A row that is -inf in every part gets -inf, as with one
-    part (``max + log(sum s exp(m - max))`` gave ``exp(-inf - -inf)``: NaN); a NaN stays."""
-    if m.shape[0] == 1:
-        return m[0] + torch.log(s[0])
+    part (``max + log(sum s exp(m - max))`` gave ``exp(-inf - -inf)``: NaN); a NaN stays.
+    One part: ``m + log s`` exactly."""
     return torch.logsumexp(m + torch.log(s), dim=0)
 
 
