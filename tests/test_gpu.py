@@ -313,18 +313,22 @@ def test_linear_logprob_shared_target_layout():
     )
 
 
+@pytest.mark.parametrize(
+    "softcap", [pytest.param(None, id="plain"), pytest.param(25.0, id="softcap")]
+)
 @pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("dtype", [pytest.param(BF16, id="bf16"), pytest.param(FP32, id="fp32")])
-def test_linear_logprob_every_autotune_config(dtype, backward, monkeypatch):
+def test_linear_logprob_every_autotune_config(dtype, backward, softcap, monkeypatch):
     """Each config of every autotuned kernel the variant runs, forced in turn (a benchmark may
     pick any of them), at a shape that spans several tiles of the largest ones, with an H
-    tail, vocab splits, bias, softcap, the statistics' gradients and ignored rows."""
+    tail, vocab splits, bias, the statistics' gradients and ignored rows; without and with
+    softcap (which has autotuners and 16-bit config lists of its own)."""
     kw = select_backward(backward, rk.linear_logprob, monkeypatch)
     h, w, y, b, ups = make_linear_logprob(
         777, 200, 2100, dtype=dtype, bias=True, ignore_frac=0.2, **GPU
     )
-    plain, truth = lp_plain_and_truth(h, w, y, b, ups, 25.0)
-    run = lambda: lp_run("triton", h, w, y, b, ups, 25.0, **kw)
+    plain, truth = lp_plain_and_truth(h, w, y, b, ups, softcap)
+    run = lambda: lp_run("triton", h, w, y, b, ups, softcap, **kw)
     _every_config("linear_logprob", run, LP_NAMES, plain, truth, dtype)
 
 

@@ -4,7 +4,7 @@ One test per (kernel, config, dtype, feature variant): it fails when the compile
 (any stack frame / local memory) or needs more shared memory than the H100 has per block
 (232448 B), or does not compile at all, with each triton of ``compilers()``: this
 environment's and the GPU image's (installed by the Makefile; spills differ between triton
-versions), minus the strict expected failures of ``KNOWN_SPILLS``. No GPU is needed
+versions). No GPU is needed
 (tests/triton_compile.py: triton's bundled ptxas and cuobjdump); the compiles run in one
 interpreter-free child process per triton and test session (the suite runs with
 TRITON_INTERPRET=1), and the autotune config lists are read in such a process at collection,
@@ -123,26 +123,33 @@ _LL_KERNELS = {
 
 
 def _linear_logprob_cases():
-    """Every GPU autotune config of every kernel; bias x softcap; the other features on (the
-    register-heaviest variant). 16-bit configs compiled for bf16, fp32 configs for fp32."""
-    paths = [(LL, f"{path}[{bits}]") for path, *_ in _LL_KERNELS.values() for bits in (16, 32)]
-    configs = iter(configs_in_subprocess(paths))
+    """Every GPU autotune config of every kernel; bias x softcap (softcap takes its own
+    autotuner, ``[bits, True]``); the other features on (the register-heaviest variant).
+    16-bit configs compiled for bf16, fp32 configs for fp32."""
+    tuned = [
+        (f"{path}[{bits}, {cap}]", name, bits, cap)
+        for name, (path, *_) in _LL_KERNELS.items()
+        for bits in (16, 32)
+        for cap in (False, True)
+    ]
+    lists = dict(zip(tuned, configs_in_subprocess([(LL, t[0]) for t in tuned]), strict=True))
     params = []
-    for name, (path, sig, flags, div) in _LL_KERNELS.items():
-        for bits, dt in ((16, "bf16"), (32, "fp32")):
-            cfgs = next(configs)
-            for vid, v in _variants(HAS_BIAS="bias", SOFTCAP="softcap"):
-                for ci, cfg in enumerate(cfgs):
-                    case = Case(
-                        LL,
-                        f"{path}[{bits}]",
-                        _sig(sig, dt),
-                        dict(flags, **v, **_precision(dt)),
-                        divisible=div,
-                        config_index=ci,
-                    )
-                    ident = f"linear_logprob-{name}-{dt}-{vid}-cfg{ci}_{_cfg_id(cfg)}"
-                    params.append(pytest.param(case, id=ident))
+    for (kpath, name, bits, cap), cfgs in lists.items():
+        _, sig, flags, div = _LL_KERNELS[name]
+        dt = "bf16" if bits == 16 else "fp32"
+        for bias in (False, True):
+            vid = "-".join(["bias"] * bias + ["softcap"] * cap) or "plain"
+            for ci, cfg in enumerate(cfgs):
+                case = Case(
+                    LL,
+                    kpath,
+                    _sig(sig, dt),
+                    dict(flags, HAS_BIAS=bias, SOFTCAP=cap, **_precision(dt)),
+                    divisible=div,
+                    config_index=ci,
+                )
+                ident = f"linear_logprob-{name}-{dt}-{vid}-cfg{ci}_{_cfg_id(cfg)}"
+                params.append(pytest.param(case, id=ident))
     return params
 
 
@@ -155,7 +162,7 @@ _TS_BWD_IN = dict(
 )
 _TS_DIMS = dict(K="i32", T="i32", H="i32")
 _TS_KERNELS = {
-    # name: (kernel, signature, other constexprs, 16-divisible ints, backward)
+    # name: (kernel, signature, other constexprs, 16-divisible ints, launch_meta's kernel)
     "lse": (
         "token_smoothing_lse_kernel",
         dict(
@@ -173,7 +180,7 @@ _TS_KERNELS = {
         ),
         dict(HAS_Y=True),
         ("H", "V", "split_len"),
-        False,
+        "fwd",
     ),
     "fwd": (
         "token_smoothing_fwd_kernel",
@@ -191,7 +198,7 @@ _TS_KERNELS = {
         ),
         {},
         ("H", "V", "split_len"),
-        False,
+        "fwd",
     ),
     "dz": (  # the deterministic backward's kernel
         "token_smoothing_dz_kernel",
@@ -209,7 +216,7 @@ _TS_KERNELS = {
         ),
         dict(HAS_G=True, HAS_GLP=True),
         ("H", "v0", "c_len", "dz_stride"),
-        True,
+        "dz",
     ),
     "bwd_atomic": (
         "token_smoothing_bwd_kernel",
@@ -226,7 +233,7 @@ _TS_KERNELS = {
         ),
         dict(HAS_G=True, HAS_GLP=True, NEED_DH=True, NEED_DW=True, NEED_DB=True),
         ("H", "V"),
-        True,
+        "bwd",
     ),
 }
 # Documents per query: K = 8 (KP x BT = 8 x 8 rows) with bias x softcap; the extremes K = 1
@@ -238,7 +245,7 @@ _TS_DOCS = {8: "all", 1: "full", 64: "full", 65: "full", 256: "full"}
 def _token_smoothing_cases():
     """The fixed GPU launch configuration (``launch_meta``), bf16 and fp32."""
     params = []
-    for name, (kernel, sig, flags, div, bwd) in _TS_KERNELS.items():
+    for name, (kernel, sig, flags, div, kind) in _TS_KERNELS.items():
         for dt in ("bf16", "fp32"):
             for K, which in _TS_DOCS.items():
                 variants = _variants(HAS_BIAS="bias", SOFTCAP="softcap")
@@ -249,7 +256,7 @@ def _token_smoothing_cases():
                         _sig(sig, dt),
                         dict(flags, **v, **_precision(dt)),
                         divisible=div,
-                        launch_meta=("launch_meta", [K, 256, bwd, dt == "fp32"]),
+                        launch_meta=("launch_meta", [K, 256, kind, dt == "fp32"]),
                     )
                     ident = f"token_smoothing-{name}-{dt}-{vid}-K{K}"
                     params.append(pytest.param(case, id=ident))
@@ -263,7 +270,7 @@ MG = "rag_kernels.ops.marginalize.triton"
 
 def _marginalize_cases():
     """The launch's tile, from ``launch_tile`` (all K in one tile, T chunked to a 4096-element
-    tile, 1024 in float64, 8 warps), for K = 2 ... 128 and a long T."""
+    tile, 1024 in float64, 8 warps), for K = 1 ... 128 and a long T."""
     from rag_kernels.ops.marginalize.triton import launch_tile
 
     params = []
@@ -279,7 +286,7 @@ def _marginalize_cases():
             K="i32",
             T="i32",
         )
-        for K in (2, 8, 16, 32, 64, 128):
+        for K in (1, 2, 8, 16, 32, 64, 128):
             block_k, block_t, warps = launch_tile(K, 4096, dtype)
             for mode in ("sequence", "token"):
                 consts = dict(
@@ -396,35 +403,12 @@ def compiled(request):
     return out
 
 
-# Known spills under the GPU image's triton 3.6 (none under 3.9), measured 2026-12-02: the
-# softcap epilogue of the 128 x 128 (and 64 x 128, 4-warp) LM-head tiles at the 255-register
-# cap, 8 B of stack each; the fp32 token-smoothing dz tile at K = 1 and the bf16 RAG-Sequence
-# marginalisation tile at T = 2048, 8 B each. Expected failures, strict: a case that stops
-# spilling fails until it is taken off this list.
-KNOWN_SPILLS = {
-    "triton3.6.0": {
-        f"linear_logprob-fwd-bf16-{v}-cfg{c}": "8 B"
-        for v in ("softcap", "bias-softcap")
-        for c in ("0_128x128x64_w8s3", "1_128x128x64_w8s4", "3_64x128x64_w4s4")
-    }
-    | {
-        "linear_logprob-dz-bf16-bias-softcap-cfg0_128x128x64_w8s3": "8 B",
-        "linear_logprob-dz-bf16-bias-softcap-cfg1_128x128x64_w8s4": "8 B",
-        "token_smoothing-dz-fp32-bias-softcap-K1": "8 B",
-        "marginalize-bf16-sequence-K2xT2048-w8": "8 B",
-    }
-}
-
-
 @pytest.mark.parametrize("compiler", [name for name, _ in COMPILERS])
 @pytest.mark.parametrize("case", CASES)
 def test_compiles_for_sm90_without_spills(case, compiler, compiled, request):
     ident = request.node.callspec.id
     res = compiled[ident]
     assert not isinstance(res, str), f"compile failed ({compiler}): {res}"
-    known = KNOWN_SPILLS.get(compiler, {}).get(ident.removesuffix(f"-{compiler}"))
-    if known is not None:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"known spill: {known}"))
     assert not res.problems(), f"{compiler}: {res.problems()}"
 
 

@@ -27,6 +27,7 @@ in-process. Example::
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import json
@@ -71,7 +72,7 @@ class Resources:
 @dataclass(frozen=True)
 class Case:
     """One compile: ``kernel`` looked up in ``module`` (:func:`resolve`: ``"name"`` or e.g.
-    ``"_BWD[16]"``; a ``@triton.jit`` function or its ``triton.autotune`` wrapper) with a ``signature`` for every non-constexpr argument (``"*bf16"``, ``"i32"``,
+    ``"_BWD[16, False]"``; a ``@triton.jit`` function or its ``triton.autotune`` wrapper) with a ``signature`` for every non-constexpr argument (``"*bf16"``, ``"i32"``,
     ``"fp32"``, ...), the ``constexprs`` (all of them, config values included, unless
     ``config_index`` is given: then that GPU autotune config's values, warps and stages are
     used and override these; or ``launch_meta = (function path, args)``: a function of the
@@ -231,14 +232,18 @@ def compile_sm90(
 
 def resolve(module: str, path: str):
     """``module`` imported, then ``path`` looked up in it: attribute names joined by ``.``
-    with optional ``[key]`` subscripts (int or string), e.g. ``"_BWD[16]"``."""
+    with optional ``[key]`` subscripts (a Python literal, else a bare string), e.g.
+    ``"_BWD[16, True]"``."""
     obj = importlib.import_module(module)
     for name, key in re.findall(r"\.?(\w+)|\[([^\]]+)\]", path):
         if name:
             obj = getattr(obj, name)
         else:
-            key = key.strip("'\"")
-            obj = obj[int(key)] if key.lstrip("-").isdigit() else obj[key]
+            try:
+                key = ast.literal_eval(key)
+            except (ValueError, SyntaxError):
+                key = key.strip()
+            obj = obj[key]
     return obj
 
 

@@ -55,12 +55,14 @@ Design:
   ``dz`` as zeros for cuBLAS).
 * dtypes: fp32 / bf16 / fp16 inputs; fp64 raises ``TypeError`` (use ``impl="reference"``).
   Outputs and saved statistics are fp32.
-* Tuning: autotuned configs for H100 on CUDA, one list for 16-bit inputs and one for fp32
-  (``RAG_KERNELS_AUTOTUNE=0``, read at import, pins the first of each, e.g. for quick
+* Tuning: autotuned configs for H100 on CUDA, one list for 16-bit inputs and one for fp32,
+  and 16-bit lists of their own with softcap (one autotuner per input width and softcap;
+  ``RAG_KERNELS_AUTOTUNE=0``, read at import, pins the first of each, e.g. for quick
   correctness runs); one tiny fixed config under ``TRITON_INTERPRET=1``. The autotune key is
   ``(H, V or the chunk width, N rounded up to a power of two)`` plus the dtypes, so varying N
   does not re-tune. Every GPU config of every kernel compiles for sm_90 without spills and
-  within the shared memory (tests/test_triton_compile.py).
+  within the shared memory, under triton 3.9 and the GPU image's 3.6
+  (tests/test_triton_compile.py).
   The interpreter of triton 3.9 mis-computes ``tl.dot`` on bf16 operands and truncates
   fp32 -> bf16 casts, so there the operands (rounded to nearest-even in the input dtype, as
   on the GPU) are upcast to fp32 first: same products, fp32 accumulation, as on the tensor
@@ -109,6 +111,7 @@ if _INTERPRET:
     _FWD_CONFIGS_16 = _FWD_CONFIGS_32 = [_cfg(16, 32, 16, 1, 1)]
     _DZ_CONFIGS_16 = _DZ_CONFIGS_32 = [_cfg(16, 32, 16, 1, 1, GROUP_N=2)]
     _BWD_CONFIGS_16 = _BWD_CONFIGS_32 = [_cfg(16, 32, 16, 1, 1, GROUP_N=2)]
+    _FWD_SOFTCAP_16, _DZ_SOFTCAP_16 = _FWD_CONFIGS_16, _DZ_CONFIGS_16
     _SPLIT_ALIGN = 32
 else:
     _FWD_CONFIGS_16 = [
@@ -127,6 +130,20 @@ else:
         _cfg(128, 64, 64, 8, 3, GROUP_N=8),
         _cfg(256, 64, 64, 8, 3, GROUP_N=4),
     ]
+    # With the softcap epilogue (tanh on every logit) the 128 x 128 tiles (and the 4-warp
+    # 64 x 128 one), which sit at the 255-register cap without it, spill under triton 3.6 (the
+    # GPU image's); these leave room (about 130-190 registers, both versions).
+    _FWD_SOFTCAP_16 = [
+        _cfg(64, 256, 64, 8, 4),
+        _cfg(128, 64, 64, 8, 3),
+        _cfg(64, 128, 64, 8, 4),
+    ]
+    _DZ_SOFTCAP_16 = [
+        _cfg(64, 256, 64, 8, 4, GROUP_N=8),
+        _cfg(128, 64, 64, 8, 3, GROUP_N=8),
+        _cfg(64, 128, 64, 8, 4, GROUP_N=8),
+        _cfg(128, 64, 64, 4, 4, GROUP_N=8),
+    ]
     _FWD_CONFIGS_32 = [_cfg(64, 128, 32, 8, 3), _cfg(32, 64, 32, 4, 3), _cfg(64, 64, 32, 4, 2)]
     _DZ_CONFIGS_32 = [
         _cfg(64, 128, 32, 8, 3, GROUP_N=8),
@@ -143,6 +160,7 @@ else:
         _FWD_CONFIGS_16, _FWD_CONFIGS_32 = _FWD_CONFIGS_16[:1], _FWD_CONFIGS_32[:1]
         _DZ_CONFIGS_16, _DZ_CONFIGS_32 = _DZ_CONFIGS_16[:1], _DZ_CONFIGS_32[:1]
         _BWD_CONFIGS_16, _BWD_CONFIGS_32 = _BWD_CONFIGS_16[:1], _BWD_CONFIGS_32[:1]
+        _FWD_SOFTCAP_16, _DZ_SOFTCAP_16 = _FWD_SOFTCAP_16[:1], _DZ_SOFTCAP_16[:1]
 
 # Deterministic backward: vocabulary columns per chunk; None = the memory budget of
 # triton_utils.chunk_columns (tests set a small width to get several chunks at tiny V).
@@ -457,22 +475,34 @@ _BWD_KEY = ["D", "V", "N_KEY"]
 _DZ_KEY = ["D", "dz_stride", "N_KEY"]
 # Benchmarking runs accumulate into the gradient buffers: restore_value puts their zeros back.
 _BWD_RESTORE = ["dh_ptr", "dw_ptr", "db_ptr"]
-_FWD = {
-    16: triton.autotune(configs=_FWD_CONFIGS_16, key=_FWD_KEY)(linear_logprob_fwd_kernel),
-    32: triton.autotune(configs=_FWD_CONFIGS_32, key=_FWD_KEY)(linear_logprob_fwd_kernel),
-}
-_DZ = {
-    16: triton.autotune(configs=_DZ_CONFIGS_16, key=_DZ_KEY)(linear_logprob_dz_kernel),
-    32: triton.autotune(configs=_DZ_CONFIGS_32, key=_DZ_KEY)(linear_logprob_dz_kernel),
-}
-_BWD = {
-    16: triton.autotune(configs=_BWD_CONFIGS_16, key=_BWD_KEY, restore_value=_BWD_RESTORE)(
-        linear_logprob_bwd_kernel
-    ),
-    32: triton.autotune(configs=_BWD_CONFIGS_32, key=_BWD_KEY, restore_value=_BWD_RESTORE)(
-        linear_logprob_bwd_kernel
-    ),
-}
+
+
+# One autotuner per (input bits, softcap): the softcap epilogue has its own 16-bit lists, and
+# a config tuned without it is never reused with it (the key does not see constexprs).
+def _tuned(kernel, lists, key, **kw):
+    return {
+        (bits, cap): triton.autotune(configs=configs, key=key, **kw)(kernel)
+        for bits, plain, softcap in lists
+        for cap, configs in ((False, plain), (True, softcap))
+    }
+
+
+_FWD = _tuned(
+    linear_logprob_fwd_kernel,
+    [(16, _FWD_CONFIGS_16, _FWD_SOFTCAP_16), (32, _FWD_CONFIGS_32, _FWD_CONFIGS_32)],
+    _FWD_KEY,
+)
+_DZ = _tuned(
+    linear_logprob_dz_kernel,
+    [(16, _DZ_CONFIGS_16, _DZ_SOFTCAP_16), (32, _DZ_CONFIGS_32, _DZ_CONFIGS_32)],
+    _DZ_KEY,
+)
+_BWD = _tuned(
+    linear_logprob_bwd_kernel,
+    [(16, _BWD_CONFIGS_16, _BWD_CONFIGS_16), (32, _BWD_CONFIGS_32, _BWD_CONFIGS_32)],
+    _BWD_KEY,
+    restore_value=_BWD_RESTORE,
+)
 
 
 # ------------------------------------------------------------------------------- host code
@@ -565,7 +595,7 @@ def launch_forward(hidden, weight, target, bias, opts, *, num_splits: int | None
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), splits)
 
-    _FWD[_bits(hidden)][grid](
+    _FWD[_bits(hidden), softcap is not None][grid](
         hidden,
         weight,
         bias if bias is not None else hidden,
@@ -689,7 +719,7 @@ def _backward_chunked(
     dh = None
     flags = _flags(hidden, bias, softcap, glse, gs, filter_eps)
     scalars = _scalars(target, N, softcap, filter_eps)
-    kernel = _DZ[_bits(hidden)]
+    kernel = _DZ[_bits(hidden), softcap is not None]
     for v0 in range(0, V, cols):
         c = min(cols, V - v0)
         buf = dz[:, :c]
@@ -751,7 +781,7 @@ def _backward_atomic(
         def grid(meta):
             return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)
 
-        _BWD[_bits(hidden)][grid](
+        _BWD[_bits(hidden), softcap is not None][grid](
             hidden,
             weight,
             bias if bias is not None else hidden,

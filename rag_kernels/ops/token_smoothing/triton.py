@@ -64,13 +64,15 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 # Rows (documents x tokens) per program, vocab tile, hidden chunk.
 # fp32 inputs' backward kernels (IEEE fp32 FMA, no tensor cores) take a narrower vocab tile
-# and hidden chunk, FP32_BWD_BLOCKS = (BLOCK_V, BLOCK_H): the 16-bit ones spill in fp32.
+# and hidden chunk, FP32_BWD_BLOCKS[kernel] = (BLOCK_V, BLOCK_H): the 16-bit ones spill in
+# fp32. The dz kernel (a logit tile and its gradient, no second GEMM) takes the full hidden
+# chunk: with (64, 32) triton 3.6 spills it at K = 1 (128 registers, 8 B of stack).
 if _INTERPRET:
     ROWS, BLOCK_V, BLOCK_H, NUM_WARPS, GROUP_N = 16, 16, 16, 1, 2
-    FP32_BWD_BLOCKS = None
+    FP32_BWD_BLOCKS = {}
 else:
     ROWS, BLOCK_V, BLOCK_H, NUM_WARPS, GROUP_N = 64, 128, 64, 8, 8
-    FP32_BWD_BLOCKS = (64, 32)
+    FP32_BWD_BLOCKS = {"dz": (64, 64), "bwd": (64, 32)}
 # A token's K documents share one program (the mixture over documents is per vocabulary
 # entry), KP x BT rows. Tiles of more rows than ROWS (K > 64): per row count, (BLOCK_V, BLOCK_H,
 # num_stages, fp32 backward (BLOCK_V, BLOCK_H)), the vocab tile narrowed so the [rows, BLOCK_V]
@@ -547,17 +549,21 @@ def _blocks(K: int, T: int) -> tuple[int, int]:
     return kp, bt
 
 
-def launch_meta(K: int, T: int, backward: bool = False, fp32: bool = False) -> dict:
-    """The kernels' launch configuration for ``K`` documents and ``T`` tokens: the block
-    constexprs (``KP, BT, BLOCK_V, BLOCK_H``, and ``GROUP_N`` for the backward kernels) and
-    ``num_warps`` / ``num_stages`` (also what tests/test_triton_compile.py compiles)."""
+def launch_meta(K: int, T: int, kernel: str = "fwd", fp32: bool = False) -> dict:
+    """The launch configuration of ``kernel`` (``"fwd"``: the forward's two, ``"dz"``: the
+    deterministic backward's, ``"bwd"``: the atomic backward) for ``K`` documents and ``T``
+    tokens: the block constexprs (``KP, BT, BLOCK_V, BLOCK_H``, and ``GROUP_N`` for the
+    backward kernels) and ``num_warps`` / ``num_stages`` (also what
+    tests/test_triton_compile.py compiles)."""
+    if kernel not in ("fwd", "dz", "bwd"):
+        raise ValueError(f"kernel must be 'fwd', 'dz' or 'bwd', got {kernel!r}")
     kp, bt = _blocks(K, T)
     meta = dict(KP=kp, BT=bt, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, num_warps=NUM_WARPS)
-    fp32_bwd = FP32_BWD_BLOCKS
+    fp32_bwd = FP32_BWD_BLOCKS.get(kernel)
     wide = None if _INTERPRET else WIDE_TILES.get(kp * bt)
     if wide is not None:
         meta["BLOCK_V"], meta["BLOCK_H"], meta["num_stages"], fp32_bwd = wide
-    if not backward:
+    if kernel == "fwd":
         return meta
     if fp32 and fp32_bwd is not None:
         meta["BLOCK_V"], meta["BLOCK_H"] = fp32_bwd
@@ -736,7 +742,7 @@ def _backward_chunked(hidden, weight, bias, pi, lse, wsum, g, y, glp, softcap, n
     h_act = None
     if need_dw:  # dead rows' dz is 0, but 0 * NaN is not: their rows must not be read
         h_act = torch.where(live[:, None], h2, torch.zeros((), dtype=h2.dtype))
-    meta = launch_meta(K, T, backward=True, fp32=hidden.dtype == torch.float32)
+    meta = launch_meta(K, T, "dz", fp32=hidden.dtype == torch.float32)
     ntb = triton.cdiv(T, meta["BT"])
     flags = _flags(hidden, bias, softcap)
     dh = None
@@ -793,7 +799,7 @@ def _backward_atomic(hidden, weight, bias, pi, lse, wsum, g, y, glp, softcap, ne
     dh = torch.zeros(B, K, T, H, dtype=f32, device=dev) if need_dh else dummy
     dw = torch.zeros(V, H, dtype=f32, device=dev) if need_dw else dummy.clone()
     db = torch.zeros(V, dtype=f32, device=dev) if need_db else dummy.clone()
-    meta = launch_meta(K, T, backward=True, fp32=hidden.dtype == torch.float32)
+    meta = launch_meta(K, T, "bwd", fp32=hidden.dtype == torch.float32)
     ntb = triton.cdiv(T, meta["BT"])
     token_smoothing_bwd_kernel[(B * ntb * triton.cdiv(V, meta["BLOCK_V"]),)](
         hidden,
