@@ -72,7 +72,8 @@ class Resources:
 @dataclass(frozen=True)
 class Case:
     """One compile: ``kernel`` looked up in ``module`` (:func:`resolve`: ``"name"`` or e.g.
-    ``"_BWD[16, False]"``; a ``@triton.jit`` function or its ``triton.autotune`` wrapper) with a ``signature`` for every non-constexpr argument (``"*bf16"``, ``"i32"``,
+    ``"_BWD[16, False]"``; a ``@triton.jit`` function or its ``triton.autotune`` wrapper)
+    with a ``signature`` for every non-constexpr argument (``"*bf16"``, ``"i32"``,
     ``"fp32"``, ...), the ``constexprs`` (all of them, config values included, unless
     ``config_index`` is given: then that GPU autotune config's values, warps and stages are
     used and override these; or ``launch_meta = (function path, args)``: a function of the

@@ -104,9 +104,10 @@ def _cfg(bn, bv, bk, warps, stages, **extra):
 
 # Every config below compiles for sm_90 offline (triton 3.9 and the GPU image's 3.6, each
 # with its ptxas) without spills and within the H100's 227 KiB of shared memory, for every
-# feature combination of its list (tests/test_triton_compile.py). fp32 inputs use IEEE fp32 (FMA, no tensor cores) and small
-# tiles. The dz kernel of the deterministic backward is forward-like (one logit tile and an
-# elementwise epilogue, no second GEMM in registers), so it takes the forward's tile shapes.
+# feature combination of its list (tests/test_triton_compile.py). fp32 inputs use IEEE fp32
+# (FMA, no tensor cores) and small tiles. The dz kernel of the deterministic backward is
+# forward-like (one logit tile and an elementwise epilogue, no second GEMM in registers), so
+# it takes the forward's tile shapes.
 if _INTERPRET:
     _FWD_CONFIGS_16 = _FWD_CONFIGS_32 = [_cfg(16, 32, 16, 1, 1)]
     _DZ_CONFIGS_16 = _DZ_CONFIGS_32 = [_cfg(16, 32, 16, 1, 1, GROUP_N=2)]
